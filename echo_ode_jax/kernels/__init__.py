@@ -1,0 +1,12 @@
+"""Hand-written kernels: bilinear warp, Jacobian determinant, Gaussian smoothing."""
+from echo_ode_jax.kernels._gaussian import gaussian_blur, gaussian_kernel1d
+from echo_ode_jax.kernels._jacobian import (folding_fraction, jacobian_determinant,
+                                            jdet_penalty)
+from echo_ode_jax.kernels._warp import (PADDINGS, hard_labels, identity_grid, one_hot,
+                                        warp, warp_data, warp_labels)
+
+__all__ = [
+    "PADDINGS", "folding_fraction", "gaussian_blur", "gaussian_kernel1d", "hard_labels",
+    "identity_grid", "jacobian_determinant", "jdet_penalty", "one_hot", "warp",
+    "warp_data", "warp_labels",
+]
