@@ -1,0 +1,127 @@
+"""The project's HDF5 layout (a fixed contract; other tools read it).
+
+::
+
+  /<patient>/<view>/img   (T, H, W) float32 in [0, 1]
+  /<patient>/<view>/gt    (T, H, W) uint8 labels; 255 = frame without annotation
+                          (absent if the source has no masks)
+  /<patient>/<view>/pred  (T, H, W) uint8 labels (prediction / fit result files)
+  attrs on <view>: voxelspacing (2,) mm per pixel at the stored size (row, col);
+                   ed_index, es_index (0-based); source_shape (2,);
+                   source_voxelspacing (2,); every Info cfg field, lower-case keys
+  root attrs: format_version, size
+
+T runs from ED to ES. Labels: 0 background, 1 LV cavity, 2 myocardium, 3 LA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from echo_ode_jax.errors import InputError
+
+FORMAT_VERSION = 1
+UNANNOTATED = 255
+LABELS = {0: "background", 1: "lv", 2: "myo", 3: "la"}
+NUM_CLASSES = 4
+
+
+@dataclasses.dataclass
+class Sequence:
+  """One view of one patient, frames ED -> ES.
+
+  img: (T, H, W) float32 in [0, 1]. gt: (T, H, W) uint8 or None (255 =
+  frame not annotated). attrs: the view attributes (voxelspacing in mm/pixel).
+  """
+  patient: str
+  view: str
+  img: np.ndarray
+  gt: np.ndarray | None
+  attrs: dict[str, Any]
+
+  @property
+  def key(self) -> str:
+    return f"{self.patient}/{self.view}"
+
+  @property
+  def num_frames(self) -> int:
+    return int(self.img.shape[0])
+
+
+def _attr_value(v):
+  if isinstance(v, bytes):
+    return v.decode()
+  if isinstance(v, np.generic):
+    return v.item()
+  return v
+
+
+def list_keys(path: str | os.PathLike) -> list[str]:
+  """All "<patient>/<view>" groups in an HDF5 file, sorted."""
+  keys = []
+  with _open(path) as f:
+    for p in sorted(f.keys()):
+      if isinstance(f[p], h5py.Group):
+        keys.extend(f"{p}/{v}" for v in sorted(f[p].keys()) if isinstance(f[p][v], h5py.Group))
+  return keys
+
+
+def _open(path, mode="r"):
+  path = os.fspath(path)
+  if mode == "r" and not os.path.exists(path):
+    raise InputError(path, "file does not exist")
+  try:
+    return h5py.File(path, mode)
+  except OSError as e:
+    raise InputError(path, f"cannot open as HDF5 ({e.__class__.__name__}: {e})") from None
+
+
+def read_sequence(path: str | os.PathLike, key: str, dataset: str = "img") -> Sequence:
+  """Reads one "<patient>/<view>" group. `dataset` names the image array."""
+  with _open(path) as f:
+    if key not in f:
+      raise InputError(path, f"no group {key!r}")
+    g = f[key]
+    if dataset not in g:
+      raise InputError(path, f"{key}: missing dataset {dataset!r}")
+    img = np.asarray(g[dataset][...], np.float32)
+    gt = np.asarray(g["gt"][...], np.uint8) if "gt" in g else None
+    attrs = {k: _attr_value(v) for k, v in g.attrs.items()}
+  patient, view = key.split("/", 1)
+  return Sequence(patient, view, img, gt, attrs)
+
+
+def iter_sequences(path: str | os.PathLike, keys: list[str] | None = None
+                   ) -> Iterator[Sequence]:
+  """Yields every sequence (or those in `keys`) of a file."""
+  for k in keys if keys is not None else list_keys(path):
+    yield read_sequence(path, k)
+
+
+def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.ndarray:
+  """Reads a (T, H, W) uint8 label dataset ("pred" or "gt") of one group."""
+  with _open(path) as f:
+    if key not in f or dataset not in f[key]:
+      raise InputError(path, f"no dataset {key}/{dataset}")
+    return np.asarray(f[key][dataset][...], np.uint8)
+
+
+def write_sequence(f: h5py.File, seq: Sequence, compression: str | None = "gzip") -> None:
+  """Writes one sequence into an open file (replacing an existing group)."""
+  if seq.key in f:
+    del f[seq.key]
+  g = f.require_group(seq.patient).create_group(seq.view)
+  g.create_dataset("img", data=np.asarray(seq.img, np.float32), compression=compression)
+  if seq.gt is not None:
+    g.create_dataset("gt", data=np.asarray(seq.gt, np.uint8), compression=compression)
+  for k, v in seq.attrs.items():
+    g.attrs[k] = v
+
+
+def set_root_attrs(f: h5py.File, size: int) -> None:
+  f.attrs["format_version"] = FORMAT_VERSION
+  f.attrs["size"] = int(size)

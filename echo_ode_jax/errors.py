@@ -1,0 +1,27 @@
+"""Errors for bad input: one line that names the file and the problem."""
+from __future__ import annotations
+
+import os
+
+
+class InputError(ValueError):
+  """Bad input data. ``str(err)`` is one line: "<file>: <problem>"."""
+
+  def __init__(self, path: str | os.PathLike | None, problem: str):
+    self.path = None if path is None else os.fspath(path)
+    self.problem = problem
+    super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def run_cli(main_fn):
+  """Wraps an absl ``main`` so that InputError prints one line and exits 2."""
+  import sys
+
+  def wrapped(argv):
+    try:
+      return main_fn(argv)
+    except InputError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped
