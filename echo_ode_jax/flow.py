@@ -16,6 +16,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from typing import Callable, ClassVar
 
 import diffrax
 import jax
@@ -41,7 +42,7 @@ def _solver(name: str):
   name = name.lower()
   table = {
       "euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
-      "ralston": diffrax.Ralston, "rk4": _rk4, "tsit5": diffrax.Tsit5,
+      "ralston": diffrax.Ralston, "rk4": RK4, "tsit5": diffrax.Tsit5,
       "dopri5": diffrax.Dopri5,
   }
   if name not in table:
@@ -49,23 +50,22 @@ def _solver(name: str):
   return table[name]()
 
 
-def _rk4():
-  """Classical 4th-order Runge-Kutta as a diffrax explicit RK solver."""
-  tableau = diffrax.ButcherTableau(
+class RK4(diffrax.AbstractERK):
+  """Classical 4th-order Runge-Kutta (fixed step; no embedded error estimate)."""
+
+  tableau: ClassVar[diffrax.ButcherTableau] = diffrax.ButcherTableau(
       c=np.array([0.5, 0.5, 1.0]),
       b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
       b_error=np.zeros(4),
       a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
   )
+  term_structure: ClassVar = diffrax.AbstractTerm
+  interpolation_cls: ClassVar[Callable[..., diffrax.AbstractLocalInterpolation]] = (
+      diffrax.ThirdOrderHermitePolynomialInterpolation.from_k)
 
-  class _RK4(diffrax.AbstractERK):
-    interpolation_cls = diffrax.LocalLinearInterpolation
-
-    def order(self, terms):
-      return 4
-
-  _RK4.tableau = tableau
-  return _RK4()
+  def order(self, terms):
+    del terms
+    return 4
 
 
 def num_steps(t0: float, t1: float, dt: float) -> int:
