@@ -1,4 +1,8 @@
 """Data: the HDF5 layout, CAMUS readers, synthetic sequences."""
 from echo_ode_jax.data.hdf5 import (FORMAT_VERSION, LABELS, NUM_CLASSES, UNANNOTATED,
-                                    Sequence, iter_sequences, list_keys, read_labels,
-                                    read_sequence, set_root_attrs, write_sequence)
+                                    Sequence, iter_sequences, list_keys, read_dataset,
+                                    read_labels, read_sequence, set_root_attrs,
+                                    write_dataset, write_sequence)
+from echo_ode_jax.data.resample import (Resampling, from_source, resample_image,
+                                        to_source)
+from echo_ode_jax.data.synthetic import make_dataset, make_sequence

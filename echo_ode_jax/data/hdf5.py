@@ -125,3 +125,23 @@ def write_sequence(f: h5py.File, seq: Sequence, compression: str | None = "gzip"
 def set_root_attrs(f: h5py.File, size: int) -> None:
   f.attrs["format_version"] = FORMAT_VERSION
   f.attrs["size"] = int(size)
+
+
+def write_dataset(f: h5py.File, key: str, name: str, data: np.ndarray,
+                  compression: str | None = "gzip", attrs: dict[str, Any] | None = None
+                  ) -> None:
+  """Writes (replacing) an extra dataset `name` (e.g. "flow_true") into group `key`."""
+  g = f.require_group(key)
+  if name in g:
+    del g[name]
+  d = g.create_dataset(name, data=np.asarray(data), compression=compression)
+  for k, v in (attrs or {}).items():
+    d.attrs[k] = v
+
+
+def read_dataset(path: str | os.PathLike, key: str, name: str) -> np.ndarray:
+  """Reads an extra dataset `name` of group `key` (e.g. "flow_true": (T, H, W, 2) float32)."""
+  with _open(path) as f:
+    if key not in f or name not in f[key]:
+      raise InputError(path, f"no dataset {key}/{name}")
+    return np.asarray(f[key][name][...])
