@@ -1,0 +1,160 @@
+"""CAMUS -> the project's HDF5 layout (see hdf5.py and resample.py).
+
+Per view: frames ED -> ES, resampled onto size x size isotropic pixels keeping
+the physical aspect ratio (zero padding), images bilinear in [0, 1], labels
+nearest neighbour (255 = frame not annotated). The view attributes hold
+voxelspacing (mm per stored pixel, isotropic), ed_index / es_index (0-based
+in the file: 0 and T-1), source_shape, source_voxelspacing, the resampling
+(resample_scale, resample_offset, content_shape, pad, stored_shape; see
+:func:`~echo_ode_jax.data.resample.to_source`), source_kind, and every Info cfg
+field with lower-case keys (so the cfg's 1-based ED / ES stay as `ed` / `es`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence as Seq
+
+import h5py
+import numpy as np
+from absl import logging
+
+from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._progress import Progress
+from echo_ode_jax.data import camus
+from echo_ode_jax.data.hdf5 import Sequence, set_root_attrs, write_sequence
+from echo_ode_jax.data.resample import Resampling, from_source, resample_image
+from echo_ode_jax.errors import InputError
+
+DEFAULT_SIZE = 256
+
+# Attrs the converter sets itself; a cfg field of the same name is not allowed to override them.
+_RESERVED = {"voxelspacing", "source_voxelspacing", "source_shape", "ed_index", "es_index",
+             "resample_scale", "resample_offset", "content_shape", "pad", "stored_shape",
+             "source_kind"}
+
+
+def to_sequence(v: camus.CamusView, size: int = DEFAULT_SIZE) -> Sequence:
+  """Resamples one source view into the stored layout (a :class:`Sequence`)."""
+  res = Resampling.fit(v.img.shape[1:], v.spacing, size)
+  img = np.clip(resample_image(camus.normalise_intensity(v.img), res), 0.0, 1.0)
+  gt = None if v.gt is None else from_source(v.gt, res)
+  attrs = {k: v_ for k, v_ in v.info.items() if k not in _RESERVED}
+  attrs.update(res.attrs())
+  attrs.update({
+      "voxelspacing": np.array([res.spacing, res.spacing]),
+      "source_voxelspacing": np.array(v.spacing, np.float64),
+      "ed_index": 0,
+      "es_index": v.num_frames - 1,
+      "source_kind": v.kind,
+  })
+  return Sequence(v.patient, v.view, img.astype(np.float32), gt, attrs)
+
+
+@dataclasses.dataclass
+class ConvertReport:
+  converted: list[str] = dataclasses.field(default_factory=list)     # "<patient>/<view>"
+  existing: list[str] = dataclasses.field(default_factory=list)      # already in the output
+  missing: list[str] = dataclasses.field(default_factory=list)       # views absent in the source
+  bad: dict[str, str] = dataclasses.field(default_factory=dict)      # patient -> error
+
+
+def _select(found: list[Path], patients: Seq[str] | None, root) -> list[Path]:
+  if not patients:
+    return found
+  by_name = {p.name: p for p in found}
+  out = []
+  for name in patients:
+    name = name.strip()
+    key = name if name.startswith("patient") else f"patient{int(name):04d}" \
+        if name.isdigit() else name
+    if key not in by_name:
+      raise InputError(root, f"requested patient {name!r} not found")
+    out.append(by_name[key])
+  return out
+
+
+def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
+                  size: int = DEFAULT_SIZE, views: Seq[str] | None = None,
+                  patients: Seq[str] | None = None, skip_bad: bool = False
+                  ) -> ConvertReport:
+  """Converts CAMUS patient folders into the HDF5 layout at `out` (atomically).
+
+  Args:
+    camus_dir: database_nifti/, training/ or testing/, a folder of patient
+      folders, or their parent (see :func:`camus.find_patients`).
+    out: the HDF5 file. If it exists, groups already there are kept and only
+      missing patient/views are added (so re-running is idempotent).
+    size: stored image side in pixels.
+    views: views to convert. None means all of camus.VIEWS, silently skipping
+      views a patient lacks; an explicit list makes a view that is missing for
+      every patient an error.
+    patients: patient names (patient0001 or 1) to convert; default all.
+    skip_bad: log and skip a patient with bad input instead of failing.
+
+  Returns the report. Raises InputError on bad input (without `skip_bad`); the
+  output file is then left as it was.
+  """
+  if size < 8:
+    raise ValueError(f"size must be >= 8, got {size}")
+  explicit = views is not None
+  views = tuple(camus.VIEWS if views is None else views)
+  for v in views:
+    if v not in camus.VIEWS:
+      raise InputError(camus_dir, f"unknown view {v!r}; choose from {camus.VIEWS}")
+  folders = _select(camus.find_patients(camus_dir), patients, camus_dir)
+  report = ConvertReport()
+  out = Path(out)
+  with atomic_path(out, copy_existing=True) as tmp:
+    mode = "a" if out.exists() else "w"
+    try:
+      f = h5py.File(tmp, mode)
+    except OSError as e:
+      raise InputError(out, f"existing output is not a readable HDF5 file ({e})") from None
+    with f:
+      if "size" in f.attrs and int(f.attrs["size"]) != size:
+        raise InputError(out, f"existing output has size {int(f.attrs['size'])}, "
+                         f"not the requested {size}")
+      set_root_attrs(f, size)
+      prog = Progress(len(folders), "convert", "patient")
+      seen_view = {v: False for v in views}
+      for d in folders:
+        present = camus.available_views(d)
+        for v in views:
+          seen_view[v] |= v in present
+        try:
+          seqs = []
+          for v in views:
+            key = f"{d.name}/{v}"
+            if key in f:
+              report.existing.append(key)
+              continue
+            cv = camus.read_view(d, v)
+            if cv is None:
+              report.missing.append(key)
+              logging.info("%s: no %s view, skipped", d, v)
+              continue
+            seqs.append(to_sequence(cv, size))
+        except InputError as e:
+          if not skip_bad:
+            raise
+          report.bad[d.name] = str(e)
+          logging.warning("skipping %s: %s", d.name, e)
+          prog.update(1)
+          continue
+        for s in seqs:  # write a patient only when all its views are good
+          write_sequence(f, s)
+          report.converted.append(s.key)
+        prog.update(1, extra=f"{d.name}")
+      absent = [v for v in views if not seen_view[v]]
+      if explicit and absent:
+        raise InputError(camus_dir, f"view(s) {', '.join(absent)} missing for all "
+                         f"{len(folders)} patients")
+  logging.info("converted %d views, kept %d existing, %d missing views, %d bad patients",
+               len(report.converted), len(report.existing), len(report.missing),
+               len(report.bad))
+  if report.bad:
+    logging.warning("bad patients skipped:\n%s",
+                    "\n".join(f"  {e}" for e in report.bad.values()))
+  return report
