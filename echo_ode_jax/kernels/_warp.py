@@ -19,9 +19,11 @@ PADDINGS = ("border", "zeros")
 
 
 def _corners(coords, h, w, padding):
-  """Flat indices (4, ...) and bilinear weights (4, ...) of the 4 neighbours.
+  """Flat indices and bilinear weights of the 4 neighbours (lists of 4 arrays).
 
-  Also returns the partial derivatives of the weights w.r.t. row and col.
+  Also returns the partial derivatives of the weights w.r.t. row and col. The
+  corners are kept as separate arrays: on XLA:CPU four gathers (or scatters) of
+  (H', W') indices run several times faster than one over a stacked (4, H', W').
   """
   r = coords[..., 0]
   c = coords[..., 1]
@@ -58,31 +60,43 @@ def _corners(coords, h, w, padding):
     c1 = jnp.clip(c1, 0, w - 1)
     wr0, wr1, wc0, wc1 = wr0 * vr0, wr1 * vr1, wc0 * vc0, wc1 * vc1
     dr_mask = dc_mask = None
-  idx = jnp.stack([r0 * w + c0, r0 * w + c1, r1 * w + c0, r1 * w + c1])
-  wts = jnp.stack([wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1])
+  idx = [r0 * w + c0, r0 * w + c1, r1 * w + c0, r1 * w + c1]
+  wts = [wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1]
   # d(weight)/d(row), d(weight)/d(col): rows of the 2x2 bilinear stencil.
   if padding == "border":
     one_r0, one_r1, one_c0, one_c1 = -1.0, 1.0, -1.0, 1.0
   else:
     one_r0, one_r1, one_c0, one_c1 = -vr0, vr1, -vc0, vc1
-  dwr = jnp.stack([one_r0 * wc0, one_r0 * wc1, one_r1 * wc0, one_r1 * wc1])
-  dwc = jnp.stack([wr0 * one_c0, wr0 * one_c1, wr1 * one_c0, wr1 * one_c1])
+  dwr = [one_r0 * wc0, one_r0 * wc1, one_r1 * wc0, one_r1 * wc1]
+  dwc = [wr0 * one_c0, wr0 * one_c1, wr1 * one_c0, wr1 * one_c1]
   if padding == "border":
-    dwr = dwr * dr_mask
-    dwc = dwc * dc_mask
+    dwr = [d * dr_mask for d in dwr]
+    dwc = [d * dc_mask for d in dwc]
   return idx, wts, dwr, dwc
 
 
+def _channels(img):
+  """(H, W, C) -> list of C flat (H*W,) channels (scalar gathers are fastest on CPU)."""
+  h, w, ch = img.shape
+  return [img[..., k].reshape(h * w) for k in range(ch)]
+
+
 def _gather(flat, idx):
-  # flat: (H*W, C), idx: (4, H', W') -> (4, H', W', C)
+  # flat: (H*W,), idx: (H', W') int32 -> (H', W')
   return flat.at[idx].get(mode="promise_in_bounds")
 
 
 def _warp_impl(img, coords, padding):
-  h, w, ch = img.shape
+  h, w, _ = img.shape
   idx, wts, _, _ = _corners(coords, h, w, padding)
-  vals = _gather(img.reshape(h * w, ch), idx)
-  return jnp.sum(vals * wts[..., None].astype(img.dtype), axis=0)
+  wts = [wt.astype(img.dtype) for wt in wts]
+  outs = []
+  for flat in _channels(img):
+    o = 0.0
+    for i, wt in zip(idx, wts):
+      o = o + _gather(flat, i) * wt
+    outs.append(o)
+  return jnp.stack(outs, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -98,15 +112,22 @@ def _warp_bwd(padding, image_grad, res, g):
   img, coords = res
   h, w, ch = img.shape
   idx, wts, dwr, dwc = _corners(coords, h, w, padding)
-  vals = _gather(img.reshape(h * w, ch), idx)          # (4, H', W', C)
-  gv = jnp.sum(vals * g[None], axis=-1)                # (4, H', W')
-  g_r = jnp.sum(gv * dwr, axis=0)
-  g_c = jnp.sum(gv * dwc, axis=0)
+  # Coordinate cotangent: gathers only.
+  g_r = g_c = 0.0
+  for k, flat in enumerate(_channels(img)):
+    gk = g[..., k]
+    for i, dr, dc in zip(idx, dwr, dwc):
+      gv = _gather(flat, i) * gk
+      g_r = g_r + gv * dr
+      g_c = g_c + gv * dc
   g_coords = jnp.stack([g_r, g_c], axis=-1).astype(coords.dtype)
   if image_grad:
-    upd = (wts[..., None].astype(g.dtype) * g[None]).reshape(-1, ch)
-    g_img = jnp.zeros((h * w, ch), img.dtype).at[idx.reshape(-1)].add(
-        upd, mode="promise_in_bounds").reshape(h, w, ch)
+    # Image cotangent: one scatter-add per corner, of (H'*W', C) rows.
+    g_flat = jnp.zeros((h * w, ch), img.dtype)
+    for i, wt in zip(idx, wts):
+      g_flat = g_flat.at[i.reshape(-1)].add(
+          (g * wt[..., None].astype(g.dtype)).reshape(-1, ch), mode="promise_in_bounds")
+    g_img = g_flat.reshape(h, w, ch)
   else:
     g_img = jnp.zeros_like(img)
   return g_img, g_coords
