@@ -13,11 +13,15 @@ def _disc(shape, center_mm, radius_mm, spacing=(1.0, 1.0)):
   return (r - center_mm[0]) ** 2 + (c - center_mm[1]) ** 2 <= radius_mm ** 2
 
 
+def _scipy_boundary(mask):
+  """Mask minus its erosion by the 4-neighbourhood cross (outside the image = False)."""
+  cross = ndimage.generate_binary_structure(2, 1)
+  return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
+
+
 def _boundary_points(mask, spacing):
-  """Mask pixels with a 4-neighbour outside (zero padding), as (N, 2) mm coordinates."""
-  p = np.pad(mask, 1)
-  inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-  r, c = np.nonzero(mask & ~inner)
+  """Boundary pixels as (N, 2) mm coordinates."""
+  r, c = np.nonzero(_scipy_boundary(mask))
   return np.stack([r * spacing[0], c * spacing[1]], -1)
 
 
@@ -86,6 +90,12 @@ def test_hd_matches_scipy_directed_hausdorff_on_random_blobs(seed):
   assert metrics.hausdorff_mm(a, b, spacing) == pytest.approx(ref, rel=1e-9)
   assert metrics.directed_hausdorff_mm(a, b, spacing) == pytest.approx(
       directed_hausdorff(pa, pb)[0], rel=1e-9)
+
+
+def test_boundary_matches_scipy_erosion(rng):
+  mask = ndimage.gaussian_filter(rng.normal(size=(40, 30)), 2) > 0
+  mask[0, :] = True  # touches the image edge
+  np.testing.assert_array_equal(metrics.boundary(mask), _scipy_boundary(mask))
 
 
 def test_hd_empty_masks():

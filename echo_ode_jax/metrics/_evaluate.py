@@ -119,8 +119,10 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
       notes.append("ef: gt ED or ES frame not annotated")
   for m in ("area", "simpson"):
     row[f"ef_{m}_err"] = abs(row[f"ef_{m}"] - row[f"gt_ef_{m}"])
-  if math.isnan(row["ef_simpson"]):
-    notes.append("ef_simpson: LV empty or base not found in the predicted ED/ES frame")
+    for who in ("", "gt_"):
+      if gt_ok or not who:
+        if math.isnan(row[f"{who}ef_{m}"]):
+          notes.append(f"{who}ef_{m}: LV empty (or, for Simpson, base not found) at ED/ES")
 
   # Deformation quality.
   if flow is not None:

@@ -20,18 +20,32 @@ from scipy import ndimage
 
 from echo_ode_jax.metrics._dice import annotated_frames, structure_mask
 
-_CROSS = ndimage.generate_binary_structure(2, 1)
-
-
 def boundary(mask: np.ndarray) -> np.ndarray:
   """(H, W) bool: pixels of `mask` with a 4-neighbour outside it (or on the image edge)."""
   mask = np.asarray(mask, bool)
-  return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+  p = np.pad(mask, 1)
+  interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+  return mask & ~interior
+
+
+def _directed(ba: np.ndarray, bb: np.ndarray, spacing: Sequence[float]) -> float:
+  """Directed distance between two non-empty boundary masks, EDT on their joint bounding box.
+
+  The crop is exact: every point of `bb` lies inside it, so the nearest one is found.
+  """
+  both = ba | bb
+  rows = np.flatnonzero(both.any(axis=1))
+  cols = np.flatnonzero(both.any(axis=0))
+  win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+  dist = ndimage.distance_transform_edt(~bb[win], sampling=tuple(float(s) for s in spacing))
+  return float(dist[ba[win]].max())
 
 
 def directed_hausdorff_mm(a: np.ndarray, b: np.ndarray,
                           spacing: Sequence[float] = (1.0, 1.0)) -> float:
   """max over boundary pixels of `a` of the distance (mm) to the nearest boundary pixel of `b`.
+
+  0 when `a` is empty, inf when only `b` is.
 
   Args:
     a, b: (H, W) boolean masks.
@@ -42,8 +56,16 @@ def directed_hausdorff_mm(a: np.ndarray, b: np.ndarray,
     return 0.0
   if not bb.any():
     return float("inf")
-  dist = ndimage.distance_transform_edt(~bb, sampling=tuple(float(s) for s in spacing))
-  return float(dist[ba].max())
+  return _directed(ba, bb, spacing)
+
+
+def _hausdorff_boundaries(ba: np.ndarray, bb: np.ndarray, spacing: Sequence[float]) -> float:
+  ea, eb = not ba.any(), not bb.any()
+  if ea and eb:
+    return 0.0
+  if ea or eb:
+    return float("inf")
+  return max(_directed(ba, bb, spacing), _directed(bb, ba, spacing))
 
 
 def hausdorff_mm(a: np.ndarray, b: np.ndarray,
@@ -55,12 +77,7 @@ def hausdorff_mm(a: np.ndarray, b: np.ndarray,
   a, b = np.asarray(a, bool), np.asarray(b, bool)
   if a.shape != b.shape or a.ndim != 2:
     raise ValueError(f"hausdorff_mm: need two (H, W) masks, got {a.shape}, {b.shape}")
-  ea, eb = not a.any(), not b.any()
-  if ea and eb:
-    return 0.0
-  if ea or eb:
-    return float("inf")
-  return max(directed_hausdorff_mm(a, b, spacing), directed_hausdorff_mm(b, a, spacing))
+  return _hausdorff_boundaries(boundary(a), boundary(b), spacing)
 
 
 def consecutive_hausdorff(labels: np.ndarray, structure: str,
@@ -80,11 +97,9 @@ def consecutive_hausdorff(labels: np.ndarray, structure: str,
   """
   labels = np.asarray(labels)
   keep = set(range(labels.shape[0]) if frames is None else (int(f) for f in frames))
-  out = []
-  for t in range(labels.shape[0] - 1):
-    if t in keep and t + 1 in keep:
-      out.append(hausdorff_mm(structure_mask(labels[t], structure),
-                              structure_mask(labels[t + 1], structure), spacing))
+  bounds = {t: boundary(structure_mask(labels[t], structure)) for t in sorted(keep)}
+  out = [_hausdorff_boundaries(bounds[t], bounds[t + 1], spacing)
+         for t in range(labels.shape[0] - 1) if t in keep and t + 1 in keep]
   return np.asarray(out, np.float64)
 
 

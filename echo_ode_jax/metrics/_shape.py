@@ -8,7 +8,24 @@ import numpy as np
 from scipy import ndimage
 
 LV, MYO = 1, 2
-_SQUARE = np.ones((3, 3), bool)
+
+
+def dilate3x3(mask: np.ndarray) -> np.ndarray:
+  """Binary dilation of an (H, W) mask by a 3x3 square (outside the image counts as False)."""
+  p = np.pad(np.asarray(mask, bool), 1)
+  rows = p[:-2] | p[1:-1] | p[2:]
+  return rows[:, :-2] | rows[:, 1:-1] | rows[:, 2:]
+
+
+def _lv_crop(seg: np.ndarray, margin: int):
+  """(seg cropped to the LV bounding box grown by `margin`, (row, col) offset), or None."""
+  rows = np.flatnonzero((seg == LV).any(axis=1))
+  if len(rows) == 0:
+    return None
+  cols = np.flatnonzero((seg == LV).any(axis=0))
+  r0, c0 = max(rows[0] - margin, 0), max(cols[0] - margin, 0)
+  crop = seg[r0:rows[-1] + margin + 1, c0:cols[-1] + margin + 1]
+  return crop, np.array([r0, c0], np.float64)
 
 
 def lv_base_points(seg: np.ndarray) -> np.ndarray | None:
@@ -29,14 +46,23 @@ def lv_base_points(seg: np.ndarray) -> np.ndarray | None:
     (2, 2) float array [[row, col] left, [row, col] right] in pixels, or None
     when fewer than two candidates exist.
   """
-  seg = np.asarray(seg)
+  cropped = _lv_crop(np.asarray(seg), margin=1)  # the 3x3 test only looks 1 px around the LV
+  if cropped is None:
+    return None
+  seg, offset = cropped
   lv = seg == LV
   myo = seg == MYO
   rest = ~(lv | myo)
-  cand = lv & ndimage.binary_dilation(myo, _SQUARE) & ndimage.binary_dilation(rest, _SQUARE)
+  cand = lv & dilate3x3(myo) & dilate3x3(rest)
   r, c = np.nonzero(cand)
   if len(r) < 2:
     return None
+  base = _pick_base(r, c)
+  return None if base is None else base + offset
+
+
+def _pick_base(r: np.ndarray, c: np.ndarray) -> np.ndarray | None:
+  """The two base points among candidate pixels (see `lv_base_points`)."""
   if np.all(c == c[0]):
     upper = r < r.mean()
     if not upper.any() or upper.all():
