@@ -47,3 +47,13 @@ def test_real_masks_fall_within_reference_bounds():
     # The bounds span the population: its median sits well inside them (this
     # also pins the orientation sign, whose population is skewed positive).
     assert 0.25 <= (np.median(v) - lo) / (hi - lo) <= 0.75, (a, np.median(v))
+
+
+def test_real_ed_es_pairs_give_physiological_simpson_volumes():
+  masks = _masks(8)
+  pairs = [(masks[i], masks[i + 1]) for i in range(0, len(masks) - 1, 2)]
+  for (ed, spacing), (es, _) in pairs:
+    ef = metrics.ef_measures(ed, es, spacing)
+    assert 30.0 < ef["edv_ml"] < 350.0 and 5.0 < ef["esv_ml"] < ef["edv_ml"], ef
+    # Volume scales faster than area, so the volume EF exceeds the area EF.
+    assert 0.0 < ef["ef_area"] < ef["ef_simpson"] < 90.0, ef
