@@ -1,4 +1,7 @@
 """Data: the HDF5 layout, CAMUS readers, synthetic sequences."""
+from echo_ode_jax.data.camus import (CamusView, available_views, find_patients, read_cfg,
+                                     read_image, read_view)
+from echo_ode_jax.data.convert import ConvertReport, convert_camus, to_sequence
 from echo_ode_jax.data.hdf5 import (FORMAT_VERSION, LABELS, NUM_CLASSES, UNANNOTATED,
                                     Sequence, iter_sequences, list_keys, read_dataset,
                                     read_labels, read_sequence, set_root_attrs,

@@ -184,12 +184,14 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
   except InputError:
     raise
   except Exception as e:  # nibabel/SimpleITK/zlib raise many types on corrupt files
-    msg = str(e).strip().splitlines()
-    msg = msg[0] if msg else ""
-    for line in str(e).splitlines():
-      if "Description:" in line:  # SimpleITK: the useful line
-        msg = line.split("Description:", 1)[1].strip()
-    raise InputError(path, f"cannot read image, truncated or corrupt? "
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = lines[0] if lines else ""
+    for line in lines:  # SimpleITK: keep the "... ERROR: <what>" line, without the prefix
+      if "ERROR:" in line:
+        msg = re.sub(r"^.*ERROR:\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
+        break
+    what = "image or its data file" if name.endswith(_MHD_EXT) else "image"
+    raise InputError(path, f"cannot read {what}, truncated or corrupt? "
                      f"({e.__class__.__name__}: {msg[:200]})") from None
   if arr.ndim not in (2, 3):
     raise InputError(path, f"expected a 2D image or a 2D+t sequence, got shape {arr.shape}")

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import ndimage
 
+from echo_ode_jax.data.hdf5 import UNANNOTATED
+
 
 @dataclasses.dataclass(frozen=True)
 class Resampling:
@@ -136,12 +138,13 @@ def resample_image(img: np.ndarray, res: Resampling) -> np.ndarray:
 def from_source(mask: np.ndarray, res: Resampling) -> np.ndarray:
   """(T, h, w) or (h, w) source labels -> stored (S, S) grid, nearest neighbour, 0 padding.
 
-  255 (frame not annotated) is kept as a label value like any other.
+  A frame that is entirely 255 (not annotated) stays entirely 255, padding included.
   """
   frames, single = _frames(mask, "from_source")
   if frames.shape[1:] != res.source_shape:
     raise ValueError(f"from_source: shape {frames.shape[1:]} != {res.source_shape}")
   out = np.zeros((frames.shape[0], res.size, res.size), frames.dtype)
+  out[np.all(frames == UNANNOTATED, axis=(1, 2))] = UNANNOTATED
   out[(slice(None),) + res._content_slices()] = frames[:, res._nearest_source(0)][
       :, :, res._nearest_source(1)]
   return out[0] if single else out

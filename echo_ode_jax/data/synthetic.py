@@ -49,6 +49,7 @@ from jaxtyping import Float
 from scipy import ndimage, optimize
 
 from echo_ode_jax.data.hdf5 import Sequence
+from echo_ode_jax.data.resample import Resampling
 
 FOV_MM = 150.0          # physical side of the (square) image, mm
 DEFAULT_FRAMES = (12, 20)   # inclusive range of the random number of frames
@@ -328,7 +329,6 @@ def make_sequence(seed: int, size: int = 128, num_frames: int | None = None,
 
 def identity_resample_attrs(size: int) -> dict[str, np.ndarray]:
   """Resampling attrs (see resample.py) of data already stored at its source grid."""
-  from echo_ode_jax.data.resample import Resampling
   return Resampling.identity((size, size)).attrs()
 
 
