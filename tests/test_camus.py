@@ -242,8 +242,8 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
 
 CAMUS = camus_dir()
 needs_camus = pytest.mark.skipif(not CAMUS.is_dir(),
-                                 reason=f"CAMUS data not found ({CAMUS.name}/ next to the "
-                                 "repository; set ECHO_ODE_CAMUS_DIR)")
+                                 reason=f"CAMUS data not found at {CAMUS} "
+                                 "(set ECHO_ODE_CAMUS_DIR)")
 
 
 @pytest.mark.camus

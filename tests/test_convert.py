@@ -248,8 +248,8 @@ CAMUS = camus_dir()
 
 
 @pytest.mark.camus
-@pytest.mark.skipif(not CAMUS.is_dir(), reason=f"CAMUS data not found ({CAMUS.name}/ next "
-                    "to the repository; set ECHO_ODE_CAMUS_DIR)")
+@pytest.mark.skipif(not CAMUS.is_dir(), reason=f"CAMUS data not found at {CAMUS} "
+                    "(set ECHO_ODE_CAMUS_DIR)")
 def test_real_camus_three_patients(tmp_path):
   names = [p.name for p in camus.find_patients(CAMUS)[:3]]
   out = tmp_path / "camus.h5"

@@ -11,6 +11,17 @@
                    source_voxelspacing (2,); every Info cfg field, lower-case keys
   root attrs: format_version, size
 
+Written by the CAMUS converter (convert.py) on <view>, to map stored masks back
+to the source grid (resample.to_source): resample_scale (2,) source pixels per
+stored pixel, resample_offset (2,) source coordinate of stored pixel 0,
+content_shape (2,) and pad (2,) (the non-padded stored block), stored_shape
+(2,), source_kind ("half_sequence", "sequence", "ed_es"). The cfg's 1-based
+ED / ES frame numbers stay as `ed` / `es`.
+
+Synthetic files (synthetic.py) add ef_true on <view> and the dataset
+  /<patient>/<view>/flow_true  (T, H, W, 2) float32 true pull-back maps,
+                               absolute (row, col) pixels: gt[t](p) = gt[0](flow_true[t, p])
+
 T runs from ED to ES. Labels: 0 background, 1 LV cavity, 2 myocardium, 3 LA.
 """
 from __future__ import annotations
