@@ -24,7 +24,7 @@ of -v for tau_k, integrated per pixel with RK4 on the *analytic* field:
 
 so phi_0 = identity, every phi_k is a diffeomorphism, and the labels of frame
 k are the analytic ED shapes rasterised at phi_k(p) (no resampling of a mask).
-The radial amplitude r is solved (bisection) so that the LV cavity *area*
+The radial amplitude r is solved (Brent's method) so that the LV cavity *area*
 ejection fraction EF = 1 - A_ES / A_ED (the paper's area proxy of the volume)
 equals the requested `ef`; A_ES is the area of the ED cavity boundary
 polygon pushed forward by Phi_{+1} (shoelace formula).
@@ -293,7 +293,6 @@ def make_sequence(seed: int, size: int = 128, num_frames: int | None = None,
   px = size / 128.0                                   # pixels per "128-pixel" pixel
   echo = _ECHO[classes]
   echo = ndimage.gaussian_filter(echo, (0, 0.8 * px, 0.8 * px))
-  u, _ = heart.to_heart(grid)
   bg = 1.0 + 0.25 * ndimage.gaussian_filter(rng.standard_normal((size, size)), 6 * px)
   depth = np.hypot(grid[..., 0] + 0.02, grid[..., 1] - 0.5)
   gain = bg * np.exp(-0.6 * depth)
@@ -308,7 +307,6 @@ def make_sequence(seed: int, size: int = 128, num_frames: int | None = None,
   amp = echo * gain[None] * np.abs(z)
   db = 20.0 * np.log10(amp + 1e-4)
   img = np.clip((db + 30.0) / 36.0, 0.0, 1.0) * sector_mask(size)[None]
-  del u
 
   spacing = FOV_MM / size
   name = f"synth{seed:04d}" if patient is None else patient
