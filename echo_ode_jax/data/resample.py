@@ -135,11 +135,14 @@ def resample_image(img: np.ndarray, res: Resampling) -> np.ndarray:
   return out[0] if single else out
 
 
-def from_source(mask: np.ndarray, res: Resampling) -> np.ndarray:
+def from_source(mask: np.ndarray, res: Mapping[str, Any] | Resampling) -> np.ndarray:
   """(T, h, w) or (h, w) source labels -> stored (S, S) grid, nearest neighbour, 0 padding.
+
+  `res`: a :class:`Resampling` or the view attributes of an HDF5 group.
 
   A frame that is entirely 255 (not annotated) stays entirely 255, padding included.
   """
+  res = res if isinstance(res, Resampling) else Resampling.from_attrs(res)
   frames, single = _frames(mask, "from_source")
   if frames.shape[1:] != res.source_shape:
     raise ValueError(f"from_source: shape {frames.shape[1:]} != {res.source_shape}")
