@@ -97,6 +97,18 @@ def test_round_trip_blocks_when_downsampling(shape, spacing, size):
   assert (back == m).mean() > 0.9
 
 
+@pytest.mark.parametrize("shape,spacing,size", [((150, 210), (0.308, 0.308), 64),
+                                                ((190, 100), (0.154, 0.308), 48)])
+def test_stored_to_source_and_back_exact_when_downsampling(shape, spacing, size):
+  """scale >= 1: any stored mask (0 in the padding) survives to_source -> from_source."""
+  res = Resampling.fit(shape, spacing, size)
+  assert min(res.scale) >= 1.0
+  m = np.zeros((2, size, size), np.uint8)
+  sl = (slice(None),) + tuple(slice(p, p + c) for p, c in zip(res.pad, res.content))
+  m[sl] = np.random.default_rng(4).integers(0, 4, m[sl].shape)
+  np.testing.assert_array_equal(from_source(to_source(m, res.attrs()), res.attrs()), m)
+
+
 def test_identity_resampling():
   m = np.random.default_rng(3).integers(0, 4, (2, 16, 16)).astype(np.uint8)
   res = Resampling.identity((16, 16))
