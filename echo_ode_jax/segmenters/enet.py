@@ -14,7 +14,8 @@ Layout of the paper (Table 1), with ``widths = (16, 64, 128)``:
 
 Bottleneck: 1x1 projection (2x2/2 when downsampling) to features/4 -> conv
 (3x3, dilated 3x3, or 5x1 then 1x5) -> 1x1 expansion, BatchNorm + PReLU between,
-spatial dropout, added to the main branch. Downsampling main branch: 2x2 max-pool
+spatial dropout, added to the main branch; PReLU in the encoder, ReLU in the
+decoder (stages 4-5), as in the paper. Downsampling main branch: 2x2 max-pool
 with argmax, zero channel padding. Upsampling main branch: 1x1 conv + BN, then
 max-unpooling with the indices of the matching downsampling bottleneck.
 Inputs are zero-padded to a multiple of 8 and the logits cropped back.
@@ -55,13 +56,18 @@ class Bottleneck(nn.Module):
   asym_kernel: int = 5
   internal_ratio: int = 4
   dropout: float = 0.1
+  relu: bool = False  # ReLU instead of PReLU (the paper's decoder)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
     ci = max(1, c // self.internal_ratio)
+
+    def act(y):
+      return nn.relu(y) if self.relu else PReLU()(y)
+
     y = nn.Conv(ci, (1, 1), use_bias=False)(x)
-    y = PReLU()(batch_norm(train)(y))
+    y = act(batch_norm(train)(y))
     if self.kind == "asymmetric":
       k = self.asym_kernel
       y = nn.Conv(ci, (k, 1), padding="SAME", use_bias=False)(y)
@@ -71,11 +77,11 @@ class Bottleneck(nn.Module):
       y = nn.Conv(ci, (3, 3), padding="SAME", kernel_dilation=d, use_bias=False)(y)
     else:
       raise ValueError(f"unknown bottleneck kind {self.kind!r}")
-    y = PReLU()(batch_norm(train)(y))
+    y = act(batch_norm(train)(y))
     y = nn.Conv(c, (1, 1), use_bias=False)(y)
     y = batch_norm(train)(y)
     y = _spatial_dropout(self.dropout, train)(y)
-    return PReLU()(x + y)
+    return act(x + y)
 
 
 class DownBottleneck(nn.Module):
@@ -112,9 +118,9 @@ class UpBottleneck(nn.Module):
     main = nn.Conv(self.features, (1, 1), use_bias=False)(x)
     main = max_unpool_2x2(batch_norm(train)(main), indices)
     y = nn.Conv(ci, (1, 1), use_bias=False)(x)
-    y = PReLU()(batch_norm(train)(y))
+    y = nn.relu(batch_norm(train)(y))
     y = nn.ConvTranspose(ci, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)(y)
-    y = PReLU()(batch_norm(train)(y))
+    y = nn.relu(batch_norm(train)(y))
     y = nn.Conv(self.features, (1, 1), use_bias=False)(y)
     y = batch_norm(train)(y)
     y = _spatial_dropout(self.dropout, train)(y)
@@ -155,8 +161,8 @@ class ENet(nn.Module):
         x = Bottleneck(kind, dilation=d, dropout=self.dropout2)(x, train)
     x = UpBottleneck(w1, dropout=self.dropout2)(x, idx2, train)
     for _ in range(2):
-      x = Bottleneck("regular", dropout=self.dropout2)(x, train)
+      x = Bottleneck("regular", dropout=self.dropout2, relu=True)(x, train)
     x = UpBottleneck(w0, dropout=self.dropout2)(x, idx1, train)
-    x = Bottleneck("regular", dropout=self.dropout2)(x, train)
+    x = Bottleneck("regular", dropout=self.dropout2, relu=True)(x, train)
     x = nn.ConvTranspose(self.num_classes, (2, 2), strides=(2, 2))(x)
     return x[:, :h, :w]

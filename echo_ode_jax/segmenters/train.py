@@ -367,6 +367,22 @@ def hard_dice(pred, gt, labels: Sequence[int]):
 _STEP_CACHE: dict = {}  # jitted init / train / eval functions
 
 
+def build_model(cfg: TrainConfig) -> nn.Module:
+  """The module of `cfg`. The same instance for equal settings, so that jitted
+  steps (whose static apply_fn / optimiser compare by identity) are reused."""
+  key = ("model", cfg.model, json.dumps(cfg.model_kwargs, sort_keys=True))
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = get_model(cfg.model, num_classes=NUM_CLASSES, **cfg.model_kwargs)
+  return _STEP_CACHE[key]
+
+
+def _adam(lr: float) -> optax.GradientTransformation:
+  key = ("adam", float(lr))
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = optax.adam(lr)
+  return _STEP_CACHE[key]
+
+
 def rng_key(seed: int) -> jax.Array:
   """A PRNG key of the "rbg" implementation for `seed`.
 
@@ -378,7 +394,7 @@ def rng_key(seed: int) -> jax.Array:
 
 def create_state(cfg: TrainConfig, seed: int = 0) -> TrainState:
   """Initialised model and Adam optimiser for `cfg` (init key: rng_key(seed))."""
-  model = get_model(cfg.model, num_classes=NUM_CLASSES, **cfg.model_kwargs)
+  model = build_model(cfg)
   cache_key = ("init", repr(model), cfg.size)
   if cache_key not in _STEP_CACHE:
     x = jnp.zeros((1, cfg.size, cfg.size, 1), jnp.float32)
@@ -386,7 +402,7 @@ def create_state(cfg: TrainConfig, seed: int = 0) -> TrainState:
   variables = _STEP_CACHE[cache_key](rng_key(seed))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}),
-                           tx=optax.adam(cfg.lr))
+                           tx=_adam(cfg.lr))
 
 
 def _step_fields(cfg: TrainConfig) -> str:
@@ -552,7 +568,7 @@ def load_model_state(workdir: str | os.PathLike, which: str = "best") -> ModelSt
   cfg = read_config(workdir)
   path = os.path.join(workdir, BEST_FILE if which == "best" else LAST_FILE)
   d = _read_msgpack(path)
-  model = get_model(cfg.model, num_classes=NUM_CLASSES, **cfg.model_kwargs)
+  model = build_model(cfg)
   target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, cfg.size, cfg.size, 1)), train=False))
   try:
@@ -620,7 +636,7 @@ def train(cfg: TrainConfig, data_h5: str | os.PathLike, workdir: str | os.PathLi
     return _best_metrics(extra)
   extra["stopped"] = False
 
-  model = get_model(cfg.model, num_classes=NUM_CLASSES, **cfg.model_kwargs)
+  model = build_model(cfg)
   train_step = make_train_step(cfg)
   eval_step = make_eval_step(model)
   n = x_tr.shape[0]
