@@ -122,7 +122,7 @@ def velocity_field(t, phi, args):
   return warp(v, phi, padding="border", image_grad=True)
 
 
-def _solve(knots, times, y0, t0, t1, save_times, solver, dt, max_steps, rtol, atol):
+def _solve(vector_field, args, y0, t0, t1, save_times, solver, dt, max_steps, rtol, atol):
   solver_obj = _solver(solver)
   adaptive = solver.lower() in ADAPTIVE
   if adaptive:
@@ -135,8 +135,8 @@ def _solve(knots, times, y0, t0, t1, save_times, solver, dt, max_steps, rtol, at
     steps = num_steps(t0, t1, dt)
   dt0 = dt if t1 >= t0 else -dt
   sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(velocity_field), solver_obj, t0=t0, t1=t1, dt0=dt0, y0=y0,
-      args=(knots, times), saveat=diffrax.SaveAt(ts=save_times),
+      diffrax.ODETerm(vector_field), solver_obj, t0=t0, t1=t1, dt0=dt0, y0=y0,
+      args=args, saveat=diffrax.SaveAt(ts=save_times),
       stepsize_controller=controller, max_steps=steps,
       # Discretise-then-optimise: exact gradients of the discrete solve, which
       # is what the paper's Euler model is. With checkpoints = the number of
@@ -147,6 +147,15 @@ def _solve(knots, times, y0, t0, t1, save_times, solver, dt, max_steps, rtol, at
       throw=False,
   )
   return sol.ys
+
+
+def _t1(save_times, t1):
+  if t1 is not None:
+    return float(t1)
+  try:
+    return float(np.max(np.asarray(save_times)))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return 1.0
 
 
 def integrate_flow(knots: Float[Array, "K H W 2"], knot_times, save_times,
@@ -172,15 +181,27 @@ def integrate_flow(knots: Float[Array, "K H W 2"], knot_times, save_times,
     raise ValueError(f"integrate_flow: knots must be (K, H, W, 2), got {knots.shape}")
   knot_times = jnp.asarray(knot_times, knots.dtype)
   save_times = jnp.asarray(save_times, knots.dtype)
-  if t1 is None:
-    try:
-      t1 = float(np.max(np.asarray(save_times)))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-      t1 = 1.0
   h, w = knots.shape[1:3]
   y0 = identity_grid(h, w, knots.dtype)
-  return _solve(knots, knot_times, y0, 0.0, float(t1), save_times, solver, dt,
-                max_steps, rtol, atol)
+  return _solve(velocity_field, (knots, knot_times), y0, 0.0, _t1(save_times, t1),
+                save_times, solver, dt, max_steps, rtol, atol)
+
+
+def integrate_flow_inloop(velocity_fn, shape_hw, save_times, solver: str = "euler",
+                          dt: float = 0.1, *, t1: float | None = None, rtol: float = 1e-4,
+                          atol: float = 1e-3, max_steps: int | None = None,
+                          ) -> Float[Array, "S H W 2"]:
+  """Reference formulation: the velocity function is called inside the solver.
+
+  velocity_fn(t) -> (H, W, 2) velocity at time t (e.g. the network). With
+  Euler and knots at :func:`knot_times` this equals :func:`integrate_flow`,
+  but evaluates the network once per stage inside the loop (slow).
+  """
+  h, w = shape_hw
+  y0 = identity_grid(h, w, jnp.float32)
+  vf = lambda t, phi, args: warp(velocity_fn(t), phi, padding="border", image_grad=True)
+  return _solve(vf, None, y0, 0.0, _t1(save_times, t1),
+                jnp.asarray(save_times, jnp.float32), solver, dt, max_steps, rtol, atol)
 
 
 def inverse_flow(knots: Float[Array, "K H W 2"], knot_times, t: float,
@@ -192,7 +213,8 @@ def inverse_flow(knots: Float[Array, "K H W 2"], knot_times, t: float,
   knots = jnp.asarray(knots)
   h, w = knots.shape[1:3]
   y0 = identity_grid(h, w, knots.dtype)
-  ys = _solve(knots, jnp.asarray(knot_times, knots.dtype), y0, float(t), 0.0,
+  ys = _solve(velocity_field, (knots, jnp.asarray(knot_times, knots.dtype)), y0,
+              float(t), 0.0,
               jnp.asarray([0.0], knots.dtype), solver, dt, kw.get("max_steps"),
               kw.get("rtol", 1e-4), kw.get("atol", 1e-3))
   return ys[0]

@@ -1,0 +1,360 @@
+"""Per-sequence Echo-ODE fit (Algorithm 1) and batched fitting sharded across devices.
+
+One call fits one sequence: Adam (lr 0.01), 1000 steps, Euler dt 0.1 by default.
+The network is evaluated at all knot times in one batched call and diffrax
+integrates the flow (see :mod:`echo_ode_jax.losses`). Frames sit at
+t_k = k / (T - 1).
+
+`fit_batch` fits B independent sequences in one compiled program,
+jit(vmap(step)) over stacked parameters and optimizer states, with the batch
+axis sharded over a device mesh (`jax.sharding.NamedSharding`). Sequences of
+different lengths are padded to a common T bucket and masked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from echo_ode_jax import flow, losses
+from echo_ode_jax._progress import Progress
+from echo_ode_jax.kernels import folding_fraction, gaussian_blur, hard_labels, warp_data
+from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
+
+NUM_CLASSES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Everything that defines a fit (saved as JSON with the results)."""
+  steps: int = 1000
+  lr: float = 0.01
+  solver: str = "euler"
+  dt: float = 0.1
+  sigma: float = 1.0            # Gaussian kernel of L_sim, pixels (at the fitted size)
+  lambda_sim: float = 1.0
+  lambda_seg: float = 1.0
+  lambda_ef: float = 1.0
+  lambda_jdet: float = 1.0
+  lambda_smt: float = 0.0
+  t_bucket: int = 4             # frame counts are padded up to a multiple of this
+  log_every: int = 50           # steps per compiled chunk / progress line
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+
+  def replace(self, **kw) -> "FitConfig":
+    model_kw = {k[6:]: kw.pop(k) for k in list(kw) if k.startswith("model.")}
+    cfg = dataclasses.replace(self, **kw)
+    return dataclasses.replace(cfg, model=cfg.model.replace(**model_kw)) if model_kw else cfg
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "FitConfig":
+    d = dict(d)
+    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in d.pop("model", {}).items()})
+    return cls(model=model, **d)
+
+
+@dataclasses.dataclass
+class FitResult:
+  """The outcome of one sequence fit.
+
+  masks: (T, H, W) uint8 propagated labels argmax(m_0 o phi_t) (valid frames only).
+  phi: (T, H, W, 2) float32 absolute maps at the frame times.
+  history: {"loss": (steps,), "<term>": (steps,)}. failed / reason: a non-finite loss.
+  """
+  masks: np.ndarray
+  phi: np.ndarray
+  history: dict[str, np.ndarray]
+  final: dict[str, float]
+  folding_fraction: float
+  seconds: float
+  failed: bool = False
+  reason: str = ""
+
+
+def frames_at(images, frame_times, es_index, t):
+  """Images linearly interpolated in time: (T, H, W) frames -> (len(t), H, W).
+
+  Only frames 0..es_index are used (the rest is padding).
+  """
+  k = jnp.clip(jnp.searchsorted(frame_times, t, side="right") - 1, 0,
+               jnp.maximum(es_index - 1, 0))
+  lo = frame_times[k]
+  hi = frame_times[k + 1]
+  w = jnp.clip((t - lo) / jnp.maximum(hi - lo, 1e-12), 0.0, 1.0)
+  return images[k] * (1 - w)[:, None, None] + images[k + 1] * w[:, None, None]
+
+
+def _one_hot(labels, name):
+  labels = np.asarray(labels)
+  if labels.ndim != 2:
+    raise ValueError(f"{name}: expected an (H, W) label map, got shape {labels.shape}")
+  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise ValueError(f"{name}: labels must be in 0..{NUM_CLASSES - 1}")
+  return np.eye(NUM_CLASSES, dtype=np.float32)[labels.astype(np.int64)]
+
+
+def bucket(t: int, step: int) -> int:
+  return int(-(-t // step) * step) if step > 1 else int(t)
+
+
+def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = FitConfig(),
+                     t_pad: int | None = None) -> dict[str, np.ndarray]:
+  """Arrays of one sequence for :func:`fit_sequence` / :func:`fit_batch`.
+
+  Args:
+    images: (T, H, W) frames ED -> ES, float in [0, 1], T >= 2.
+    m0: (H, W) integer initial mask (labels 0..3).
+    guide_es: (H, W) guide mask m_1 at ES, or None (image similarity only).
+    guide_ed: (H, W) guide at ED, the EF reference (default m0).
+    t_pad: pad the frame axis to this length (default: the cfg.t_bucket multiple).
+  """
+  images = np.asarray(images, np.float32)
+  if images.ndim != 3:
+    raise ValueError(f"images: expected (T, H, W), got shape {images.shape}")
+  t, h, w = images.shape
+  if t < 2:
+    raise ValueError(f"images: need at least 2 frames (ED and ES), got T={t}")
+  if min(h, w) < 16:
+    raise ValueError(f"images: frames must be at least 16x16, got {h}x{w}")
+  if not np.all(np.isfinite(images)):
+    raise ValueError("images: non-finite values")
+  for name, m in (("m0", m0), ("guide_es", guide_es), ("guide_ed", guide_ed)):
+    if m is not None and np.shape(m) != (h, w):
+      raise ValueError(f"{name}: shape {np.shape(m)} does not match frames {(h, w)}")
+  t_pad = t_pad or bucket(t, cfg.t_bucket)
+  if t_pad < t:
+    raise ValueError(f"t_pad={t_pad} < T={t}")
+  pad = t_pad - t
+  frame_times = np.concatenate([np.arange(t) / (t - 1), np.ones(pad)]).astype(np.float32)
+  imgs = np.concatenate([images, np.repeat(images[-1:], pad, 0)], 0)
+  m0_oh = _one_hot(m0, "m0")
+  has_guide = guide_es is not None
+  g_es = _one_hot(guide_es, "guide_es") if has_guide else np.zeros_like(m0_oh)
+  g_ed = _one_hot(guide_ed, "guide_ed") if guide_ed is not None else m0_oh
+  kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt))
+  knots = frames_at(jnp.asarray(imgs), jnp.asarray(frame_times), t - 1, kt)
+  smooth = gaussian_blur(jnp.asarray(imgs), cfg.sigma) if cfg.sigma > 0 else imgs
+  return {
+      "images": imgs, "images_smooth": np.asarray(smooth, np.float32),
+      "frame_times": frame_times,
+      "frame_valid": np.concatenate([np.ones(t), np.zeros(pad)]).astype(np.float32),
+      "es_index": np.int32(t - 1), "image_knots": np.asarray(knots, np.float32),
+      "m0": m0_oh, "guide_es": g_es, "guide_ed": g_ed,
+      "has_guide": np.float32(has_guide),
+  }
+
+
+def _model(cfg: FitConfig):
+  return VelocityUNet(cfg.model)
+
+
+def _optimizer(cfg: FitConfig):
+  return optax.adam(cfg.lr)
+
+
+def make_step(cfg: FitConfig, formulation: str = "batched"):
+  """One Adam step of one sequence with a non-finite guard.
+
+  state = (params, opt_state, failed, fail_step); returns (state, terms).
+  A step whose loss or gradient is non-finite is not applied; the sequence is
+  marked failed and its parameters stay frozen from then on.
+  """
+  apply_fn = _model(cfg).apply
+  opt = _optimizer(cfg)
+
+  def step(state, seq, i):
+    params, opt_state, failed, fail_step = state
+    (loss, terms), grads = jax.value_and_grad(losses.loss_fn, has_aux=True)(
+        params, seq, cfg, apply_fn, formulation)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    ok = finite & ~failed
+    updates, new_opt = opt.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+    fail_step = jnp.where(~finite & ~failed, i, fail_step)
+    failed = failed | ~finite
+    return (params, opt_state, failed, fail_step), dict(terms, loss=loss)
+
+  return step
+
+
+def init_state(cfg: FitConfig, key, shape_hw):
+  params = init_params(cfg.model, key, shape_hw)
+  return (params, _optimizer(cfg).init(params), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
+
+
+def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
+  """jit(scan over n steps) of one sequence, or of a vmapped batch."""
+  step = make_step(cfg)
+  if batched:
+    step = jax.vmap(step, in_axes=(0, 0, None))
+
+  def run(state, seq, start):
+    def body(st, i):
+      return step(st, seq, i)
+    return jax.lax.scan(body, state, start + jnp.arange(n))
+
+  return jax.jit(run, donate_argnums=(0,))
+
+
+@jax.jit
+def _propagate(m0, phi):
+  return hard_labels(jax.vmap(warp_data, (None, 0))(m0, phi)).astype(jnp.uint8)
+
+
+def _outputs(cfg: FitConfig, params, seq):
+  apply_fn = _model(cfg).apply
+  phi = jax.jit(lambda p, s: losses.flow_batched(p, s, cfg, apply_fn))(params, seq)
+  return phi
+
+
+def _run_chunks(cfg, state, seq, steps, batched, progress, what):
+  chunk = max(1, min(cfg.log_every, steps))
+  fns = {}
+  hist = []
+  done = 0
+  prog = Progress(steps, what, "step") if progress else None
+  while done < steps:
+    n = min(chunk, steps - done)
+    if n not in fns:
+      fns[n] = _chunk_fn(cfg, n, batched)
+    state, terms = fns[n](state, seq, jnp.int32(done))
+    terms = jax.device_get(terms)
+    hist.append(terms)
+    done += n
+    if prog:
+      loss = np.asarray(terms["loss"])[-1]
+      prog.update(n, extra=f"loss {np.nanmean(loss):.4g}")
+  history = {k: np.concatenate([h[k] for h in hist], axis=0) for k in hist[0]}
+  return state, history
+
+
+def _result(cfg, params, seq, history, failed, fail_step, seconds) -> FitResult:
+  t_valid = int(seq["es_index"]) + 1
+  phi = np.asarray(_outputs(cfg, params, seq))[:t_valid]
+  masks = np.asarray(_propagate(jnp.asarray(seq["m0"]), jnp.asarray(phi)))
+  fold = float(np.mean([float(folding_fraction(jnp.asarray(p))) for p in phi]))
+  final = {k: float(v[-1]) for k, v in history.items()}
+  reason = ""
+  if failed:
+    reason = f"non-finite loss or gradient at step {int(fail_step)}"
+  return FitResult(masks, phi.astype(np.float32), history, final, fold, seconds,
+                   bool(failed), reason)
+
+
+def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=None,
+                 progress: bool = False) -> FitResult:
+  """Fits one prepared sequence (see :func:`prepare_sequence`)."""
+  t0 = time.perf_counter()
+  key = jax.random.PRNGKey(cfg.seed) if key is None else key
+  seq = jax.tree_util.tree_map(jnp.asarray, seq)
+  state = init_state(cfg, key, seq["images"].shape[1:])
+  state, history = _run_chunks(cfg, state, seq, cfg.steps, False, progress, "fit")
+  params, _, failed, fail_step = state
+  jax.block_until_ready(params)
+  return _result(cfg, params, seq, history, bool(failed), int(fail_step),
+                 time.perf_counter() - t0)
+
+
+def stack(seqs: Seq[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks prepared sequences (same T bucket and size) along a new batch axis."""
+  shapes = {tuple(s["images"].shape) for s in seqs}
+  if len(shapes) != 1:
+    raise ValueError(f"stack: sequences must share (T_pad, H, W), got {sorted(shapes)}")
+  return {k: np.stack([np.asarray(s[k]) for s in seqs]) for k in seqs[0]}
+
+
+def batch_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all local devices) with axis "batch"."""
+  devices = jax.local_devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("batch",))
+
+
+def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), keys=None,
+              mesh: Mesh | None = None, progress: bool = False) -> list[FitResult]:
+  """Fits B independent sequences in one compiled program.
+
+  Sequences are padded to a common T (the longest, rounded to cfg.t_bucket);
+  the batch is padded to a multiple of the mesh size with copies of the last
+  sequence (their results are dropped). With a mesh, every stacked array is
+  sharded along its batch axis, so each device fits its share.
+
+  Args:
+    seqs: prepared sequences (:func:`prepare_sequence`), same H, W.
+    keys: B PRNG keys (default: fold_in(PRNGKey(cfg.seed), i)). A sequence fitted
+      alone with the same key gives the same result.
+  """
+  t0 = time.perf_counter()
+  b = len(seqs)
+  if b == 0:
+    return []
+  t_pad = max(s["images"].shape[0] for s in seqs)
+  seqs = [_repad(s, t_pad) for s in seqs]
+  ndev = 1 if mesh is None else mesh.devices.size
+  bp = -(-b // ndev) * ndev
+  seqs = list(seqs) + [seqs[-1]] * (bp - b)
+  if keys is None:
+    keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(b)]
+  keys = list(keys) + [keys[-1]] * (bp - b)
+  batch = stack(seqs)
+  hw = batch["images"].shape[2:]
+  state = jax.vmap(lambda k: init_state(cfg, k, hw))(jnp.stack(keys))
+  if mesh is not None:
+    shard = NamedSharding(mesh, P("batch"))
+    put = lambda x: jax.device_put(x, shard)
+    batch = jax.tree_util.tree_map(put, batch)
+    state = jax.tree_util.tree_map(put, state)
+  else:
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+  state, history = _run_chunks(cfg, state, batch, cfg.steps, True, progress,
+                               f"fit batch of {b}")
+  params, _, failed, fail_step = state
+  jax.block_until_ready(params)
+  seconds = time.perf_counter() - t0
+  params = jax.device_get(params)
+  failed, fail_step = np.asarray(failed), np.asarray(fail_step)
+  results = []
+  for i in range(b):
+    p_i = jax.tree_util.tree_map(lambda x: x[i], params)
+    s_i = {k: np.asarray(v[i]) for k, v in jax.device_get(batch).items()}
+    h_i = {k: v[:, i] for k, v in history.items()}
+    results.append(_result(cfg, p_i, s_i, h_i, failed[i], fail_step[i], seconds / b))
+  return results
+
+
+def _repad(seq, t_pad):
+  """Re-pads a prepared sequence's frame axis to t_pad (no-op if equal)."""
+  t_cur = seq["images"].shape[0]
+  if t_cur == t_pad:
+    return seq
+  if t_cur > t_pad:
+    raise ValueError("cannot shrink the frame axis")
+  extra = t_pad - t_cur
+  out = dict(seq)
+  for k in ("images", "images_smooth"):
+    out[k] = np.concatenate([seq[k], np.repeat(seq[k][-1:], extra, 0)], 0)
+  out["frame_times"] = np.concatenate([seq["frame_times"], np.ones(extra, np.float32)])
+  out["frame_valid"] = np.concatenate([seq["frame_valid"], np.zeros(extra, np.float32)])
+  return out
+
+
+def describe(cfg: FitConfig) -> dict[str, Any]:
+  return json.loads(cfg.to_json())
+
+
+_ = logging

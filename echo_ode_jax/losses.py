@@ -1,0 +1,117 @@
+"""Echo-ODE losses (paper section IV-B), a pure function of (params, sequence, config).
+
+A prepared sequence (:func:`echo_ode_jax.fit.prepare_sequence`) is a dict of arrays:
+
+  images          (T, H, W)  frames I_t in [0, 1], padded to a T bucket
+  images_smooth   (T, H, W)  K * I_t (Gaussian-smoothed), precomputed
+  frame_times     (T,)       t_k = k / (T_valid - 1); padded entries = 1
+  frame_valid     (T,)       1 for real frames, 0 for padding
+  es_index        ()         T_valid - 1 (int32)
+  image_knots     (K, H, W)  I at the solver's knot times (linear in time)
+  m0              (H, W, C)  one-hot initial mask m_0
+  guide_es        (H, W, C)  one-hot guide m_1 at ES (zeros when no guide)
+  guide_ed        (H, W, C)  one-hot guide at ED (its EF reference)
+  has_guide       ()         1.0 or 0.0
+
+Terms (each has a weight in FitConfig):
+  L_sim   mean over frames of MSE(K * (I_0 o phi_t), K * I_t)
+  L_seg   soft Dice loss between m_0 o phi_ES and m_1 (classes 1..C-1)
+  L_EF    |EF(propagated) - EF(guide)|, LV area as the volume proxy
+  R_Jdet  mean over t of mean(ReLU(-det D phi_t)^2)
+  R_smt   mean over t of the mean squared spatial gradient of phi_t - id
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from echo_ode_jax import flow
+from echo_ode_jax.kernels import gaussian_blur, jacobian_determinant, warp_data
+
+LV = 1
+TERMS = ("sim", "seg", "ef", "jdet", "smt")
+
+
+def soft_dice_loss(p, g, eps: float = 1.0):
+  """1 - mean over foreground classes of soft Dice; p, g: (H, W, C), class 0 ignored."""
+  p, g = p[..., 1:], g[..., 1:]
+  inter = jnp.sum(p * g, axis=(0, 1))
+  denom = jnp.sum(p, axis=(0, 1)) + jnp.sum(g, axis=(0, 1))
+  return 1.0 - jnp.mean((2.0 * inter + eps) / (denom + eps))
+
+
+def area_ef(ed, es, eps: float = 1e-6):
+  """1 - A_ES / A_ED with the LV (label 1) area of soft or one-hot maps (H, W, C)."""
+  return 1.0 - jnp.sum(es[..., LV]) / (jnp.sum(ed[..., LV]) + eps)
+
+
+def smoothness(phi):
+  """R_smt of one map (H, W, 2): mean squared forward-difference gradient of phi - id."""
+  u = flow.displacement(phi)
+  return (jnp.mean(jnp.sum(jnp.diff(u, axis=0) ** 2, -1))
+          + jnp.mean(jnp.sum(jnp.diff(u, axis=1) ** 2, -1)))
+
+
+def velocity_knots(params, seq, cfg, apply_fn):
+  """The network at every knot time, in one batched call: (K, H, W, 2)."""
+  kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt), jnp.float32)
+  i0 = seq["images"][0][..., None]
+  return apply_fn({"params": params}, seq["image_knots"][..., None], seq["m0"], kt, i0)
+
+
+def flow_batched(params, seq, cfg, apply_fn):
+  """phi at the frame times: (T, H, W, 2), the design of DEVELOPERS.md."""
+  kt = flow.knot_times(cfg.solver, cfg.dt)
+  knots = velocity_knots(params, seq, cfg, apply_fn)
+  return flow.integrate_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt, t1=1.0)
+
+
+def flow_inloop(params, seq, cfg, apply_fn):
+  """Reference: the network is called inside the ODE vector field (slow)."""
+  from echo_ode_jax.fit import frames_at  # local import: fit imports this module
+  i0 = seq["images"][0][..., None]
+  h, w = seq["images"].shape[1:]
+
+  def velocity(t):
+    img_t = frames_at(seq["images"], seq["frame_times"], seq["es_index"], t[None])
+    return apply_fn({"params": params}, img_t[..., None], seq["m0"], t[None], i0)[0]
+
+  return flow.integrate_flow_inloop(velocity, (h, w), seq["frame_times"], cfg.solver,
+                                    cfg.dt, t1=1.0)
+
+
+def loss_terms(params, seq, cfg, apply_fn, formulation: str = "batched"):
+  """All loss terms (unweighted) and phi. Returns (terms dict, phi (T, H, W, 2))."""
+  phi = (flow_batched if formulation == "batched" else flow_inloop)(params, seq, cfg,
+                                                                    apply_fn)
+  valid = seq["frame_valid"]
+  nvalid = jnp.maximum(jnp.sum(valid), 1.0)
+  i0 = seq["images"][0][..., None]
+  warped = jax.vmap(warp_data, (None, 0))(i0, phi)[..., 0]           # (T, H, W)
+  if cfg.sigma > 0:
+    warped = gaussian_blur(warped, cfg.sigma)
+  sim_t = jnp.mean((warped - seq["images_smooth"]) ** 2, axis=(1, 2))
+  sim = jnp.sum(sim_t * valid) / nvalid
+
+  phi_es = jax.lax.dynamic_index_in_dim(phi, seq["es_index"], 0, keepdims=False)
+  m_es = warp_data(seq["m0"], phi_es)                                  # (H, W, C)
+  seg = soft_dice_loss(m_es, seq["guide_es"]) * seq["has_guide"]
+  ef = jnp.abs(area_ef(seq["m0"], m_es) - area_ef(seq["guide_ed"], seq["guide_es"]))
+  ef = ef * seq["has_guide"]
+
+  det = jax.vmap(jacobian_determinant)(phi)                            # (T, H, W)
+  jdet_t = jnp.mean(jax.nn.relu(-det) ** 2, axis=(1, 2))
+  jdet = jnp.sum(jdet_t * valid) / nvalid
+  smt = jnp.sum(jax.vmap(smoothness)(phi) * valid) / nvalid
+  return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}, phi
+
+
+def total_loss(terms, cfg):
+  """Weighted sum of the terms with cfg.lambda_<term>."""
+  return sum(getattr(cfg, f"lambda_{k}") * terms[k] for k in TERMS)
+
+
+def loss_fn(params, seq, cfg, apply_fn, formulation: str = "batched"):
+  """(total loss, terms): the objective of Algorithm 1."""
+  terms, _ = loss_terms(params, seq, cfg, apply_fn, formulation)
+  return total_loss(terms, cfg), terms
