@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Tiny configurations (fast on CPU).
 TINY = {
     "unet": {"widths": (4, 8, 16)},
-    "enet": {"widths": (8, 16, 16), "stage1_repeats": 1, "num_stage3": 0},
+    "enet": {"widths": (8, 16, 16), "stage1_repeats": 1, "num_stage3": 0, "stage23_blocks": 3},
     "deeplabv3": {"base_width": 4, "aspp_features": 8, "output_stride": 8},
 }
 
@@ -445,3 +445,25 @@ def test_unet_learns_synthetic_lv(tmp_path):
       a, b = pred == 1, gt == 1
       dice = 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
       assert dice > 0.8, (key, dice)
+
+
+@pytest.mark.slow
+def test_train_cli_and_resume(tmp_path):
+  data = toy_file(tmp_path / "d.h5", num_patients=4, size=32, num_frames=2)
+  spl = tmp_path / "splits.json"
+  spl.write_text(json.dumps({"train": ["patient0001", "patient0002", "patient0003"],
+                             "valid": ["patient0004"]}))
+  cmd = [sys.executable, str(REPO / "experiments" / "train_segmenter.py"), f"--data={data}",
+         "--model=enet", f"--workdir={tmp_path / 'wd'}", "--epochs=1", "--batch_size=2",
+         f"--splits={spl}", "--model_kwargs=" + json.dumps(TINY["enet"])]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "ETA" in r.stderr and "dice_endo=" in r.stderr
+  cfg = json.loads((tmp_path / "wd" / "config.json").read_text())
+  assert cfg["model"] == "enet" and cfg["size"] == 32 and cfg["splits"] == "splits.json"
+  cmd = [c if not c.startswith("--epochs") else "--epochs=2" for c in cmd]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resuming" in r.stderr
+  hist = json.loads((tmp_path / "wd" / "history.json").read_text())
+  assert [h["epoch"] for h in hist] == [1, 2]

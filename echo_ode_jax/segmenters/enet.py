@@ -138,11 +138,14 @@ class ENet(nn.Module):
   widths: channels after the initial block, stage 1 and stages 2-3 (paper:
   16, 64, 128). stage1_repeats: regular bottlenecks in stage 1 (paper: 4).
   num_stage3: 1 to include stage 3 (paper), 0 to skip it.
+  stage23_blocks: how many of the 8 stage-2/3 bottlenecks to use (paper: 8;
+    fewer only for quick tests).
   """
   num_classes: int = 4
   widths: Sequence[int] = (16, 64, 128)
   stage1_repeats: int = 4
   num_stage3: int = 1
+  stage23_blocks: int = 8
   dropout1: float = 0.01
   dropout2: float = 0.1
 
@@ -157,7 +160,7 @@ class ENet(nn.Module):
       x = Bottleneck("regular", dropout=self.dropout1)(x, train)
     x, idx2 = DownBottleneck(w2, dropout=self.dropout2)(x, train)
     for _ in range(1 + self.num_stage3):
-      for kind, d in _STAGE23:
+      for kind, d in _STAGE23[:self.stage23_blocks]:
         x = Bottleneck(kind, dilation=d, dropout=self.dropout2)(x, train)
     x = UpBottleneck(w1, dropout=self.dropout2)(x, idx2, train)
     for _ in range(2):
