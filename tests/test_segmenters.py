@@ -336,7 +336,9 @@ def test_train_resume_and_best(tmp_path):
   assert set(os.listdir(wd)) == {"config.json", "last.msgpack", "best.msgpack", "history.json"}
   saved = json.loads((wd / "config.json").read_text())
   assert saved["model"] == "unet" and saved["data"] == "d.h5"  # file name only
-  train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), data, wd)
+  # Same settings (a tuple where JSON holds a list), more epochs: continues.
+  train(TrainConfig(**{**cfg.__dict__, "epochs": 3, "model_kwargs": {"widths": (4, 8)}}),
+        data, wd)
   hist = json.loads((wd / "history.json").read_text())
   assert [h["epoch"] for h in hist] == [1, 2, 3]
   # 5 train patients x 2 annotated frames = 10 frames -> 2 steps of 4 per epoch.

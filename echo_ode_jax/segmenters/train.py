@@ -143,8 +143,9 @@ def resize_labels(lbl: np.ndarray, size: int) -> np.ndarray:
 
 
 def annotated_frames(gt: np.ndarray) -> np.ndarray:
-  """Indices of the frames of a (T, H, W) gt that carry an annotation."""
-  return np.flatnonzero(~np.all(gt == UNANNOTATED, axis=(1, 2)))
+  """Indices of the frames of a (T, H, W) gt that carry an annotation (no 255
+  pixel; the same rule as the evaluation)."""
+  return np.flatnonzero(~np.any(gt == UNANNOTATED, axis=(1, 2)))
 
 
 def load_frames(data_h5: str | os.PathLike, keys: Sequence[str], size: int
@@ -590,7 +591,9 @@ def load_model_state(workdir: str | os.PathLike, which: str = "best") -> ModelSt
 
 def _check_resume(workdir: str, cfg: TrainConfig) -> None:
   old = read_config(workdir)
-  a, b = dataclasses.asdict(old), dataclasses.asdict(cfg)
+  # Through JSON, so that tuples and lists compare equal.
+  a = json.loads(old.to_json())
+  b = json.loads(cfg.to_json())
   diff = [k for k in a if k not in _RESUMABLE_CHANGES and a[k] != b[k]]
   if diff:
     raise InputError(os.path.join(workdir, CONFIG_FILE),
