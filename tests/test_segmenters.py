@@ -469,3 +469,15 @@ def test_train_cli_and_resume(tmp_path):
   assert "resuming" in r.stderr
   hist = json.loads((tmp_path / "wd" / "history.json").read_text())
   assert [h["epoch"] for h in hist] == [1, 2]
+
+
+def test_bad_input_names_the_file(trained_workdir, tmp_path):
+  state = load_model_state(trained_workdir)
+  missing = tmp_path / "missing.h5"
+  with pytest.raises(InputError, match="missing.h5: file does not exist"):
+    write_predictions(state, missing, tmp_path / "p.h5", ["patient0001/4CH"])
+  (tmp_path / "text.h5").write_text("not hdf5")
+  with pytest.raises(InputError, match="text.h5: (not an HDF5 file|cannot open as HDF5)"):
+    train(TrainConfig(size=32), tmp_path / "text.h5", tmp_path / "wd")
+  with pytest.raises(InputError, match="nowhere.*config.json: file does not exist"):
+    load_model_state(tmp_path / "nowhere")

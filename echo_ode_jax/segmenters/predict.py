@@ -24,7 +24,7 @@ from echo_ode_jax._atomic import atomic_path
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data.hdf5 import FORMAT_VERSION, list_keys, read_sequence
 from echo_ode_jax.errors import InputError
-from echo_ode_jax.segmenters.train import ModelState
+from echo_ode_jax.segmenters.train import ModelState, check_hdf5
 
 def _predict_fn(model_state: ModelState, out_hw: tuple[int, int]):
   """Jitted (variables, x (B, h, w, 1)) -> labels (B, H, W) uint8."""
@@ -90,7 +90,7 @@ def write_predictions(model_state: ModelState, data_h5: str | os.PathLike,
   Returns the keys written.
   """
   keys = list(keys) if keys is not None else list_keys(data_h5)
-  with h5py.File(data_h5, "r") as f:
+  with h5py.File(check_hdf5(data_h5), "r") as f:
     root = {k: f.attrs[k] for k in f.attrs}
   cfg = model_state.config
   prog = Progress(len(keys), f"predict {cfg.model}", "sequence")

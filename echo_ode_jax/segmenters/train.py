@@ -178,7 +178,7 @@ def load_frames(data_h5: str | os.PathLike, keys: Sequence[str], size: int
 
 def data_size(data_h5: str | os.PathLike) -> int:
   """The frame size of a data file: root attr "size", else the first img's height."""
-  with h5py.File(_existing(data_h5), "r") as f:
+  with h5py.File(check_hdf5(data_h5), "r") as f:
     if "size" in f.attrs:
       return int(f.attrs["size"])
   keys = list_keys(data_h5)
@@ -187,7 +187,8 @@ def data_size(data_h5: str | os.PathLike) -> int:
   return int(read_sequence(data_h5, keys[0]).img.shape[1])
 
 
-def _existing(path):
+def check_hdf5(path):
+  """Returns `path`; InputError if it is missing or not HDF5."""
   if not os.path.exists(path):
     raise InputError(path, "file does not exist")
   if not h5py.is_hdf5(path):
