@@ -58,8 +58,9 @@ def predict_frames(model_state: ModelState, img: np.ndarray, batch_size: int = 1
   for i in range(0, t, batch_size):
     x = img[i:i + batch_size]
     m = x.shape[0]
-    if m < batch_size:  # fixed batch shape: one compilation
-      x = np.concatenate([x, np.zeros((batch_size - m, h, w), np.float32)])
+    b = min(batch_size, 1 << (m - 1).bit_length())  # pad to a power of two: few compilations
+    if m < b:
+      x = np.concatenate([x, np.zeros((b - m, h, w), np.float32)])
     out[i:i + m] = np.asarray(fn(model_state.variables, x[..., None]))[:m]
   return out
 
