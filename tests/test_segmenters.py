@@ -82,7 +82,7 @@ def test_model_shapes_and_batchnorm(name, rng):
   model = get_model(name, **TINY[name])
   hw = (36, 44)  # not a multiple of the strides: padded inside, cropped back
   x = jnp.asarray(rng.uniform(0, 1, (3,) + hw + (1,)), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, x, train=False))(rng_key(0))
+  variables = _random_variables(model, x.shape, rng)
   assert set(variables) == {"params", "batch_stats"}
   ev = jax.jit(lambda v, x: model.apply(v, x, train=False))
   tr = jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"],
@@ -99,6 +99,18 @@ def test_model_shapes_and_batchnorm(name, rng):
   assert not np.allclose(tr(variables, x_other, rng_key(2))[0][0], y_tr[0], atol=1e-4)
   # ... eval mode uses the running ones: a sample's output ignores the batch.
   np.testing.assert_allclose(ev(variables, x_other)[0], y[0], rtol=1e-4, atol=1e-5)
+
+
+def _random_variables(model, shape, rng):
+  """Random variables of the right structure (skips compiling model.init)."""
+  shapes = _param_shapes(model, shape)
+  def fill(path, s):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      return jnp.full(s.shape, 1.0 if "var" in name else 0.0, s.dtype)
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+    return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), s.shape), s.dtype)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _param_shapes(module, shape):
