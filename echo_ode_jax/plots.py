@@ -1,4 +1,11 @@
-"""Figures (matplotlib, Agg backend): deformation grids, contours, attribute curves."""
+"""Figures (matplotlib, Agg backend): deformation grids, contours, attribute curves.
+
+  contour_figure       Fig. 2 style: rows = methods (incl. ground truth), columns = frames
+  curve_figure         Fig. 3b style: one attribute (e.g. LV length) over time per method
+  lv_length_mm         the LV length curve (apex to mitral-valve midpoint, mm)
+  registration_figure  Fig. 4 style, per frame: target I_t, I_0 o phi_t, grid, det D phi_t
+  deformation_figure   one deformation: grid, warped image/mask, Jacobian-determinant map
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
+from echo_ode_jax.metrics import jacobian_determinant_np, lv_apex, lv_base_points  # noqa: E402
 
 LABEL_COLOURS = {1: "#f2c12e", 2: "#2ec4b6", 3: "#e71d36"}  # LV, myocardium, LA
 
@@ -92,4 +100,151 @@ def deformation_figure(phi: np.ndarray, jdet: np.ndarray, image: np.ndarray | No
     a.set_yticks([])
   if title:
     fig.suptitle(title)
+  return fig
+
+
+def _gt_like(name: str) -> bool:
+  return name.lower() in ("gt", "ground truth", "ground-truth")
+
+
+def contour_figure(images: np.ndarray, labels: dict[str, np.ndarray], frames, title: str = "",
+                   panel: float = 2.2):
+  """Fig. 2 style: predicted contours over the frames, one row per method.
+
+  Args:
+    images: (T, H, W) frames.
+    labels: method name -> (T, H, W) label maps (ground truth included; frames
+      that are all 255 are shown as not annotated).
+    frames: frame indices (columns).
+  """
+  frames = list(frames)
+  rows = max(1, len(labels))
+  fig, axes = plt.subplots(rows, len(frames), figsize=(panel * len(frames), panel * rows),
+                           squeeze=False)
+  names = list(labels) or [""]
+  for i, name in enumerate(names):
+    for j, t in enumerate(frames):
+      ax = axes[i, j]
+      ax.imshow(images[t], cmap="gray", vmin=0, vmax=1)
+      lab = labels.get(name)
+      if lab is not None:
+        if np.all(lab[t] == 255):
+          ax.text(0.5, 0.5, "not annotated", color="w", ha="center", va="center",
+                  transform=ax.transAxes, fontsize=8)
+        else:
+          draw_contours(ax, np.where(lab[t] == 255, 0, lab[t]), lw=1.0)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(f"frame {t}", fontsize=9)
+      if j == 0:
+        ax.set_ylabel(name, fontsize=9)
+  handles = [plt.Line2D([], [], color=c, lw=2) for c in LABEL_COLOURS.values()]
+  fig.legend(handles, ["LV cavity (endo)", "myocardium", "LA"], loc="lower center",
+             ncol=3, fontsize=8, frameon=False)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
+  return fig
+
+
+def lv_length_mm(labels: np.ndarray, spacing=(1.0, 1.0)) -> np.ndarray:
+  """(T,) distance in mm from the mitral-valve midpoint to the LV apex (paper Fig. 3b).
+
+  Base points and apex as in the temporal-consistency attributes
+  (`metrics.lv_base_points`, `metrics.lv_apex`), measured on the stored grid
+  with `spacing` (row, col) mm per pixel. nan where the LV or its base is not
+  found (and on unannotated frames, all 255).
+  """
+  sp = np.asarray(spacing, np.float64)
+  out = []
+  for seg in np.asarray(labels):
+    base = None if np.all(seg == 255) else lv_base_points(seg)
+    if base is None:
+      out.append(np.nan)
+      continue
+    mid = base.mean(axis=0)
+    apex = lv_apex(seg, mid, sp)
+    out.append(np.nan if apex is None else float(np.hypot(*((apex - mid) * sp))))
+  return np.asarray(out, np.float64)
+
+
+def curve_figure(curves: dict[str, np.ndarray], ylabel: str, title: str = "",
+                 xlabel: str = "frame (ED -> ES)"):
+  """Fig. 3b style: one curve per method; the ground truth black and dashed."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.4))
+  for name, y in curves.items():
+    y = np.asarray(y, np.float64)
+    x = np.arange(len(y))
+    if _gt_like(name):
+      ax.plot(x, y, "k--o", ms=3, lw=1.5, label=name, zorder=3)
+    else:
+      ax.plot(x, y, "-o", ms=3, lw=1.2, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def _warp_np(image: np.ndarray, phi: np.ndarray) -> np.ndarray:
+  """I o phi: bilinear sampling of (H, W) at absolute (row, col) positions, border clamp."""
+  from scipy import ndimage
+  return ndimage.map_coordinates(np.asarray(image, np.float64),
+                                 np.moveaxis(np.asarray(phi, np.float64), -1, 0),
+                                 order=1, mode="nearest")
+
+
+def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
+                        masks: np.ndarray | None = None, title: str = "",
+                        grid_step: int | None = None, panel: float = 2.6):
+  """Fig. 4 style: one row per frame t: I_t, I_0 o phi_t (jet), deformed grid, det D phi_t.
+
+  Args:
+    images: (T, H, W) frames; phi: (T, h, w, 2) absolute maps on the fitted
+      grid (images are resampled to it when (h, w) != (H, W)).
+    frames: rows (default: first, middle and last frame).
+    masks: optional (T, H', W') propagated labels, outlined on I_0 o phi_t.
+  """
+  images = np.asarray(images, np.float64)
+  phi = np.asarray(phi, np.float64)
+  t, h, w = phi.shape[:3]
+  if images.shape[1:] != (h, w):
+    from scipy import ndimage
+    zoom = (h / images.shape[1], w / images.shape[2])
+    images = np.stack([ndimage.zoom(im, zoom, order=1) for im in images])[:, :h, :w]
+  frames = [0, (t - 1) // 2, t - 1] if frames is None else list(frames)
+  frames = sorted(set(frames))
+  grid_step = grid_step or max(2, h // 16)
+  fig, axes = plt.subplots(len(frames), 4, figsize=(4 * panel + 0.8, panel * len(frames)),
+                           squeeze=False)
+  for i, k in enumerate(frames):
+    warped = _warp_np(images[0], phi[k])
+    jdet = jacobian_determinant_np(phi[k])
+    a = axes[i]
+    a[0].imshow(images[k], cmap="gray", vmin=0, vmax=1)
+    a[0].set_ylabel(f"frame {k}", fontsize=9)
+    a[1].imshow(warped, cmap="jet", vmin=0, vmax=1)
+    if masks is not None and masks.shape[1:] == (h, w):
+      draw_contours(a[1], masks[k], lw=0.8)
+    draw_grid(a[2], phi[k], step=grid_step, color="tab:blue")
+    lim = max(abs(float(np.min(jdet)) - 1), abs(float(np.max(jdet)) - 1), 1e-3)
+    im = a[3].imshow(jdet, cmap="RdBu_r", vmin=1 - lim, vmax=1 + lim)
+    fig.colorbar(im, ax=a[3], fraction=0.046)
+    a[3].set_title(f"min {np.min(jdet):.2f}, folding {100 * np.mean(jdet <= 0):.2f}%",
+                   fontsize=8)
+    if i == 0:
+      a[0].set_title("I_t (target)", fontsize=9)
+      a[1].set_title("I_0 o phi_t (+ m_t)", fontsize=9)
+      a[2].set_title("deformed grid phi_t", fontsize=9)
+      a[3].set_title("det D phi_t\n" + a[3].get_title(), fontsize=8)
+    for ax in a:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
   return fig

@@ -1,0 +1,41 @@
+r"""Evaluates predictions / fit results against the ground truth (paper Table I).
+
+  python experiments/evaluate.py --data=DATA.h5 --pred=PRED.h5 --out=DIR [--name=U-Net]
+  python experiments/evaluate.py --data=DATA.h5 --pred=UNET.h5,ECHO.h5 \
+      --name="U-Net,Echo-ODE (U-Net)" --out=DIR --figures
+
+Writes DIR/metrics.csv (one row per method and sequence), DIR/summary.json
+({method: {"summary": ...}}) and DIR/table.md (HD ± sd, temporal errors,
+mDice, Dice endo, Dice epi, EF MAE ± sd), and prints the table. With
+--figures: DIR/fig2_contours.png, fig3b_lv_length.png and, when a results file
+stores a flow, fig4_deformation.png.
+"""
+from absl import app, flags
+
+from echo_ode_jax import experiment, metrics
+from echo_ode_jax.errors import InputError, run_cli
+
+flags.DEFINE_string("data", None, "Data HDF5 file (img, gt, attrs).", required=True)
+flags.DEFINE_list("pred", None, "Prediction or fit results HDF5 file(s), one per method.",
+                  required=True)
+flags.DEFINE_list("name", None, "Method name(s), one per --pred (default: file names).")
+flags.DEFINE_string("out", None, "Output folder.", required=True)
+flags.DEFINE_bool("figures", False, "Also write the Fig. 2 / 3b / 4 style PNGs.")
+flags.DEFINE_string("key", None, "Sequence <patient>/<view> of the figures (default: first).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  names = experiment.method_names(FLAGS.pred, FLAGS.name)
+  results = {n: metrics.evaluate_files(FLAGS.data, p) for n, p in zip(names, FLAGS.pred)}
+  experiment.write_report(FLAGS.out, results,
+                          {n: {"pred": p} for n, p in zip(names, FLAGS.pred)})
+  if FLAGS.figures:
+    experiment.write_figures(FLAGS.data, dict(zip(names, FLAGS.pred)), FLAGS.out, FLAGS.key)
+  with open(f"{FLAGS.out}/table.md") as f:
+    print(f.read(), end="")
+
+
+if __name__ == "__main__":
+  app.run(run_cli(main))
