@@ -127,6 +127,8 @@ def parse_value(key: str, text: str):
     if default is None:                       # optional int (scan_steps)
       return None if t.lower() in ("none", "") else int(t)
     return t
+  except InputError:
+    raise
   except ValueError:
     raise bad(f"expected {type(default).__name__ if default is not None else 'int'}") from None
 
@@ -195,6 +197,18 @@ def apply_overrides(cfg: FitConfig, overrides: Mapping[str, Any]) -> FitConfig:
     else:
       kw[canon] = v
   return cfg.replace(**kw)
+
+
+def base_config(spec: str, base: FitConfig = FitConfig()) -> FitConfig:
+  """`base` with single-valued settings ``"steps=200;lr=0.005"`` (grid keys) applied.
+
+  Raises:
+    InputError: an unknown key, a bad value, or several values for a key.
+  """
+  rows = parse_grid(spec)
+  if len(rows) != 1:
+    raise InputError(None, f"--base: give one value per key ({spec!r} makes {len(rows)} rows)")
+  return apply_overrides(base, rows[0])
 
 
 def _fmt(v) -> str:
@@ -741,7 +755,7 @@ def write_figures(data: str, preds: Mapping[str, str], out_dir: str, key: str | 
 
 __all__ = [
     "GRID_ALIASES", "SEGMENTER_NAMES", "ablation_markdown", "all_keys_done",
-    "apply_overrides", "canonical_key", "config_hash", "echo_ode_label", "evaluate_cached",
+    "apply_overrides", "base_config", "canonical_key", "config_hash", "echo_ode_label", "evaluate_cached",
     "fit_stage", "grid_keys", "mean_fit_seconds", "method_names", "parse_grid", "parse_value",
     "pick_key", "predict_stage", "read_json", "read_summaries", "row_id", "row_label",
     "run_ablation", "run_table", "segmenter_label", "stage", "table2_markdown",

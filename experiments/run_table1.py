@@ -1,0 +1,47 @@
+r"""Table I: the 2D segmenters per frame, and Echo-ODE guided by each.
+
+  python experiments/run_table1.py --data=TEST.h5 --checkpoints=CKPT --out=DIR \
+      [--segmenters=unet,enet,deeplabv3] [--steps=1000] [--batch_size=8] [--figures]
+
+CKPT holds one training workdir per segmenter (CKPT/unet, CKPT/enet,
+CKPT/deeplabv3; see experiments/train_segmenter.py). For each segmenter:
+DIR/<seg>/pred.h5 (every frame predicted), DIR/<seg>/echo_ode_init-segmenter.h5
+(m_0 = its ED prediction, guide = its ES/ED prediction, flows stored) and
+cached evaluations; then DIR/table1/{metrics.csv,summary.json,table.md}
+(+ figures). Every stage leaves a file; rerunning the command skips finished
+stages and resumes an interrupted fit.
+"""
+from absl import app, flags
+
+from echo_ode_jax import experiment
+from echo_ode_jax.errors import run_cli
+
+flags.DEFINE_string("data", None, "Test data HDF5 (every frame annotated).", required=True)
+flags.DEFINE_string("checkpoints", None, "Folder with one segmenter workdir per model.",
+                    required=True)
+flags.DEFINE_list("segmenters", ["unet", "enet", "deeplabv3"], "Segmenters (workdir names).")
+flags.DEFINE_string("out", None, "Output folder.", required=True)
+flags.DEFINE_string("base", "", 'Fit settings, e.g. "steps=1000;lr=0.01" (ablate.py keys).')
+flags.DEFINE_integer("steps", None, "Adam steps per sequence (overrides --base).")
+flags.DEFINE_integer("batch_size", 8, "Sequences per compiled fit.")
+flags.DEFINE_integer("size", None, "Fit at size x size (default: the data size).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Segmenter checkpoint.")
+flags.DEFINE_bool("figures", False, "Write the Fig. 2 / 3b / 4 style PNGs.")
+FLAGS = flags.FLAGS
+
+
+def fit_config():
+  cfg = experiment.base_config(FLAGS.base)
+  return cfg if FLAGS.steps is None else cfg.replace(steps=FLAGS.steps)
+
+
+def main(argv):
+  del argv
+  res = experiment.run_table(FLAGS.data, FLAGS.out, FLAGS.segmenters, FLAGS.checkpoints,
+                             "segmenter", fit_config(), batch_size=FLAGS.batch_size,
+                             size=FLAGS.size, figures=FLAGS.figures, which=FLAGS.checkpoint)
+  print(res["table"], end="")
+
+
+if __name__ == "__main__":
+  app.run(run_cli(main))
