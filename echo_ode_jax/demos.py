@@ -88,7 +88,7 @@ class DemoConfig:
   num: int = 8
   size: int = 64
   num_frames: int = 12
-  steps: int = 15
+  steps: int = 20
   lr: float = 0.01
   seg_steps: int = 100
   num_train: int = 24

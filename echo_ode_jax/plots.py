@@ -44,6 +44,30 @@ def draw_contours(ax, labels: np.ndarray, colours=None, lw: float = 1.0, ls="-")
       ax.contour(m, levels=[0.5], colors=[col], linewidths=lw, linestyles=ls)
 
 
+#: Outlines drawn by `draw_structures`: name -> (labels forming it, colour), as in
+#: the paper's Fig. 2 (endocardium yellow, epicardium teal) plus the LA.
+STRUCTURE_OUTLINES = {
+    "endo (LV cavity)": ((1,), "#f2c12e"),
+    "epi (LV + myocardium)": ((1, 2), "#2ec4b6"),
+    "LA": ((3,), "#e71d36"),
+}
+
+
+def draw_structures(ax, labels: np.ndarray, lw: float = 1.0, outlines=None) -> None:
+  """Outlines the endocardium, the epicardium and the LA of an (H, W) label map."""
+  for members, col in (outlines or STRUCTURE_OUTLINES).values():
+    m = np.isin(labels, members).astype(float)
+    if m.any():
+      ax.contour(m, levels=[0.5], colors=[col], linewidths=lw)
+
+
+def structures_legend(fig, outlines=None, **kw) -> None:
+  outlines = outlines or STRUCTURE_OUTLINES
+  handles = [plt.Line2D([], [], color=c, lw=2) for _, c in outlines.values()]
+  fig.legend(handles, list(outlines), **{"loc": "lower center", "ncol": len(outlines),
+                                         "fontsize": 8, "frameon": False, **kw})
+
+
 def save(fig, path: str | os.PathLike, dpi: int = 120) -> str:
   """Saves a figure atomically as PNG and closes it."""
   path = os.fspath(path)
@@ -132,16 +156,14 @@ def contour_figure(images: np.ndarray, labels: dict[str, np.ndarray], frames, ti
           ax.text(0.5, 0.5, "not annotated", color="w", ha="center", va="center",
                   transform=ax.transAxes, fontsize=8)
         else:
-          draw_contours(ax, np.where(lab[t] == 255, 0, lab[t]), lw=1.0)
+          draw_structures(ax, np.where(lab[t] == 255, 0, lab[t]), lw=1.0)
       ax.set_xticks([])
       ax.set_yticks([])
       if i == 0:
         ax.set_title(f"frame {t}", fontsize=9)
       if j == 0:
         ax.set_ylabel(name, fontsize=9)
-  handles = [plt.Line2D([], [], color=c, lw=2) for c in LABEL_COLOURS.values()]
-  fig.legend(handles, ["LV cavity (endo)", "myocardium", "LA"], loc="lower center",
-             ncol=3, fontsize=8, frameon=False)
+  structures_legend(fig)
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0.04, 1, 0.97 if title else 1))
@@ -198,6 +220,9 @@ def _warp_np(image: np.ndarray, phi: np.ndarray) -> np.ndarray:
                                  order=1, mode="nearest")
 
 
+_ON_JET = {"endo": ((1,), "w"), "epi": ((1, 2), "k"), "LA": ((3,), "m")}
+
+
 def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
                         masks: np.ndarray | None = None, title: str = "",
                         grid_step: int | None = None, panel: float = 2.6):
@@ -207,7 +232,8 @@ def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
     images: (T, H, W) frames; phi: (T, h, w, 2) absolute maps on the fitted
       grid (images are resampled to it when (h, w) != (H, W)).
     frames: rows (default: first, middle and last frame).
-    masks: optional (T, H', W') propagated labels, outlined on I_0 o phi_t.
+    masks: optional (T, h, w) propagated labels, outlined on I_0 o phi_t
+      (endo white, epi black, LA magenta).
   """
   images = np.asarray(images, np.float64)
   phi = np.asarray(phi, np.float64)
@@ -229,7 +255,7 @@ def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
     a[0].set_ylabel(f"frame {k}", fontsize=9)
     a[1].imshow(warped, cmap="jet", vmin=0, vmax=1)
     if masks is not None and masks.shape[1:] == (h, w):
-      draw_contours(a[1], masks[k], lw=0.8)
+      draw_structures(a[1], masks[k], lw=0.9, outlines=_ON_JET)
     draw_grid(a[2], phi[k], step=grid_step, color="tab:blue")
     lim = max(abs(float(np.min(jdet)) - 1), abs(float(np.max(jdet)) - 1), 1e-3)
     im = a[3].imshow(jdet, cmap="RdBu_r", vmin=1 - lim, vmax=1 + lim)
@@ -238,7 +264,7 @@ def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
                    fontsize=8)
     if i == 0:
       a[0].set_title("I_t (target)", fontsize=9)
-      a[1].set_title("I_0 o phi_t (+ m_t)", fontsize=9)
+      a[1].set_title("I_0 o phi_t" + (" (+ m_t)" if masks is not None else ""), fontsize=9)
       a[2].set_title("deformed grid phi_t", fontsize=9)
       a[3].set_title("det D phi_t\n" + a[3].get_title(), fontsize=8)
     for ax in a:
