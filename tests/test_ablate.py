@@ -152,3 +152,83 @@ def test_ablation_rows_resume_and_table(data, tmp_path):
   # Another base config is another row (no stale reuse).
   experiment.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=3), fit_fn=stub)
   assert len(stub.calls) == 5
+
+
+# ---------------------------------------------------------------------------
+# Tables I and II (run_table): a real tiny U-Net, a stub fitter.
+
+
+class StubTableFit:
+  """pred = the segmenter's prediction (init="segmenter") or the ground truth (init="gt")."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, data, out, cfg, init, guide, segmentation, **kw):
+    self.calls.append((init, guide, os.path.basename(segmentation)))
+    with h5py.File(out, "w") as f:
+      for key in hdf5.list_keys(data):
+        lab = (hdf5.read_sequence(data, key).gt if init == "gt"
+               else hdf5.read_labels(segmentation, key))
+        g = f.require_group(key)
+        g.create_dataset("pred", data=lab)
+        g.attrs["status"] = "ok"
+    return {}
+
+
+def test_tables_resume_and_report_differences(data, tmp_path):
+  from echo_ode_jax.segmenters import train
+  ckpt = tmp_path / "ckpt"
+  train.train(train.TrainConfig(model="unet", model_kwargs={"widths": [4, 8]}, size=32,
+                                epochs=1, batch_size=4, augment=False), data, ckpt / "unet")
+  out = str(tmp_path / "tables")
+  stub = StubTableFit()
+  r1 = experiment.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
+                            fit_fn=stub, figures=True)
+  assert stub.calls == [("segmenter", "segmenter", "pred.h5")]
+  s1 = r1["summaries"]
+  assert list(s1) == ["U-Net", "Echo-ODE (U-Net)"]
+  assert s1["U-Net"]["mdice"] == pytest.approx(s1["Echo-ODE (U-Net)"]["mdice"])
+  for f in ("metrics.csv", "summary.json", "table.md", "fig2_contours.png"):
+    assert os.path.getsize(os.path.join(out, "table1", f)) > 0
+  pred_mtime = os.stat(os.path.join(out, "unet", "pred.h5")).st_mtime_ns
+
+  r2 = experiment.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
+                            baselines=False, fit_fn=stub)
+  assert stub.calls[-1] == ("gt", "segmenter", "pred.h5")
+  s2 = r2["summaries"]["Echo-ODE (U-Net) init gt"]
+  assert s2["mdice"] == 1.0
+  # Table II: value (difference to the Table I Echo-ODE row).
+  ref = s1["Echo-ODE (U-Net)"]
+  line = r2["table"].strip().splitlines()[2]
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[0] == "Echo-ODE (U-Net) init gt"
+  assert cells[3] == f"1.000 ({1.0 - ref['mdice']:+.3f})"
+  assert cells[4] == f"1.000 ({1.0 - ref['dice_endo']:+.3f})"
+
+  # Reruns: nothing is predicted or fitted again.
+  n = len(stub.calls)
+  experiment.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
+                       fit_fn=stub)
+  experiment.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
+                       baselines=False, fit_fn=stub)
+  assert len(stub.calls) == n
+  assert os.stat(os.path.join(out, "unet", "pred.h5")).st_mtime_ns == pred_mtime
+
+  with pytest.raises(InputError, match="no trained enet"):
+    experiment.run_table(data, out, ["enet"], str(ckpt), "segmenter", fit_fn=stub)
+  with pytest.raises(InputError, match="unknown vgg"):
+    experiment.run_table(data, out, ["vgg"], str(ckpt), "segmenter", fit_fn=stub)
+
+
+def test_ablate_cli_rejects_an_unknown_key_in_one_line(data, tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, str(root / "experiments" / "ablate.py"), f"--data={data}",
+                      f"--out={tmp_path}", "--grid=spade=true,false;colour=red"],
+                     capture_output=True, text=True, cwd=root, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --grid: unknown key 'colour'")
+  assert not (tmp_path / "rows").exists()
