@@ -661,8 +661,7 @@ def run_table(data: str, out: str, segmenters: Sequence[str], checkpoints: str,
     refs = read_summaries(ref_path) if (reference or os.path.exists(ref_path)) else {}
     summaries = {n: metrics.summarize(r) for n, r in results.items()}
     table = table2_markdown(
-        {n: s for n, s in summaries.items()},
-        {n: refs.get(echo_ode_label(extra[n]["segmenter"])) for n in summaries})
+        summaries, {n: refs.get(echo_ode_label(extra[n]["segmenter"])) for n in summaries})
     if not refs:
       table += "\n(no Table I summary found: differences omitted)\n"
   else:
@@ -744,20 +743,17 @@ def write_figures(data: str, preds: Mapping[str, str], out_dir: str, key: str | 
                           os.path.join(out_dir, "fig3b_lv_length.png")))
   if flows:
     name, phi = next(iter(flows.items()))
-    mask0 = labels[name][0]
     paths.append(plots.save(
-        plots.registration_figure(img, phi, masks=labels[name],
-                                  title=f"{name}: {key}"),
+        plots.registration_figure(img, phi, masks=labels[name], title=f"{name}: {key}"),
         os.path.join(out_dir, "fig4_deformation.png")))
-    del mask0
   return paths
 
 
 __all__ = [
     "GRID_ALIASES", "SEGMENTER_NAMES", "ablation_markdown", "all_keys_done",
-    "apply_overrides", "base_config", "canonical_key", "config_hash", "echo_ode_label", "evaluate_cached",
-    "fit_stage", "grid_keys", "mean_fit_seconds", "method_names", "parse_grid", "parse_value",
-    "pick_key", "predict_stage", "read_json", "read_summaries", "row_id", "row_label",
-    "run_ablation", "run_table", "segmenter_label", "stage", "table2_markdown",
-    "write_csv", "write_figures", "write_json", "write_report",
+    "apply_overrides", "base_config", "canonical_key", "config_hash", "echo_ode_label",
+    "evaluate_cached", "fit_stage", "grid_keys", "mean_fit_seconds", "method_names",
+    "parse_grid", "parse_value", "pick_key", "predict_stage", "read_json", "read_summaries",
+    "row_id", "row_label", "run_ablation", "run_table", "segmenter_label", "stage",
+    "table2_markdown", "write_csv", "write_figures", "write_json", "write_report",
 ]

@@ -13,7 +13,7 @@ stores a flow, fig4_deformation.png.
 from absl import app, flags
 
 from echo_ode_jax import experiment, metrics
-from echo_ode_jax.errors import InputError, run_cli
+from echo_ode_jax.errors import run_cli
 
 flags.DEFINE_string("data", None, "Data HDF5 file (img, gt, attrs).", required=True)
 flags.DEFINE_list("pred", None, "Prediction or fit results HDF5 file(s), one per method.",

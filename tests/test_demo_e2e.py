@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from echo_ode_jax import experiment
 from echo_ode_jax.data import hdf5

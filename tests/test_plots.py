@@ -3,7 +3,6 @@ import os
 
 import h5py
 import numpy as np
-import pytest
 
 from echo_ode_jax import experiment, plots
 from echo_ode_jax.data import hdf5, synthetic
