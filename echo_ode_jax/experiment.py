@@ -32,6 +32,7 @@ from absl import logging
 
 from echo_ode_jax import flow, metrics
 from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.fit import FitConfig
@@ -531,6 +532,7 @@ def run_ablation(data: str, out: str, grid: str, base: FitConfig = FitConfig(),
   if patients:
     keys = [k for k in keys if k.split("/")[0] in set(patients) or k in set(patients)]
   results, extra, const, table_rows, done = {}, {}, {}, [], []
+  prog = Progress(len(grid_rows), "ablation", "row", min_interval_s=0.0)
   for i, overrides in enumerate(grid_rows):
     cfg = apply_overrides(base, overrides)
     rid = row_id(overrides, cfg)
@@ -560,6 +562,7 @@ def run_ablation(data: str, out: str, grid: str, base: FitConfig = FitConfig(),
     table_rows.append((overrides, metrics.summarize(e["rows"]),
                        float("nan") if sec is None else sec))
     done.append({"label": label, "id": rid, "overrides": overrides, "ran": ran})
+    prog.update(1, extra=f"{label}: mDice {_cell(table_rows[-1][1], 'mdice', 3)}")
   table = ablation_markdown(table_rows)
   write_report(out, results, extra, table, const)
   return {"rows": done, "table": table}
