@@ -13,6 +13,7 @@ different lengths are padded to a common T bucket and masked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Sequence as Seq
@@ -212,6 +213,7 @@ def steps_per_call(cfg: FitConfig) -> int:
   return 1 if jax.default_backend() == "cpu" else max(1, cfg.log_every)
 
 
+@functools.lru_cache(maxsize=32)
 def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
   """jit(n steps) of one sequence, or of a vmapped batch; state is donated."""
   step = make_step(cfg)
@@ -229,15 +231,17 @@ def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
   return jax.jit(run, donate_argnums=(0,))
 
 
-@jax.jit
-def _propagate(m0, phi):
-  return hard_labels(jax.vmap(warp_data, (None, 0))(m0, phi)).astype(jnp.uint8)
-
-
-def _outputs(cfg: FitConfig, params, seq):
+@functools.lru_cache(maxsize=32)
+def _final_fn(cfg: FitConfig, batched: bool):
+  """jit: (params, seq) -> (phi (T,H,W,2), masks (T,H,W) uint8, folding fraction (T,))."""
   apply_fn = _model(cfg).apply
-  phi = jax.jit(lambda p, s: losses.flow_batched(p, s, cfg, apply_fn))(params, seq)
-  return phi
+
+  def final(params, seq):
+    phi = losses.flow_batched(params, seq, cfg, apply_fn)
+    masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
+    return phi, masks, jax.vmap(folding_fraction)(phi)
+
+  return jax.jit(jax.vmap(final) if batched else final)
 
 
 def _run_chunks(cfg, state, seq, steps, batched, progress, what):
@@ -263,17 +267,13 @@ def _run_chunks(cfg, state, seq, steps, batched, progress, what):
   return state, history
 
 
-def _result(cfg, params, seq, history, failed, fail_step, seconds) -> FitResult:
+def _result(phi, masks, fold, seq, history, failed, fail_step, seconds) -> FitResult:
   t_valid = int(seq["es_index"]) + 1
-  phi = np.asarray(_outputs(cfg, params, seq))[:t_valid]
-  masks = np.asarray(_propagate(jnp.asarray(seq["m0"]), jnp.asarray(phi)))
-  fold = float(np.mean([float(folding_fraction(jnp.asarray(p))) for p in phi]))
   final = {k: float(v[-1]) for k, v in history.items()}
-  reason = ""
-  if failed:
-    reason = f"non-finite loss or gradient at step {int(fail_step)}"
-  return FitResult(masks, phi.astype(np.float32), history, final, fold, seconds,
-                   bool(failed), reason)
+  reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
+  return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
+                   history, final, float(np.mean(fold[:t_valid])), seconds, bool(failed),
+                   reason)
 
 
 def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=None,
@@ -285,9 +285,9 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
   state = init_state(cfg, key, seq["images"].shape[1:])
   state, history = _run_chunks(cfg, state, seq, cfg.steps, False, progress, "fit")
   params, _, failed, fail_step = state
-  jax.block_until_ready(params)
-  return _result(cfg, params, seq, history, bool(failed), int(fail_step),
-                 time.perf_counter() - t0)
+  phi, masks, fold = jax.device_get(_final_fn(cfg, False)(params, seq))
+  return _result(phi, masks, fold, jax.device_get(seq), history, bool(failed),
+                 int(fail_step), time.perf_counter() - t0)
 
 
 def stack(seqs: Seq[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -343,17 +343,14 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   state, history = _run_chunks(cfg, state, batch, cfg.steps, True, progress,
                                f"fit batch of {b}")
   params, _, failed, fail_step = state
-  jax.block_until_ready(params)
+  phi, masks, fold = jax.device_get(_final_fn(cfg, True)(params, batch))
   seconds = time.perf_counter() - t0
-  params = jax.device_get(params)
   failed, fail_step = np.asarray(failed), np.asarray(fail_step)
-  results = []
-  for i in range(b):
-    p_i = jax.tree_util.tree_map(lambda x: x[i], params)
-    s_i = {k: np.asarray(v[i]) for k, v in jax.device_get(batch).items()}
-    h_i = {k: v[:, i] for k, v in history.items()}
-    results.append(_result(cfg, p_i, s_i, h_i, failed[i], fail_step[i], seconds / b))
-  return results
+  es = np.asarray(jax.device_get(batch["es_index"]))
+  return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
+                  {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
+                  seconds / b)
+          for i in range(b)]
 
 
 def _repad(seq, t_pad):

@@ -1,0 +1,280 @@
+"""File-level batch fitting: DATA.h5 -> RESULTS.h5, resumable, sharded, multi-process.
+
+Results layout (same grid as DATA.h5's img)::
+
+  /<patient>/<view>/pred   (T, H, W) uint8 propagated labels, every frame
+  /<patient>/<view>/flow   (T, H, W, 2) float32 phi_t, absolute (row, col) pixel
+                           positions on the fitted grid (with save_flow)
+  attrs: status ("ok" | "failed"), reason, config (JSON), init, guide, steps,
+         seconds, folding_fraction, loss_<term> (final values), fit_size,
+         process_index, plus the data view's attrs (voxelspacing, ...)
+
+Each finished batch is written atomically to its own file in `<out>.parts/`; a
+rerun skips every sequence found in `<out>` or in the parts (so a kill loses at
+most the batch in flight), and the parts are merged into `<out>` atomically at
+the end. A sequence whose loss turns non-finite is recorded as failed with its
+reason while the rest of the batch carries on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import time
+import uuid
+from typing import Any, Sequence as Seq
+
+import h5py
+import jax
+import numpy as np
+from absl import logging
+from scipy import ndimage
+
+from echo_ode_jax import fit as fit_lib
+from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._progress import Progress
+from echo_ode_jax.data import hdf5
+from echo_ode_jax.errors import InputError
+
+INITS = ("gt", "segmenter")
+GUIDES = ("segmenter", "gt", "none")
+
+
+@dataclasses.dataclass
+class Inputs:
+  """One sequence ready to fit (on the fitting grid)."""
+  key: str
+  images: np.ndarray          # (T, h, w)
+  m0: np.ndarray              # (h, w)
+  guide_es: np.ndarray | None
+  guide_ed: np.ndarray | None
+  data_shape: tuple[int, int]  # (H, W) of DATA.h5's img
+  attrs: dict[str, Any]
+
+
+def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
+  """Resizes the last two axes of (..., H, W) to `shape` (pixel-centre aligned).
+
+  order=1: bilinear (images); order=0: nearest (labels).
+  """
+  h, w = x.shape[-2:]
+  if (h, w) == tuple(shape):
+    return x
+  rr = (np.arange(shape[0]) + 0.5) * h / shape[0] - 0.5
+  cc = (np.arange(shape[1]) + 0.5) * w / shape[1] - 0.5
+  coords = np.stack(np.meshgrid(rr, cc, indexing="ij"))
+  flat = x.reshape((-1, h, w))
+  out = np.stack([ndimage.map_coordinates(f, coords, order=order, mode="nearest")
+                  for f in flat])
+  return out.reshape(x.shape[:-2] + tuple(shape)).astype(x.dtype)
+
+
+def _frame(arr, idx, path, key, what):
+  m = arr[idx]
+  if np.all(m == hdf5.UNANNOTATED):
+    raise InputError(path, f"{key}: {what} frame {idx} has no annotation (255)")
+  return m
+
+
+def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
+                segmentation: str | None = None, size: int | None = None) -> Inputs:
+  """Reads one sequence and its initial / guide masks; raises InputError on bad input."""
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
+  if guide not in GUIDES:
+    raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
+  seq = hdf5.read_sequence(data, key)
+  t, h, w = seq.img.shape
+  if t < 2:
+    raise InputError(data, f"{key}: needs at least 2 frames (ED and ES), has {t}")
+  if not np.all(np.isfinite(seq.img)):
+    raise InputError(data, f"{key}: img has non-finite values")
+  ed = int(seq.attrs.get("ed_index", 0))
+  es = int(seq.attrs.get("es_index", t - 1))
+  if not 0 <= ed < es < t:
+    raise InputError(data, f"{key}: ed_index={ed}, es_index={es} invalid for {t} frames")
+  if ed != 0:
+    raise InputError(data, f"{key}: the sequence must start at ED (ed_index={ed})")
+  images = seq.img[:es + 1]
+  pred = None
+  if "segmenter" in (init, guide):
+    if not segmentation:
+      raise InputError(data, f"{key}: init/guide 'segmenter' needs a segmentation file")
+    pred = hdf5.read_labels(segmentation, key, "pred")
+    if pred.shape != seq.img.shape:
+      raise InputError(segmentation, f"{key}: pred shape {pred.shape} != img shape "
+                       f"{seq.img.shape} in {os.path.basename(data)}")
+  if "gt" in (init, guide):
+    if seq.gt is None:
+      raise InputError(data, f"{key}: no gt mask (needed by init/guide 'gt')")
+    if seq.gt.shape != seq.img.shape:
+      raise InputError(data, f"{key}: gt shape {seq.gt.shape} != img shape {seq.img.shape}")
+  src = {"gt": seq.gt, "segmenter": pred}
+  m0 = _frame(src[init], ed, data if init == "gt" else segmentation, key, "ED")
+  g_es = g_ed = None
+  if guide != "none":
+    g_path = data if guide == "gt" else segmentation
+    g_es = _frame(src[guide], es, g_path, key, "ES")
+    g_ed = _frame(src[guide], ed, g_path, key, "ED")
+  for name, m in (("m0", m0), ("guide ES", g_es), ("guide ED", g_ed)):
+    if m is not None and (m.max() >= hdf5.NUM_CLASSES):
+      raise InputError(data, f"{key}: {name} has labels outside 0..3")
+  if size and (h, w) != (size, size):
+    images = resize(images, (size, size), 1)
+    m0 = resize(m0, (size, size), 0)
+    g_es = None if g_es is None else resize(g_es, (size, size), 0)
+    g_ed = None if g_ed is None else resize(g_ed, (size, size), 0)
+  return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs)
+
+
+def parts_dir(out: str) -> str:
+  return os.fspath(out) + ".parts"
+
+
+def finished_keys(out: str) -> set[str]:
+  """Keys already in `out` or in its parts folder."""
+  done = set()
+  files = ([out] if os.path.exists(out) else []) + sorted(
+      glob.glob(os.path.join(parts_dir(out), "*.h5")))
+  for path in files:
+    try:
+      done.update(hdf5.list_keys(path))
+    except InputError:
+      logging.warning("ignoring unreadable results part %s", path)
+  return done
+
+
+def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
+                cfg: fit_lib.FitConfig, meta: dict[str, Any], save_flow: bool) -> str:
+  os.makedirs(parts_dir(out), exist_ok=True)
+  path = os.path.join(parts_dir(out),
+                      f"part-p{meta['process_index']}-{uuid.uuid4().hex[:12]}.h5")
+  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    for inp, res in results:
+      t = res.masks.shape[0]
+      pred = resize(res.masks, inp.data_shape, 0)
+      g = f.require_group(inp.key)
+      g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
+      if save_flow:
+        g.create_dataset("flow", data=res.phi.astype(np.float32), compression="gzip")
+      for k, v in inp.attrs.items():
+        g.attrs[k] = v
+      g.attrs.update({
+          "status": "failed" if res.failed else "ok", "reason": res.reason,
+          "config": cfg.to_json(), "steps": cfg.steps, "seconds": res.seconds,
+          "folding_fraction": res.folding_fraction, "num_frames": t,
+          "fit_size": np.asarray(res.masks.shape[1:]),
+          **{f"loss_{k}": v for k, v in res.final.items()}, **meta,
+      })
+  return path
+
+
+def merge(out: str) -> int:
+  """Merges `<out>.parts/*.h5` into `out` (atomically) and removes the parts."""
+  parts = sorted(glob.glob(os.path.join(parts_dir(out), "*.h5")))
+  if not parts:
+    return 0
+  n = 0
+  with atomic_path(out, copy_existing=True) as tmp, h5py.File(tmp, "a") as f:
+    f.attrs["format_version"] = hdf5.FORMAT_VERSION
+    for p in parts:
+      with h5py.File(p, "r") as src:
+        for key in hdf5.list_keys(p):
+          if key in f:
+            del f[key]
+          patient = key.split("/")[0]
+          src.copy(src[key], f.require_group(patient), name=key.split("/")[1])
+          n += 1
+  for p in parts:
+    os.remove(p)
+  try:
+    os.rmdir(parts_dir(out))
+  except OSError:
+    pass
+  return n
+
+
+def _batches(inputs: list[Inputs], batch_size: int, t_bucket: int) -> list[list[Inputs]]:
+  """Groups sequences of the same (T bucket, h, w) into batches."""
+  groups: dict[tuple, list[Inputs]] = {}
+  for inp in inputs:
+    t, h, w = inp.images.shape
+    groups.setdefault((fit_lib.bucket(t, t_bucket), h, w), []).append(inp)
+  out = []
+  for k in sorted(groups):
+    g = groups[k]
+    out.extend(g[i:i + batch_size] for i in range(0, len(g), batch_size))
+  return out
+
+
+def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
+             init: str = "gt", guide: str = "gt", segmentation: str | None = None,
+             patients: Seq[str] | None = None, batch_size: int = 8,
+             size: int | None = None, save_flow: bool = False, skip_bad: bool = False,
+             mesh=None, process_index: int = 0, process_count: int = 1,
+             merge_results: bool = True) -> dict[str, Any]:
+  """Fits every sequence of `data` (or those of `patients`) and writes `out`.
+
+  Args:
+    init: initial mask m_0: "gt" (ED ground truth) or "segmenter" (ED prediction).
+    guide: m_1 at ES: "segmenter" (the paper), "gt", or "none" (L_sim only).
+    segmentation: a prediction file (/<patient>/<view>/pred) for "segmenter".
+    size: fit at size x size (masks are mapped back to the data grid).
+    mesh: a device mesh for sharding each batch (default: all local devices).
+    process_index / process_count: this process takes keys[process_index::process_count].
+
+  Returns:
+    {"fitted", "skipped", "failed", "bad", "seconds"} lists / numbers.
+  """
+  t_start = time.perf_counter()
+  keys = hdf5.list_keys(data)
+  if not keys:
+    raise InputError(data, "no <patient>/<view> groups")
+  if patients:
+    wanted = set(patients)
+    keys = [k for k in keys if k.split("/")[0] in wanted or k in wanted]
+    missing = wanted - {k.split("/")[0] for k in keys} - set(keys)
+    if missing:
+      raise InputError(data, f"patients not found: {', '.join(sorted(missing))}")
+  mine = keys[process_index::process_count]
+  done = finished_keys(out)
+  todo = [k for k in mine if k not in done]
+  logging.info("fit: %d sequences for this process, %d already finished, %d to fit",
+               len(mine), len(mine) - len(todo), len(todo))
+  inputs, bad = [], []
+  for k in todo:
+    try:
+      inputs.append(load_inputs(data, k, init, guide, segmentation, size))
+    except InputError as e:
+      if not skip_bad:
+        raise
+      logging.warning("skipping bad input: %s", e)
+      bad.append(str(e))
+  if mesh is None:
+    mesh = fit_lib.batch_mesh()
+  meta = {"init": init, "guide": guide, "process_index": process_index,
+          "data": os.path.basename(data),
+          "segmentation": os.path.basename(segmentation) if segmentation else ""}
+  fitted, failed = [], []
+  prog = Progress(len(inputs), "fit_file", "sequence")
+  for batch in _batches(inputs, batch_size, cfg.t_bucket):
+    seqs = [fit_lib.prepare_sequence(i.images, i.m0, i.guide_es, i.guide_ed, cfg)
+            for i in batch]
+    keys_b = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), keys.index(i.key))
+              for i in batch]
+    results = fit_lib.fit_batch(seqs, cfg, keys=keys_b, mesh=mesh)
+    _write_part(out, list(zip(batch, results)), cfg, meta, save_flow)
+    for i, r in zip(batch, results):
+      (failed if r.failed else fitted).append(i.key)
+      if r.failed:
+        logging.warning("%s failed: %s", i.key, r.reason)
+    prog.update(len(batch), extra=f"loss {np.mean([r.final['loss'] for r in results]):.4g}")
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("echo_ode_jax.fit_file.done")
+  if merge_results and process_index == 0:
+    merge(out)
+  return {"fitted": fitted, "failed": failed, "bad": bad,
+          "skipped": sorted(set(mine) & done), "seconds": time.perf_counter() - t_start}
+
+
