@@ -687,7 +687,7 @@ def _read_group(path: str, key: str) -> dict[str, Any]:
       return {}
     g = f[key]
     out = {k: np.asarray(g[k][...]) for k in ("img", "gt", "pred", "flow") if k in g}
-    out["attrs"] = {k: hdf5._attr_value(v) for k, v in g.attrs.items()}
+    out["attrs"] = {k: hdf5.attr_value(v) for k, v in g.attrs.items()}
   return out
 
 
@@ -699,7 +699,7 @@ def pick_key(data: str, preds: Mapping[str, str]) -> str:
     ok = True
     for p in preds.values():
       with h5py.File(p, "r") as f:
-        if k not in f or "pred" not in f[k] or hdf5._attr_value(
+        if k not in f or "pred" not in f[k] or hdf5.attr_value(
             f[k].attrs.get("status", "ok")) == "failed":
           ok = False
           break

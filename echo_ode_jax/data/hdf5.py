@@ -63,7 +63,8 @@ class Sequence:
     return int(self.img.shape[0])
 
 
-def _attr_value(v):
+def attr_value(v):
+  """An HDF5 attribute as a plain Python value (bytes decoded, numpy scalars unboxed)."""
   if isinstance(v, bytes):
     return v.decode()
   if isinstance(v, np.generic):
@@ -71,17 +72,20 @@ def _attr_value(v):
   return v
 
 
+def group_keys(f: h5py.File) -> list[str]:
+  """All "<patient>/<view>" groups of an open file, sorted."""
+  return [f"{p}/{v}" for p in sorted(f) if isinstance(f[p], h5py.Group)
+          for v in sorted(f[p]) if isinstance(f[p][v], h5py.Group)]
+
+
 def list_keys(path: str | os.PathLike) -> list[str]:
   """All "<patient>/<view>" groups in an HDF5 file, sorted."""
-  keys = []
-  with _open(path) as f:
-    for p in sorted(f.keys()):
-      if isinstance(f[p], h5py.Group):
-        keys.extend(f"{p}/{v}" for v in sorted(f[p].keys()) if isinstance(f[p][v], h5py.Group))
-  return keys
+  with open_h5(path) as f:
+    return group_keys(f)
 
 
-def _open(path, mode="r"):
+def open_h5(path, mode="r"):
+  """h5py.File, or a one-line InputError naming the file."""
   path = os.fspath(path)
   if mode == "r" and not os.path.exists(path):
     raise InputError(path, "file does not exist")
@@ -93,7 +97,7 @@ def _open(path, mode="r"):
 
 def read_sequence(path: str | os.PathLike, key: str, dataset: str = "img") -> Sequence:
   """Reads one "<patient>/<view>" group. `dataset` names the image array."""
-  with _open(path) as f:
+  with open_h5(path) as f:
     if key not in f:
       raise InputError(path, f"no group {key!r}")
     g = f[key]
@@ -101,7 +105,7 @@ def read_sequence(path: str | os.PathLike, key: str, dataset: str = "img") -> Se
       raise InputError(path, f"{key}: missing dataset {dataset!r}")
     img = np.asarray(g[dataset][...], np.float32)
     gt = np.asarray(g["gt"][...], np.uint8) if "gt" in g else None
-    attrs = {k: _attr_value(v) for k, v in g.attrs.items()}
+    attrs = {k: attr_value(v) for k, v in g.attrs.items()}
   patient, view = key.split("/", 1)
   return Sequence(patient, view, img, gt, attrs)
 
@@ -115,7 +119,7 @@ def iter_sequences(path: str | os.PathLike, keys: list[str] | None = None
 
 def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.ndarray:
   """Reads a (T, H, W) uint8 label dataset ("pred" or "gt") of one group."""
-  with _open(path) as f:
+  with open_h5(path) as f:
     if key not in f or dataset not in f[key]:
       raise InputError(path, f"no dataset {key}/{dataset}")
     return np.asarray(f[key][dataset][...], np.uint8)
@@ -152,7 +156,7 @@ def write_dataset(f: h5py.File, key: str, name: str, data: np.ndarray,
 
 def read_dataset(path: str | os.PathLike, key: str, name: str) -> np.ndarray:
   """Reads an extra dataset `name` of group `key` (e.g. "flow_true": (T, H, W, 2) float32)."""
-  with _open(path) as f:
+  with open_h5(path) as f:
     if key not in f or name not in f[key]:
       raise InputError(path, f"no dataset {key}/{name}")
     return np.asarray(f[key][name][...])

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.metrics._deformation import deformation_quality
 from echo_ode_jax.metrics._dice import STRUCTURES, annotated_frames, dice_scores
@@ -136,36 +137,13 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
   return row
 
 
-def _attr(v):
-  if isinstance(v, bytes):
-    return v.decode()
-  if isinstance(v, np.generic):
-    return v.item()
-  return v
-
-
-def _open(path):
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise InputError(path, "file does not exist")
-  try:
-    return h5py.File(path, "r")
-  except OSError as e:
-    raise InputError(path, f"cannot open as HDF5 ({e.__class__.__name__}: {e})") from None
-
-
-def _keys(f: h5py.File) -> list[str]:
-  return [f"{p}/{v}" for p in sorted(f) if isinstance(f[p], h5py.Group)
-          for v in sorted(f[p]) if isinstance(f[p][v], h5py.Group)]
-
-
 def _status(g: h5py.Group) -> tuple[str | None, str]:
   """(status, reason) from the attrs of a view group or its pred dataset."""
   for obj in (g, g["pred"] if "pred" in g else None):
     if obj is not None and "status" in obj.attrs:
-      reason = next((str(_attr(obj.attrs[k])) for k in ("reason", "error", "message")
+      reason = next((str(hdf5.attr_value(obj.attrs[k])) for k in ("reason", "error", "message")
                      if k in obj.attrs), "")
-      return str(_attr(obj.attrs["status"])), reason
+      return str(hdf5.attr_value(obj.attrs["status"])), reason
   return None, ""
 
 
@@ -191,8 +169,8 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
       does not match its data (shape, attributes).
   """
   rows = []
-  with _open(data_h5) as df, _open(pred_h5) as pf:
-    for key in (_keys(df) if keys is None else list(keys)):
+  with hdf5.open_h5(data_h5) as df, hdf5.open_h5(pred_h5) as pf:
+    for key in (hdf5.group_keys(df) if keys is None else list(keys)):
       if key not in df or not isinstance(df[key], h5py.Group):
         raise InputError(data_h5, f"no group {key!r}")
       if key not in pf or not isinstance(pf[key], h5py.Group):
@@ -207,7 +185,7 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
         rows.append({"key": key, "status": "missing", "reason": "no pred dataset"})
         continue
       dg = df[key]
-      attrs = {k: _attr(v) for k, v in dg.attrs.items()}
+      attrs = {k: hdf5.attr_value(v) for k, v in dg.attrs.items()}
       gt = np.asarray(dg["gt"][...], np.uint8) if "gt" in dg else None
       pred = np.asarray(pg["pred"][...], np.uint8)
       flow = np.asarray(pg["flow"][...], np.float32) if "flow" in pg else None
