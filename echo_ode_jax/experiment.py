@@ -760,3 +760,19 @@ __all__ = [
     "row_id", "row_label", "run_ablation", "run_table", "segmenter_label", "stage",
     "table2_markdown", "write_csv", "write_figures", "write_json", "write_report",
 ]
+
+
+def define_table_flags() -> None:
+  """The absl flags shared by experiments/run_table1.py and run_table2.py."""
+  from absl import flags
+  flags.DEFINE_string("data", None, "Test data HDF5 (every frame annotated).", required=True)
+  flags.DEFINE_string("checkpoints", None, "Folder with one segmenter workdir per model.",
+                      required=True)
+  flags.DEFINE_list("segmenters", ["unet", "enet", "deeplabv3"], "Segmenters (workdir names).")
+  flags.DEFINE_string("out", None, "Output folder.", required=True)
+  flags.DEFINE_string("base", "", 'Fit settings, e.g. "steps=1000;lr=0.01" (ablate.py keys).')
+  flags.DEFINE_integer("steps", None, "Adam steps per sequence (overrides --base).")
+  flags.DEFINE_integer("batch_size", 8, "Sequences per compiled fit.")
+  flags.DEFINE_integer("size", None, "Fit at size x size (default: the data size).")
+  flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Segmenter checkpoint.")
+  flags.DEFINE_bool("figures", False, "Write the Fig. 2 / 3b / 4 style PNGs.")

@@ -15,18 +15,8 @@ from absl import app, flags
 from echo_ode_jax import experiment
 from echo_ode_jax.errors import run_cli
 
-flags.DEFINE_string("data", None, "Test data HDF5 (every frame annotated).", required=True)
-flags.DEFINE_string("checkpoints", None, "Folder with one segmenter workdir per model.",
-                    required=True)
-flags.DEFINE_list("segmenters", ["unet", "enet", "deeplabv3"], "Segmenters (workdir names).")
-flags.DEFINE_string("out", None, "Output folder.", required=True)
+experiment.define_table_flags()
 flags.DEFINE_string("table1", None, "Table I summary.json (default: DIR/table1/summary.json).")
-flags.DEFINE_string("base", "", 'Fit settings, e.g. "steps=1000;lr=0.01" (ablate.py keys).')
-flags.DEFINE_integer("steps", None, "Adam steps per sequence (overrides --base).")
-flags.DEFINE_integer("batch_size", 8, "Sequences per compiled fit.")
-flags.DEFINE_integer("size", None, "Fit at size x size (default: the data size).")
-flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Segmenter checkpoint.")
-flags.DEFINE_bool("figures", False, "Write the Fig. 2 / 3b / 4 style PNGs.")
 FLAGS = flags.FLAGS
 
 
