@@ -82,8 +82,7 @@ class DemoConfig:
   and ED prediction, or the ground truth with guide="gt"); the segmenter (a
   small U-Net) is trained for seg_steps steps on the ED/ES frames of
   num_train other synthetic sequences (CAMUS-like: interior frames unannotated).
-  batch_size: sequences per compiled fit (None: 1 on CPU, where a vmapped batch
-  runs its convolutions several times slower per sequence, else 8).
+  batch_size: sequences per fit_batch call (None: all 8 in one batch).
   """
   num: int = 8
   size: int = 64
@@ -205,15 +204,12 @@ def echo_ode_demo(cfg: DemoConfig = DemoConfig(), out: str = "demo_out",
   # Echo-ODE: m_0 = ED ground truth, guided by the segmenter's ES/ED prediction.
   fcfg = fit.FitConfig(steps=cfg.steps, lr=cfg.lr, log_every=max(1, cfg.steps // 4),
                        seed=cfg.seed)
-  import jax
-  cpu = jax.default_backend() == "cpu"
-  bs = cfg.batch_size or (1 if cpu else 8)
-  mesh = fit.batch_mesh(jax.local_devices()[:1]) if cpu else None
+  bs = cfg.batch_size or 8   # one batch (fit_batch picks its batch mode per backend)
   fit_h5 = os.path.join(out, "echo_ode.h5")
   timed("echo_ode_fit", lambda: runner.fit_file(
       data, fit_h5, fcfg, init="gt", guide=cfg.guide,
       segmentation=pred if cfg.guide == "segmenter" else None, batch_size=bs,
-      save_flow=True, mesh=mesh))
+      save_flow=True))
 
   def evaluate():
     results = {SEGMENTER_NAME: metrics.evaluate_files(data, pred),

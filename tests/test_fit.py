@@ -77,12 +77,13 @@ def test_loss_terms_against_hand_computed_cases(small_seqs):
   np.testing.assert_allclose(terms["sim"], np.mean((sm - sm[0]) ** 2), rtol=1e-4)
 
 
-def test_fit_batch_equals_single_fits_and_failure_is_isolated(small_seqs):
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_fit_batch_equals_single_fits_and_failure_is_isolated(small_seqs, mode):
   cfg = TINY_CFG
   preps = [_prep(s) for s in small_seqs]
   keys = [jax.random.PRNGKey(10 + i) for i in range(4)]
   singles = [fit.fit_sequence(p, cfg, key=k) for p, k in zip(preps[:2], keys)]
-  batch = fit.fit_batch(preps, cfg, keys=keys)
+  batch = fit.fit_batch(preps, cfg, keys=keys, batch_mode=mode)
   for s, b, q in zip(singles, batch, small_seqs):
     assert b.masks.shape == (q.img.shape[0], 32, 32)
     np.testing.assert_array_equal(s.masks, b.masks)
@@ -93,20 +94,26 @@ def test_fit_batch_equals_single_fits_and_failure_is_isolated(small_seqs):
   bad = dict(preps[1])
   bad["images_smooth"] = np.array(bad["images_smooth"])
   bad["images_smooth"][1, 3, 3] = np.nan
-  res = fit.fit_batch([preps[0], bad] + preps[2:], cfg, keys=keys)
+  res = fit.fit_batch([preps[0], bad] + preps[2:], cfg, keys=keys, batch_mode=mode)
   assert [r.failed for r in res] == [False, True, False, False]
   assert "step 0" in res[1].reason
   np.testing.assert_array_equal(res[0].masks, batch[0].masks)
 
 
-def test_sharded_over_4_devices_equals_single_device(small_seqs):
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_sharded_over_4_devices_equals_single_device(small_seqs, mode):
   if jax.device_count() < 4:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=4 (see conftest)")
   cfg = TINY_CFG
   preps = [_prep(s) for s in small_seqs]
   keys = [jax.random.PRNGKey(10 + i) for i in range(4)]
-  one = fit.fit_batch(preps, cfg, keys=keys)
-  four = fit.fit_batch(preps, cfg, keys=keys, mesh=fit.batch_mesh(jax.devices()[:4]))
+  one = fit.fit_batch(preps, cfg, keys=keys, batch_mode=mode)
+  four = fit.fit_batch(preps, cfg, keys=keys, mesh=fit.batch_mesh(jax.devices()[:4]),
+                       batch_mode=mode)
+  if mode == "loop":   # each sequence runs the same program, on another device
+    for a, b in zip(one, four):
+      np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-6)
+    return
   for a, b in zip(one, four):
     # Same program up to the partitioning: losses agree to float rounding. Adam
     # divides by sqrt(v), which amplifies rounding in parameters whose gradient
