@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from echo_ode_jax.kernels import conv2d
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -48,6 +50,7 @@ class ModelConfig:
   input_i0: bool = False        # also feed I_0 (not in the paper; for ablations)
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
+  conv_impl: str | None = None  # kernels.conv2d impl: "shifted", "xla"; None: per backend
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -79,22 +82,47 @@ def upsample2(x, shape_hw):
   return x[..., :shape_hw[0], :shape_hw[1], :]
 
 
+class Conv(nn.Module):
+  """A 3x3 (or kh x kw) SAME convolution + bias over :func:`kernels.conv2d`.
+
+  Same parameters ("kernel" HWIO, "bias") and initialisers as flax.linen.Conv;
+  the convolution's VJP is chosen by `impl` (see kernels.conv2d).
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  dtype: jnp.dtype = jnp.float32
+  impl: str | None = None
+  kernel_init: object = nn.initializers.lecun_normal()
+  bias_init: object = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
+               impl=self.impl)
+    return y + bias.astype(self.dtype)
+
+
 class SpadeTime(nn.Module):
   """gamma, beta for one decoder map from m_0 (shared) and PE(t) (per knot)."""
   channels: int
   hidden: int
   dtype: jnp.dtype = jnp.float32
+  impl: str | None = None
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
     # m0_n: (h, w, classes) shared; pe: (K, pe_dim) or None; f: (K, h, w, C).
-    hid = nn.Conv(self.hidden, (3, 3), dtype=self.dtype, name="shared")(m0_n[None])
+    hid = Conv(self.hidden, dtype=self.dtype, impl=self.impl, name="shared")(m0_n[None])
     if pe is not None:
       hid = hid + nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :]
     hid = nn.relu(hid)
     # gamma and beta from one conv (one GEMM instead of two).
-    gb = nn.Conv(2 * self.channels, (3, 3), dtype=self.dtype,
-                 kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+    gb = Conv(2 * self.channels, dtype=self.dtype, impl=self.impl,
+              kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
     gamma, beta = jnp.split(gb, 2, axis=-1)
     # Parameter-free instance normalisation (per knot, per channel), as SPADE.
     mean = jnp.mean(f, axis=(1, 2), keepdims=True)
@@ -124,7 +152,7 @@ class VelocityUNet(nn.Module):
     # Encoder: strided convs; keep the input and every level for the skips.
     skips = [x]
     for i, ch in enumerate(cfg.enc_channels):
-      x = act(nn.Conv(ch, (3, 3), strides=(2, 2), dtype=dtype, name=f"enc{i}")(x))
+      x = act(Conv(ch, strides=(2, 2), dtype=dtype, impl=cfg.conv_impl, name=f"enc{i}")(x))
       skips.append(x)
     if cfg.use_pe:
       x = x + nn.Dense(x.shape[-1], dtype=dtype, name="pe_proj")(pe)[:, None, None, :]
@@ -133,17 +161,18 @@ class VelocityUNet(nn.Module):
     m0 = m0.astype(dtype)
     n_up = len(cfg.enc_channels)
     for i, ch in enumerate(cfg.dec_channels):
-      x = nn.Conv(ch, (3, 3), dtype=dtype, name=f"dec{i}")(x)
+      x = Conv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x)
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
-        x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, name=f"spade{i}")(
+        x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
+                      name=f"spade{i}")(
             x, m0_n, pe if cfg.use_pe else None)
       x = act(x)
       if i < n_up:
         skip = skips[n_up - 1 - i]
         x = jnp.concatenate([upsample2(x, skip.shape[1:3]), skip], axis=-1)
-    v = nn.Conv(2, (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.zeros, name="flow")(x)
+    v = Conv(2, dtype=dtype, impl=cfg.conv_impl, kernel_init=nn.initializers.zeros,
+             name="flow")(x)
     del k
     return (v.astype(jnp.float32) * cfg.velocity_scale)
 

@@ -1,4 +1,5 @@
-"""Hand-written kernels: bilinear warp, Jacobian determinant, Gaussian smoothing."""
+"""Hand-written kernels: bilinear warp, Jacobian determinant, Gaussian smoothing, conv."""
+from echo_ode_jax.kernels._conv import conv2d, weight_grad_shifted
 from echo_ode_jax.kernels._gaussian import gaussian_blur, gaussian_kernel1d
 from echo_ode_jax.kernels._jacobian import (folding_fraction, jacobian_determinant,
                                             jdet_penalty)
@@ -6,7 +7,7 @@ from echo_ode_jax.kernels._warp import (PADDINGS, hard_labels, identity_grid, on
                                         warp, warp_data, warp_labels)
 
 __all__ = [
-    "PADDINGS", "folding_fraction", "gaussian_blur", "gaussian_kernel1d", "hard_labels",
+    "PADDINGS", "conv2d", "folding_fraction", "gaussian_blur", "gaussian_kernel1d", "hard_labels",
     "identity_grid", "jacobian_determinant", "jdet_penalty", "one_hot", "warp",
-    "warp_data", "warp_labels",
+    "warp_data", "warp_labels", "weight_grad_shifted",
 ]
