@@ -14,11 +14,16 @@ rerun skips every sequence found in `<out>` or in the parts (so a kill loses at
 most the batch in flight), and the parts are merged into `<out>` atomically at
 the end. A sequence whose loss turns non-finite is recorded as failed with its
 reason while the rest of the batch carries on.
+
+With jax.distributed (process_count > 1), every process fits its share and
+writes its own parts; process 0 merges once all processes have finished, and
+every process returns once the merge is done.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 import time
 import uuid
@@ -194,6 +199,33 @@ def merge(out: str) -> int:
   return n
 
 
+# Generous: on a resume one process may have much more left to fit than another.
+# A process that dies is detected by the coordination service's heartbeats.
+_BARRIER_TIMEOUT_S = 7 * 24 * 3600
+_barrier_ids = itertools.count()
+
+
+def _check_distributed(process_count: int) -> None:
+  if jax.process_count() != process_count:
+    raise ValueError(
+        f"process_count={process_count} but jax.process_count()={jax.process_count()}: "
+        "merging the results of several processes needs jax.distributed.initialize "
+        "(or pass merge_results=False and call merge() once all have finished)")
+
+
+def _barrier(name: str) -> None:
+  """Waits until every jax.distributed process reaches this barrier.
+
+  The coordination service's barrier rather than an XLA collective
+  (multihost_utils.sync_global_devices): processes reach it minutes or hours
+  apart, and a CPU (gloo) collective fails when its peers are over 30 s late.
+  """
+  from jax._src import distributed   # the client barrier has no public wrapper
+  client = distributed.global_state.client
+  client.wait_at_barrier(f"echo_ode_jax.fit_file.{next(_barrier_ids)}.{name}",
+                         timeout_in_ms=_BARRIER_TIMEOUT_S * 1000)
+
+
 def _batches(inputs: list[Inputs], batch_size: int, t_bucket: int) -> list[list[Inputs]]:
   """Groups sequences of the same (T bucket, h, w) into batches."""
   groups: dict[tuple, list[Inputs]] = {}
@@ -222,11 +254,16 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
     size: fit at size x size (masks are mapped back to the data grid).
     mesh: a device mesh for sharding each batch (default: all local devices).
     process_index / process_count: this process takes keys[process_index::process_count].
+      With process_count > 1 and merge_results, jax.distributed must be
+      initialised: the processes wait for each other before and after process 0
+      merges.
 
   Returns:
     {"fitted", "skipped", "failed", "bad", "seconds"} lists / numbers.
   """
   t_start = time.perf_counter()
+  if process_count > 1 and merge_results:
+    _check_distributed(process_count)
   keys = hdf5.list_keys(data)
   if not keys:
     raise InputError(data, "no <patient>/<view> groups")
@@ -269,11 +306,13 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
       if r.failed:
         logging.warning("%s failed: %s", i.key, r.reason)
     prog.update(len(batch), extra=f"loss {np.mean([r.final['loss'] for r in results]):.4g}")
-  if process_count > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("echo_ode_jax.fit_file.done")
-  if merge_results and process_index == 0:
-    merge(out)
+  if merge_results:
+    if process_count > 1:
+      _barrier("fitted")          # every process has written its parts
+    if process_index == 0:
+      merge(out)
+    if process_count > 1:
+      _barrier("merged")          # out is complete wherever fit_file returns
   return {"fitted": fitted, "failed": failed, "bad": bad,
           "skipped": sorted(set(mine) & done), "seconds": time.perf_counter() - t_start}
 

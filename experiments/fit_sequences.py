@@ -5,8 +5,13 @@
       [--steps=1000] [--batch_size=8] [--size=N] [--patients=a,b] [--solver=euler] \
       [--dt=0.1] [--save_flow] [--seed=0]
 
-Several machines: run one process per machine with --coordinator_address=HOST:PORT
---num_processes=N --process_id=I; each process fits its share of the sequences.
+Several processes (e.g. one per machine): start N processes with the same flags plus
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (I = 0..N-1; HOST:PORT
+is a free port on process 0's machine, reachable from all). In the file's key order,
+process I fits sequences I, I+N, I+2N, ... and writes its finished batches to
+<out>.parts/, so --out must be on a filesystem that every process sees; once all have
+finished, process 0 merges the parts into --out (every process exits after the merge).
+Rerunning the same N commands resumes (finished sequences are skipped).
 """
 from absl import app, flags, logging
 
@@ -42,6 +47,8 @@ _PID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 
 def main(argv):
   del argv
+  if _NPROC.value > 1 and not _COORD.value:
+    raise app.UsageError("--num_processes > 1 needs --coordinator_address")
   if _COORD.value:
     import jax
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
