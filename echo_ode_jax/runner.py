@@ -299,7 +299,7 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
             for i in batch]
     keys_b = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), keys.index(i.key))
               for i in batch]
-    results = fit_lib.fit_batch(seqs, cfg, keys=keys_b, mesh=mesh)
+    results = fit_lib.fit_batch(seqs, cfg, keys=keys_b, mesh=mesh, progress=True)
     _write_part(out, list(zip(batch, results)), cfg, meta, save_flow)
     for i, r in zip(batch, results):
       (failed if r.failed else fitted).append(i.key)
