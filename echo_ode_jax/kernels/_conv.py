@@ -13,10 +13,11 @@ is made. The input gradient is XLA's (a transposed convolution, as fast as the
 forward pass).
 
 XLA:CPU's own weight gradient is fast for narrow outputs and slow for wide
-ones (at 128^2, batch 10: 2x slower than the shifted GEMMs at 32 output
-channels, 4x faster at 16; `python benchmarks/conv.py`, in BENCHMARKS.md).
+ones (at 128^2, batch 10: 2-3x slower than the shifted GEMMs at 24 or more
+output channels, ~4x faster at 16 or fewer; `python benchmarks/conv.py`, in
+BENCHMARKS.md).
 So by default (impl=None) a CPU conv with
-at least 32 output channels uses "shifted", every other conv XLA's; on other
+at least 24 output channels uses "shifted", every other conv XLA's; on other
 backends every conv is plain `lax.conv_general_dilated`, whose autodiff maps
 to cuDNN. The choice is made at trace time.
 """
@@ -30,7 +31,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 _DN = ("NHWC", "HWIO", "NHWC")
-SHIFTED_MIN_OUT_CHANNELS = 32   # CPU default: "shifted" from this many output channels
+SHIFTED_MIN_OUT_CHANNELS = 24   # CPU default: "shifted" from this many output channels
 
 
 def _pads(hw, kernel_hw, strides, padding):
