@@ -11,8 +11,10 @@ frames (LV endo, epi, myocardium, mDice = mean of endo and epi, and the mean
 over the three foreground classes), the folding fraction (share of pixels with
 det D phi_t <= 0 over all frames), the minimum Jacobian determinant, the
 seconds per sequence, and the same Dice for copying m_0 to every frame (the
-no-motion baseline). Results also go to `<out>/quality.json`. Each fit is
-resumable (rerun the same command).
+no-motion baseline), and one line per sequence. Results also go to
+`<out>/quality.json`. Each fit is resumable (rerun the same command);
+`--summarize_only` merges and summarises the sequences finished so far
+without fitting more (for a run stopped part-way).
 """
 import json
 import os
@@ -31,6 +33,8 @@ _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per sequence (default
 _STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per fit_batch call.")
 _GUIDES = flags.DEFINE_list("guides", ["gt", "none"], "Guides to fit with.")
+_SUMMARIZE = flags.DEFINE_bool("summarize_only", False,
+                               "Summarise the finished sequences; fit nothing.")
 
 
 def _dice(a, b):
@@ -50,26 +54,39 @@ def dice_all_frames(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 def _summary(data_h5, pred_h5=None):
-  rows = []
   with hdf5.open_h5(data_h5) as df:
     keys = hdf5.group_keys(df)
     gts = {k: df[k]["gt"][...] for k in keys}
   if pred_h5 is None:   # copy m_0 to every frame
-    preds = {k: np.broadcast_to(g[:1], g.shape) for k, g in gts.items()}
-    return {k: float(np.mean([dice_all_frames(preds[q], gts[q])[k] for q in keys]))
-            for k in ("endo", "epi", "myo", "la", "mdice", "mean_classes")}
+    rows = {k: dice_all_frames(np.broadcast_to(g[:1], g.shape), g) for k, g in gts.items()}
+    return {k: float(np.mean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
   with hdf5.open_h5(pred_h5) as pf:
+    keys = [k for k in keys if k in pf]      # the finished ones
     preds = {k: pf[k]["pred"][...] for k in keys}
-    status = {k: hdf5.attr_value(pf[k].attrs["status"]) for k in keys}
-    secs = [float(pf[k].attrs["seconds"]) for k in keys]
-  ev = metrics.evaluate_files(data_h5, pred_h5)
+    attrs = {k: {a: hdf5.attr_value(pf[k].attrs[a]) for a in
+                 ("status", "seconds", "folding_fraction", "loss_loss", "loss_seg")}
+             for k in keys}
+  ev = {r["key"]: r for r in metrics.evaluate_files(data_h5, pred_h5, keys)}
+  per = {}
   for k in keys:
-    rows.append(dice_all_frames(preds[k], gts[k]))
-  out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-  out["folding_fraction"] = float(np.mean([r["fold_frac"] for r in ev]))
-  out["jdet_min"] = float(np.min([r["jdet_min"] for r in ev]))
-  out["failed"] = [k for k in keys if status[k] != "ok"]
-  out["seconds_per_sequence"] = float(np.mean(secs))
+    d = dice_all_frames(preds[k], gts[k])
+    per[k] = {"mdice": round(d["mdice"], 4), "endo": round(d["endo"], 4),
+              "folding_fraction": float(attrs[k]["folding_fraction"]),
+              "final_loss": float(attrs[k]["loss_loss"]),
+              "final_seg": float(attrs[k]["loss_seg"]), "status": attrs[k]["status"]}
+    per[k].update({f"_{n}": v for n, v in d.items()})
+  out = {n: float(np.mean([per[k]["_" + n] for k in keys]))
+         for n in ("endo", "epi", "myo", "la", "mdice", "mean_classes")}
+  out["n"] = len(keys)
+  out["copy_m0_mdice_same_sequences"] = float(np.mean(
+      [dice_all_frames(np.broadcast_to(gts[k][:1], gts[k].shape), gts[k])["mdice"]
+       for k in keys]))
+  out["folding_fraction"] = float(np.mean([ev[k]["fold_frac"] for k in keys]))
+  out["jdet_min"] = float(np.min([ev[k]["jdet_min"] for k in keys]))
+  out["failed"] = [k for k in keys if attrs[k]["status"] != "ok"]
+  out["seconds_per_sequence"] = float(np.mean([attrs[k]["seconds"] for k in keys]))
+  out["per_sequence"] = {k: {n: v for n, v in r.items() if not n.startswith("_")}
+                         for k, r in per.items()}
   return out
 
 
@@ -85,8 +102,13 @@ def main(_):
   for guide in _GUIDES.value:
     out = os.path.join(_OUT.value, f"fit_guide_{guide}.h5")
     t0 = time.perf_counter()
-    runner.fit_file(data, out, cfg, init="gt", guide=guide, batch_size=_BATCH.value,
-                    save_flow=True)
+    if _SUMMARIZE.value:
+      runner.merge(out)
+      if not os.path.exists(out):
+        continue
+    else:
+      runner.fit_file(data, out, cfg, init="gt", guide=guide, batch_size=_BATCH.value,
+                      save_flow=True)
     logging.info("guide=%s: %.0f s", guide, time.perf_counter() - t0)
     report[f"guide_{guide}"] = _summary(data, out)
   with open(os.path.join(_OUT.value, "quality.json"), "w") as f:
