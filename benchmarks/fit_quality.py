@@ -37,17 +37,11 @@ _SUMMARIZE = flags.DEFINE_bool("summarize_only", False,
                                "Summarise the finished sequences; fit nothing.")
 
 
-def _dice(a, b):
-  s = a.sum() + b.sum()
-  return 2.0 * np.logical_and(a, b).sum() / s if s else 1.0
-
-
 def dice_all_frames(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
   """Mean over frames of the Dice of endo (1), epi (1|2), myo (2) and LA (3)."""
-  out = {}
-  for name, sel in (("endo", (1,)), ("epi", (1, 2)), ("myo", (2,)), ("la", (3,))):
-    out[name] = float(np.mean([_dice(np.isin(p, sel), np.isin(g, sel))
-                               for p, g in zip(pred, gt)]))
+  out = {name: float(np.nanmean(metrics.dice_per_frame(pred, gt, name)))
+         for name in ("endo", "epi", "myo")}
+  out["la"] = float(np.mean([metrics.dice(p == 3, g == 3) for p, g in zip(pred, gt)]))
   out["mdice"] = (out["endo"] + out["epi"]) / 2
   out["mean_classes"] = (out["endo"] + out["myo"] + out["la"]) / 3
   return out

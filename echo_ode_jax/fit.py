@@ -350,17 +350,17 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   if b == 0:
     return []
   batch_mode = batch_mode or default_batch_mode()
-  if batch_mode == "loop":
-    return _fit_loop(seqs, cfg, keys, mesh, progress, t0)
-  if batch_mode != "vmap":
+  if batch_mode not in ("vmap", "loop"):
     raise ValueError(f"batch_mode must be 'vmap' or 'loop', got {batch_mode!r}")
   t_pad = max(s["images"].shape[0] for s in seqs)
-  seqs = [_repad(s, t_pad) for s in seqs]
+  seqs = [_repad(s, t_pad) for s in seqs]   # one compiled program for the batch
+  if keys is None:
+    keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(b)]
+  if batch_mode == "loop":
+    return _fit_loop(seqs, cfg, list(keys), mesh, progress, t0)
   ndev = 1 if mesh is None else mesh.devices.size
   bp = -(-b // ndev) * ndev
   seqs = list(seqs) + [seqs[-1]] * (bp - b)
-  if keys is None:
-    keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(b)]
   keys = list(keys) + [keys[-1]] * (bp - b)
   batch = stack(seqs)
   hw = batch["images"].shape[2:]
@@ -386,12 +386,11 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
 
 
 def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
-  """fit_batch's "loop" mode: one single-sequence program per sequence and step."""
+  """fit_batch's "loop" mode: one single-sequence program per sequence and step.
+
+  seqs: already padded to one T; keys: one per sequence.
+  """
   b = len(seqs)
-  t_pad = max(s["images"].shape[0] for s in seqs)
-  seqs = [_repad(s, t_pad) for s in seqs]   # one compiled program for the batch
-  if keys is None:
-    keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(b)]
   devices = list(mesh.devices.flat) if mesh is not None else [None]
   states, dev_seqs = [], []
   for i, (s, k) in enumerate(zip(seqs, keys)):
