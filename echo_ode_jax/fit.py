@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Sequence as Seq
+from typing import Any, NamedTuple, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,10 @@ class FitConfig:
   """Everything that defines a fit (saved as JSON with the results)."""
   steps: int = 1000
   lr: float = 0.01
+  lr_decay: str = "constant"    # "cosine": cosine decay from lr to lr * lr_final
+  lr_final: float = 0.1
+  clip_norm: float | None = None  # clip the global gradient norm before Adam
+  keep_best: bool = True        # return the parameters with the lowest loss seen
   solver: str = "euler"
   dt: float = 0.1
   sigma: float = 1.0            # Gaussian kernel of L_sim, pixels (at the fitted size)
@@ -83,6 +87,8 @@ class FitResult:
   masks: (T, H, W) uint8 propagated labels argmax(m_0 o phi_t) (valid frames only).
   phi: (T, H, W, 2) float32 absolute maps at the frame times.
   history: {"loss": (steps,), "<term>": (steps,)}. failed / reason: a non-finite loss.
+  final: the loss terms of the returned parameters: those of step best_step
+  (cfg.keep_best; the lowest loss) or of the last step (best_step = -1).
   """
   masks: np.ndarray
   phi: np.ndarray
@@ -92,6 +98,7 @@ class FitResult:
   seconds: float
   failed: bool = False
   reason: str = ""
+  best_step: int = -1
 
 
 def frames_at(images, frame_times, es_index, t):
@@ -172,21 +179,48 @@ def _model(cfg: FitConfig):
 
 
 def _optimizer(cfg: FitConfig):
-  return optax.adam(cfg.lr)
+  """Adam (the paper), optionally with gradient clipping and a cosine lr decay."""
+  if cfg.lr_decay == "constant":
+    lr = cfg.lr
+  elif cfg.lr_decay == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.steps), alpha=cfg.lr_final)
+  else:
+    raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {cfg.lr_decay!r}")
+  adam = optax.adam(lr)
+  if cfg.clip_norm is None:
+    return adam
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+
+
+class FitState(NamedTuple):
+  """The optimisation state of one sequence (a pytree; stacked for vmap).
+
+  failed / fail_step: a non-finite loss or gradient froze the fit at fail_step.
+  best_params / best_loss: the parameters with the lowest finite loss so far
+  (what the fit returns when cfg.keep_best).
+  """
+  params: Any
+  opt_state: Any
+  failed: jax.Array
+  fail_step: jax.Array
+  best_params: Any
+  best_loss: jax.Array
 
 
 def make_step(cfg: FitConfig, formulation: str = "batched"):
   """One Adam step of one sequence with a non-finite guard.
 
-  state = (params, opt_state, failed, fail_step); returns (state, terms).
+  state: :class:`FitState`; returns (state, terms).
   A step whose loss or gradient is non-finite is not applied; the sequence is
-  marked failed and its parameters stay frozen from then on.
+  marked failed and its parameters stay frozen from then on. The loss of step
+  i belongs to the parameters before its update, so those are the candidates
+  for best_params.
   """
   apply_fn = _model(cfg).apply
   opt = _optimizer(cfg)
 
   def step(state, seq, i):
-    params, opt_state, failed, fail_step = state
+    params, opt_state, failed, fail_step, best_params, best_loss = state
     (loss, terms), grads = jax.value_and_grad(losses.loss_fn, has_aux=True)(
         params, seq, cfg, apply_fn, formulation)
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
@@ -196,16 +230,33 @@ def make_step(cfg: FitConfig, formulation: str = "batched"):
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+    better = ok & (loss < best_loss)
+    best_params = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b),
+                                         state.params, best_params)
+    best_loss = jnp.where(better, loss, best_loss)
     fail_step = jnp.where(~finite & ~failed, i, fail_step)
     failed = failed | ~finite
-    return (params, opt_state, failed, fail_step), dict(terms, loss=loss)
+    return (FitState(params, opt_state, failed, fail_step, best_params, best_loss),
+            dict(terms, loss=loss))
 
   return step
 
 
-def init_state(cfg: FitConfig, key, shape_hw):
+def init_state(cfg: FitConfig, key, shape_hw) -> FitState:
   params = init_params(cfg.model, key, shape_hw)
-  return (params, _optimizer(cfg).init(params), jnp.asarray(False), jnp.asarray(-1, jnp.int32))
+  return FitState(params, _optimizer(cfg).init(params), jnp.asarray(False),
+                  jnp.asarray(-1, jnp.int32),
+                  jax.tree_util.tree_map(jnp.array, params),   # a copy: state is donated
+                  jnp.asarray(jnp.inf, jnp.float32))
+
+
+def final_params(cfg: FitConfig, state: FitState):
+  """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last."""
+  if cfg.keep_best:
+    # best_loss stays inf only if the very first step failed; then params = init.
+    return jax.tree_util.tree_map(lambda b, p: jnp.where(jnp.isfinite(state.best_loss), b, p),
+                                  state.best_params, state.params)
+  return state.params
 
 
 def steps_per_call(cfg: FitConfig) -> int:
@@ -285,13 +336,24 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
   return states, histories
 
 
-def _result(phi, masks, fold, seq, history, failed, fail_step, seconds) -> FitResult:
+def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
+            keep_best=False) -> FitResult:
   t_valid = int(seq["es_index"]) + 1
   final = {k: float(v[-1]) for k, v in history.items()}
+  best = -1
+  if keep_best:
+    # The terms of the returned (best-loss) parameters; steps from a failure on
+    # were not applied and are not candidates.
+    loss = np.asarray(history["loss"], np.float64)
+    n = int(fail_step) if failed else loss.size
+    ok = np.isfinite(loss[:n])
+    if ok.any():
+      best = int(np.argmin(np.where(ok, loss[:n], np.inf)))
+      final = {k: float(v[best]) for k, v in history.items()}
   reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
   return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
                    history, final, float(np.mean(fold[:t_valid])), seconds, bool(failed),
-                   reason)
+                   reason, best)
 
 
 def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=None,
@@ -302,10 +364,9 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
   seq = jax.tree_util.tree_map(jnp.asarray, seq)
   state = init_state(cfg, key, seq["images"].shape[1:])
   (state,), (history,) = _run_chunks(cfg, [state], [seq], cfg.steps, False, progress, "fit")
-  params, _, failed, fail_step = state
-  phi, masks, fold = jax.device_get(_final_fn(cfg, False)(params, seq))
-  return _result(phi, masks, fold, jax.device_get(seq), history, bool(failed),
-                 int(fail_step), time.perf_counter() - t0)
+  phi, masks, fold = jax.device_get(_final_fn(cfg, False)(final_params(cfg, state), seq))
+  return _result(phi, masks, fold, jax.device_get(seq), history, bool(state.failed),
+                 int(state.fail_step), time.perf_counter() - t0, cfg.keep_best)
 
 
 def stack(seqs: Seq[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -374,14 +435,14 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
     batch = jax.tree_util.tree_map(jnp.asarray, batch)
   (state,), (history,) = _run_chunks(cfg, [state], [batch], cfg.steps, True, progress,
                                      f"fit batch of {b}")
-  params, _, failed, fail_step = state
+  params = jax.vmap(functools.partial(final_params, cfg))(state)
   phi, masks, fold = jax.device_get(_final_fn(cfg, True)(params, batch))
   seconds = time.perf_counter() - t0
-  failed, fail_step = np.asarray(failed), np.asarray(fail_step)
+  failed, fail_step = np.asarray(state.failed), np.asarray(state.fail_step)
   es = np.asarray(jax.device_get(batch["es_index"]))
   return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
                   {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
-                  seconds / b)
+                  seconds / b, cfg.keep_best)
           for i in range(b)]
 
 
@@ -401,11 +462,11 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   states, histories = _run_chunks(cfg, states, dev_seqs, cfg.steps, False, progress,
                                   f"fit batch of {b}")
   final = _final_fn(cfg, False)
-  outs = [final(st[0], s) for st, s in zip(states, dev_seqs)]
+  outs = [final(final_params(cfg, st), s) for st, s in zip(states, dev_seqs)]
   outs = jax.device_get(outs)
   seconds = time.perf_counter() - t0
-  return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, bool(st[2]),
-                  int(st[3]), seconds / b)
+  return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, bool(st.failed),
+                  int(st.fail_step), seconds / b, cfg.keep_best)
           for (phi, masks, fold), s, h, st in zip(outs, seqs, histories, states)]
 
 

@@ -168,7 +168,7 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
           "status": "failed" if res.failed else "ok", "reason": res.reason,
           "config": cfg.to_json(), "steps": cfg.steps, "seconds": res.seconds,
           "folding_fraction": res.folding_fraction, "num_frames": t,
-          "fit_size": np.asarray(res.masks.shape[1:]),
+          "fit_size": np.asarray(res.masks.shape[1:]), "best_step": res.best_step,
           **{f"loss_{k}": v for k, v in res.final.items()}, **meta,
       })
   return path

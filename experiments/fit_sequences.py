@@ -3,7 +3,8 @@
   python experiments/fit_sequences.py --data=DATA.h5 --out=RESULTS.h5 \
       [--init=gt|segmenter] [--guide=segmenter|gt|none] [--segmentation=PRED.h5] \
       [--steps=1000] [--batch_size=8] [--size=N] [--patients=a,b] [--solver=euler] \
-      [--dt=0.1] [--save_flow] [--seed=0]
+      [--dt=0.1] [--save_flow] [--seed=0] [--lr=0.01] [--lr_decay=constant|cosine] \
+      [--clip_norm=N] [--[no]keep_best]
 
 Several processes (e.g. one per machine): start N processes with the same flags plus
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (I = 0..N-1; HOST:PORT
@@ -24,7 +25,15 @@ _INIT = flags.DEFINE_enum("init", "gt", runner.INITS, "Initial mask m_0 at ED.")
 _GUIDE = flags.DEFINE_enum("guide", "segmenter", runner.GUIDES, "Guide m_1 at ES.")
 _SEG = flags.DEFINE_string("segmentation", None, "Segmenter predictions (PRED.h5).")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per sequence.")
-_LR = flags.DEFINE_float("lr", 0.01, "Adam learning rate.")
+_DEF = fit.FitConfig()
+_LR = flags.DEFINE_float("lr", _DEF.lr, "Adam learning rate.")
+_LR_DECAY = flags.DEFINE_enum("lr_decay", _DEF.lr_decay, ["constant", "cosine"],
+                              "Learning-rate schedule (cosine: down to lr * lr_final).")
+_LR_FINAL = flags.DEFINE_float("lr_final", _DEF.lr_final, "Final lr fraction of --lr_decay=cosine.")
+_CLIP = flags.DEFINE_float("clip_norm", _DEF.clip_norm, "Clip the global gradient norm "
+                           "before Adam (0: no clipping).")
+_KEEP_BEST = flags.DEFINE_boolean("keep_best", _DEF.keep_best, "Return the parameters of the "
+                                  "lowest loss seen (else those of the last step).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per compiled batch.")
 _SIZE = flags.DEFINE_integer("size", None, "Fit at size x size (default: data size).")
 _PATIENTS = flags.DEFINE_list("patients", None, "Only these patients (or keys).")
@@ -53,7 +62,9 @@ def main(argv):
     import jax
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
   cfg = fit.FitConfig(
-      steps=_STEPS.value, lr=_LR.value, solver=_SOLVER.value, dt=_DT.value,
+      steps=_STEPS.value, lr=_LR.value, lr_decay=_LR_DECAY.value, lr_final=_LR_FINAL.value,
+      clip_norm=_CLIP.value or None, keep_best=_KEEP_BEST.value,
+      solver=_SOLVER.value, dt=_DT.value,
       sigma=_SIGMA.value, seed=_SEED.value,
       **{f"lambda_{t}": f.value for t, f in _LAMBDAS.items()},
   ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value})

@@ -100,6 +100,47 @@ def test_fit_batch_equals_single_fits_and_failure_is_isolated(small_seqs, mode):
   np.testing.assert_array_equal(res[0].masks, batch[0].masks)
 
 
+@pytest.mark.parametrize("mode", ["single", "vmap", "loop"])
+def test_keep_best_returns_the_parameters_of_the_lowest_loss(small_seqs, mode):
+  """The loss of step i belongs to the parameters after i updates, so a fit that
+  keeps the best of N steps equals a plain fit stopped after best_step steps."""
+  cfg = TINY_CFG.replace(steps=9, lr=0.1)
+  seq, key = _prep(small_seqs[0], cfg), jax.random.PRNGKey(3)
+  if mode == "single":
+    best = fit.fit_sequence(seq, cfg, key=key)
+  else:
+    best = fit.fit_batch([seq, _prep(small_seqs[1], cfg)], cfg, keys=[key, key],
+                         batch_mode=mode)[0]
+  loss = best.history["loss"]
+  assert 0 < best.best_step < cfg.steps - 1 and loss[-1] > loss.min()   # lr 0.1 overshoots
+  assert best.best_step == int(np.argmin(loss))
+  assert best.final["loss"] == pytest.approx(float(loss.min()))
+  stopped = fit.fit_sequence(seq, cfg.replace(steps=best.best_step, keep_best=False), key=key)
+  np.testing.assert_array_equal(best.masks, stopped.masks)
+  np.testing.assert_allclose(best.phi, stopped.phi, atol=1e-4)
+  last = fit.fit_sequence(seq, cfg.replace(keep_best=False), key=key)
+  assert last.best_step == -1 and last.final["loss"] == pytest.approx(float(loss[-1]), rel=1e-4)
+
+
+def test_optimizer_clipping_and_cosine_decay_against_hand_computed_adam():
+  """clip_by_global_norm rescales the gradient to the clip norm; the cosine lr
+  follows lr * (f + (1 - f) (1 + cos(pi t / steps)) / 2). With a constant
+  gradient Adam's bias-corrected update is -lr_t * g / (|g| + eps)."""
+  params = {"w": jnp.zeros(3)}
+  g = {"w": jnp.asarray([3.0, -4.0, 0.0])}   # global norm 5
+  cfg = fit.FitConfig(steps=10, lr=0.1, lr_decay="cosine", lr_final=0.2, clip_norm=0.5)
+  opt = fit._optimizer(cfg)
+  state = opt.init(params)
+  unit = np.asarray([3.0, -4.0, 0.0]) / 5 * 0.5     # the clipped gradient
+  for t in range(cfg.steps):
+    upd, state = opt.update(g, state, params)
+    lr_t = 0.1 * (0.2 + 0.8 * (1 + np.cos(np.pi * t / 10)) / 2)
+    np.testing.assert_allclose(upd["w"], -lr_t * unit / (np.abs(unit) + 1e-8), rtol=1e-5,
+                               atol=1e-7)
+  with pytest.raises(ValueError, match="lr_decay"):
+    fit._optimizer(fit.FitConfig(lr_decay="linear"))
+
+
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_sharded_over_4_devices_equals_single_device(small_seqs, mode):
   if jax.device_count() < 4:
