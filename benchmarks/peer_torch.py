@@ -433,6 +433,10 @@ def total_loss(terms: dict, cfg: FitConfig):
 class TorchFit:
   """Independent per-sequence fits: one model + Adam(cfg.lr) per sequence.
 
+  As fit._optimizer: the gradient's global norm is clipped to cfg.clip_norm and
+  the lr follows optax.cosine_decay_schedule when cfg.lr_decay == "cosine".
+  (fit's keep_best bookkeeping, one select per parameter, is not mirrored.)
+
   Args:
     seqs: prepared sequences (``fit.prepare_sequence``), numpy dicts.
     cfg: the FitConfig (Euler solver; model, lr, dt, sigma, lambdas are used).
@@ -465,6 +469,16 @@ class TorchFit:
       self.opts.append(torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                         betas=(0.9, 0.999), eps=1e-8))
       self.failed.append(False)
+    self.num_steps = 0
+
+  def lr(self, step: int) -> float:
+    """optax.cosine_decay_schedule(cfg.lr, cfg.steps, cfg.lr_final) or cfg.lr."""
+    cfg = self.cfg
+    if cfg.lr_decay == "constant":
+      return cfg.lr
+    n = max(1, cfg.steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, n) / n))
+    return cfg.lr * ((1 - cfg.lr_final) * cosine + cfg.lr_final)
 
   def loss_terms(self, i: int = 0):
     """(terms, phi) of sequence i with the current parameters (no update)."""
@@ -486,9 +500,17 @@ class TorchFit:
                          if p.grad is not None])
       finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grads).all())
       if finite and not self.failed[i]:
+        norm = float(torch.linalg.vector_norm(grads))
+        if self.cfg.clip_norm is not None and norm >= self.cfg.clip_norm:
+          for p in model.parameters():   # optax.clip_by_global_norm
+            if p.grad is not None:
+              p.grad.mul_(self.cfg.clip_norm / norm)
+        for group in opt.param_groups:
+          group["lr"] = self.lr(self.num_steps)
         opt.step()
       self.failed[i] = self.failed[i] or not finite
       out.append(loss.item())
+    self.num_steps += 1
     return out
 
 

@@ -1,6 +1,8 @@
 r"""Evaluates predictions / fit results against the ground truth (paper Table I).
 
   python experiments/evaluate.py --data=DATA.h5 --pred=PRED.h5 --out=DIR [--name=U-Net]
+  python experiments/evaluate.py --data=DATA.h5 --pred=PRED.h5 --out=DIR \
+      --splits=splits.json --split=valid
   python experiments/evaluate.py --data=DATA.h5 --pred=UNET.h5,ECHO.h5 \
       --name="U-Net,Echo-ODE (U-Net)" --out=DIR --figures
 
@@ -14,6 +16,7 @@ from absl import app, flags
 
 from echo_ode_jax import experiment, metrics
 from echo_ode_jax.errors import run_cli
+from echo_ode_jax.segmenters.train import split_keys
 
 flags.DEFINE_string("data", None, "Data HDF5 file (img, gt, attrs).", required=True)
 flags.DEFINE_list("pred", None, "Prediction or fit results HDF5 file(s), one per method.",
@@ -22,13 +25,20 @@ flags.DEFINE_list("name", None, "Method name(s), one per --pred (default: file n
 flags.DEFINE_string("out", None, "Output folder.", required=True)
 flags.DEFINE_bool("figures", False, "Also write the Fig. 2 / 3b / 4 style PNGs.")
 flags.DEFINE_string("key", None, "Sequence <patient>/<view> of the figures (default: first).")
+flags.DEFINE_string("splits", None, 'JSON {"train": [...], "valid": [...]} of patient names: '
+                    "evaluate only the patients of --split (default: every sequence of --data).")
+flags.DEFINE_enum("split", "valid", ["train", "valid"], "The part of --splits to evaluate.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
   names = experiment.method_names(FLAGS.pred, FLAGS.name)
-  results = {n: metrics.evaluate_files(FLAGS.data, p) for n, p in zip(names, FLAGS.pred)}
+  keys = None
+  if FLAGS.splits:
+    train, valid = split_keys(FLAGS.data, FLAGS.splits)
+    keys = valid if FLAGS.split == "valid" else train
+  results = {n: metrics.evaluate_files(FLAGS.data, p, keys) for n, p in zip(names, FLAGS.pred)}
   experiment.write_report(FLAGS.out, results,
                           {n: {"pred": p} for n, p in zip(names, FLAGS.pred)})
   if FLAGS.figures:

@@ -135,3 +135,24 @@ def test_evaluate_cli_missing_sequence_and_bad_input(files, tmp_path):
 
   r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", "--name=a,b", f"--out={out}")
   assert r.returncode == 2 and "--name: 2 names for 1 --pred files" in r.stderr
+
+
+def test_evaluate_cli_splits_restrict_to_one_part(files, tmp_path):
+  """--splits/--split: only the valid patients count, so a prediction of just
+  them has no missing (failed) sequence; without it, p2 is missing."""
+  part = tmp_path / "valid_only.h5"
+  _write(part, {"p2/4CH": _labels()}, "pred")
+  spl = tmp_path / "splits.json"
+  spl.write_text(json.dumps({"train": ["p1"], "valid": ["p2"]}))
+  r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'a'}",
+           f"--splits={spl}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  summ = experiment.read_summaries(tmp_path / "a" / "summary.json")["valid_only"]
+  assert summ["n_ok"] == 1 and summ["n_missing"] == 0 and summ["dice_endo"] == pytest.approx(1.0)
+  r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'b'}",
+           f"--splits={spl}", "--split=train")
+  summ = experiment.read_summaries(tmp_path / "b" / "summary.json")["valid_only"]
+  assert summ["n_ok"] == 0 and summ["n_missing"] == 1
+  r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'c'}",
+           f"--splits={tmp_path / 'nope.json'}")
+  assert r.returncode != 0 and "nope.json" in r.stderr and "Traceback" not in r.stderr

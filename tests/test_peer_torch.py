@@ -122,9 +122,12 @@ def test_batched_loss_and_gradients_match_jax(case):
     assert err <= 1e-3 * np.linalg.norm(g) + 1e-6 * total, (k, err, np.linalg.norm(g))
 
 
-def test_one_adam_step_matches_optax(case):
-  cfg = case["cfg"]
-  opt = optax.adam(cfg.lr)
+def test_adam_step_matches_optax(case):
+  """One step of fit's optimizer with the clip active; the cosine lr per step."""
+  cfg = case["cfg"].replace(steps=3)
+  assert cfg.clip_norm is not None and cfg.lr_decay == "cosine"
+  assert optax.global_norm(case["grads"]) > cfg.clip_norm     # the clip is active
+  opt = fit._optimizer(cfg)
   updates, _ = opt.update(case["grads"], opt.init(case["params"]), case["params"])
   (loss1, _), _ = case["value_and_grad"](optax.apply_updates(case["params"], updates))
   fitter = peer.TorchFit([case["seq"], case["seq"]], cfg, jax_params=case["params"])
@@ -132,6 +135,9 @@ def test_one_adam_step_matches_optax(case):
   l1 = fitter.step()
   assert l0 == pytest.approx([case["loss"]] * 2, rel=1e-4)
   assert l1 == pytest.approx([float(loss1)] * 2, rel=1e-3)
+  schedule = optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=cfg.lr_final)
+  for i in range(5):
+    assert fitter.lr(i) == pytest.approx(float(schedule(i)), rel=1e-6)
 
 
 def test_odeint_loss_matches_jax_inloop(case):
