@@ -204,6 +204,11 @@ def _optimizer(cfg: FitConfig):
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
 
 
+def _select(cond, new, old):
+  """Pytree-wise jnp.where(cond, new, old)."""
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
 class FitState(NamedTuple):
   """The optimisation state of one sequence (a pytree; stacked for vmap).
 
@@ -240,11 +245,9 @@ def make_step(cfg: FitConfig, formulation: str = "batched"):
     ok = finite & ~failed
     updates, new_opt = opt.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-    params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+    params, opt_state = _select(ok, new_params, params), _select(ok, new_opt, opt_state)
     better = ok & (loss < best_loss)
-    best_params = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b),
-                                         state.params, best_params)
+    best_params = _select(better, state.params, best_params)
     best_loss = jnp.where(better, loss, best_loss)
     fail_step = jnp.where(~finite & ~failed, i, fail_step)
     failed = failed | ~finite
@@ -266,8 +269,7 @@ def final_params(cfg: FitConfig, state: FitState):
   """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last."""
   if cfg.keep_best:
     # best_loss stays inf only if the very first step failed; then params = init.
-    return jax.tree_util.tree_map(lambda b, p: jnp.where(jnp.isfinite(state.best_loss), b, p),
-                                  state.best_params, state.params)
+    return _select(jnp.isfinite(state.best_loss), state.best_params, state.params)
   return state.params
 
 
