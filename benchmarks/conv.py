@@ -1,12 +1,13 @@
-"""Conv weight gradient on CPU: XLA's autodiff vs the shifted GEMMs of kernels.conv2d.
+"""Conv weight gradient on CPU: XLA's autodiff vs the "split" and "shifted" VJPs of kernels.conv2d.
 
   python benchmarks/conv.py [--size=128] [--batch=10] [--repeats=7] \
       [--channels=16:16,16:2,32:16,16:32,24:24,32:32,33:32,48:32,64:32,16:64]
 
 For each Ci:Co pair, a 3x3 stride-1 SAME convolution of a (batch, size, size,
 Ci) input: the forward pass, the input gradient and the weight gradient
-(XLA), and the weight gradient of conv2d(impl="shifted"), timed alternately in
-one run (median, ms), with the ratio and the impl that conv2d(impl=None) picks.
+(XLA), and the weight gradients of conv2d(impl="split") and conv2d(impl="shifted"),
+timed alternately in one run (median, ms), with the ratios to XLA's and the impl
+that conv2d(impl=None) picks.
 """
 import time
 
@@ -27,9 +28,9 @@ _CH = flags.DEFINE_list("channels", ["16:16", "16:2", "32:16", "16:32", "24:24",
 def main(_):
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {_BATCH.value}, "
         f"{_SIZE.value}^2")
-  print("| Ci→Co | forward | input grad | weight grad XLA | weight grad shifted "
-        "| XLA/shifted | auto picks |")
-  print("|---|---|---|---|---|---|---|")
+  print("| Ci→Co | forward | input grad | weight grad XLA | weight grad split "
+        "| weight grad shifted | XLA/split | XLA/shifted | auto picks |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for pair in _CH.value:
     ci, co = map(int, pair.split(":"))
     k = jax.random.PRNGKey(ci * 100 + co)
@@ -41,10 +42,12 @@ def main(_):
         "dx": jax.jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl="xla"), x)[1](g)[0]),
         "dw_xla": jax.jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="xla"), w)[1](g)[0]),
+        "dw_split": jax.jit(
+            lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="split"), w)[1](g)[0]),
         "dw_shifted": jax.jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="shifted"), w)[1](g)[0]),
     }
-    args = {"fwd": (x, w), "dx": (x, w, g), "dw_xla": (x, w, g), "dw_shifted": (x, w, g)}
+    args = {n: (x, w) if n == "fwd" else (x, w, g) for n in fns}
     for n, f in fns.items():
       jax.block_until_ready(f(*args[n]))
     ts = {n: [] for n in fns}
@@ -54,12 +57,11 @@ def main(_):
         jax.block_until_ready(f(*args[n]))
         ts[n].append(1e3 * (time.perf_counter() - t0))
     m = {n: float(np.median(v)) for n, v in ts.items()}
-    from echo_ode_jax.kernels._conv import SHIFTED_MIN_OUT_CHANNELS
-    auto = "shifted" if (jax.default_backend() == "cpu"
-                         and co >= SHIFTED_MIN_OUT_CHANNELS) else "xla"
+    from echo_ode_jax.kernels._conv import SPLIT_CHANNELS
+    auto = "split" if jax.default_backend() == "cpu" and co > SPLIT_CHANNELS else "xla"
     print(f"| {ci}→{co} | {m['fwd']:.0f} | {m['dx']:.0f} | {m['dw_xla']:.0f} "
-          f"| {m['dw_shifted']:.0f} | {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} |",
-          flush=True)
+          f"| {m['dw_split']:.0f} | {m['dw_shifted']:.0f} | {m['dw_xla'] / m['dw_split']:.2f} "
+          f"| {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class ModelConfig:
   input_i0: bool = False        # also feed I_0 (not in the paper; for ablations)
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
-  conv_impl: str | None = None  # kernels.conv2d impl: "shifted", "xla"; None: per backend
+  conv_impl: str | None = None  # kernels.conv2d impl: "split", "shifted", "xla"; None: per backend
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

@@ -1,11 +1,11 @@
-"""conv2d's hand-written VJP (shifted-GEMM weight gradient) against lax and its autodiff."""
+"""conv2d's hand-written VJPs ("split" and "shifted" weight gradients) against lax and its autodiff."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from echo_ode_jax.kernels import conv2d, weight_grad_shifted
+from echo_ode_jax.kernels import conv2d, weight_grad_shifted, weight_grad_split
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
 
 
@@ -15,16 +15,19 @@ def _lax_conv(x, w, strides, padding="SAME"):
 
 
 # Odd and even sizes as the U-Net produces them (128 -> 64 -> ... and odd crops),
-# stride 1 and 2, channel counts that are not multiples of anything.
+# stride 1 and 2, channel counts that are not multiples of anything; "split"
+# groups output channels by 16, so 17, 33 and 40 give a short last group.
+@pytest.mark.parametrize("impl", ["shifted", "split"])
 @pytest.mark.parametrize("n,h,w,ci,co,s", [
     (2, 17, 23, 3, 5, 1), (3, 16, 16, 4, 6, 2), (1, 9, 7, 2, 3, 2), (2, 33, 32, 5, 4, 1),
-    (1, 5, 5, 1, 2, 1), (4, 12, 10, 8, 8, 2)])
-def test_conv2d_matches_lax_and_its_autodiff(n, h, w, ci, co, s):
+    (1, 5, 5, 1, 2, 1), (4, 12, 10, 8, 8, 2), (2, 15, 9, 3, 17, 1), (1, 13, 11, 4, 33, 2),
+    (2, 8, 8, 33, 40, 1)])
+def test_conv2d_matches_lax_and_its_autodiff(impl, n, h, w, ci, co, s):
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(n * 100 + h), 3)
   x = jax.random.normal(kx, (n, h, w, ci))
   k = jax.random.normal(kw, (3, 3, ci, co)) * 0.3
   y_ref, vjp_ref = jax.vjp(lambda x_, k_: _lax_conv(x_, k_, (s, s)), x, k)
-  y, vjp = jax.vjp(lambda x_, k_: conv2d(x_, k_, (s, s), impl="shifted"), x, k)
+  y, vjp = jax.vjp(lambda x_, k_: conv2d(x_, k_, (s, s), impl=impl), x, k)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   g = jax.random.normal(kg, y.shape)
   for a, b in zip(jax.jit(vjp)(g), vjp_ref(g)):
@@ -32,38 +35,42 @@ def test_conv2d_matches_lax_and_its_autodiff(n, h, w, ci, co, s):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale)
 
 
-def test_weight_grad_against_float64_numpy_sum():
+@pytest.mark.parametrize("weight_grad", [weight_grad_shifted, weight_grad_split])
+def test_weight_grad_against_float64_numpy_sum(weight_grad):
   """dW[i, j] = sum over positions of x_pad[s*y + i, s*x + j] (x) g[y, x], by loops."""
   rng = np.random.default_rng(0)
   for s in (1, 2):
     x = rng.normal(size=(2, 7, 6, 3))
     ho, wo = -(-7 // s), -(-6 // s)
-    g = rng.normal(size=(2, ho, wo, 4))
+    g = rng.normal(size=(2, ho, wo, 19))   # 19 output channels: groups of 16 and 3
     pads = lax.padtype_to_pads((7, 6), (3, 3), (s, s), "SAME")
     xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    ref = np.zeros((3, 3, 3, 4))
+    ref = np.zeros((3, 3, 3, 19))
     for i in range(3):
       for j in range(3):
         win = xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
         ref[i, j] = np.einsum("nyxc,nyxo->co", win, g)
-    got = weight_grad_shifted(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
-                              (3, 3), (s, s), pads)
+    got = weight_grad(jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32),
+                      (3, 3), (s, s), pads)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_conv2d_under_vmap_and_jit():
+@pytest.mark.parametrize("impl", ["shifted", "split"])
+def test_conv2d_under_vmap_and_jit(impl):
   """Batched over independent kernels (as fit_batch's vmap mode) == a loop."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 10, 11, 4))
-  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 5))
-  loss = lambda x_, k_: jnp.sum(jnp.sin(conv2d(x_, k_, (1, 1), impl="shifted")))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4, 20))
+  loss = lambda x_, k_: jnp.sum(jnp.sin(conv2d(x_, k_, (1, 1), impl=impl)))
   gv = jax.jit(jax.vmap(jax.grad(loss, argnums=1)))(x, k)
   ref = [jax.grad(lambda k_: jnp.sum(jnp.sin(_lax_conv(x[b], k_, (1, 1)))))(k[b])
          for b in range(3)]
   np.testing.assert_allclose(gv, np.stack(ref), rtol=1e-4, atol=1e-5)
 
 
-def test_velocity_net_gradients_equal_for_both_impls():
-  cfg = ModelConfig(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4)
+@pytest.mark.parametrize("impl", ["shifted", "split"])
+def test_velocity_net_gradients_equal_for_custom_and_xla_impls(impl):
+  # 20 channels somewhere, so "split" has more than one group of 16.
+  cfg = ModelConfig(enc_channels=(8, 20), dec_channels=(20, 8, 8), pe_dim=8, spade_hidden=4)
   params = init_params(cfg, jax.random.PRNGKey(0), (20, 18))
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
@@ -77,7 +84,7 @@ def test_velocity_net_gradients_equal_for_both_impls():
     net = VelocityUNet(cfg.replace(conv_impl=impl))
     return jax.grad(lambda p: jnp.sum(net.apply({"params": p}, imgs, m0, t) ** 2))(params)
 
-  for a, b in zip(jax.tree_util.tree_leaves(grads("shifted")),
+  for a, b in zip(jax.tree_util.tree_leaves(grads(impl)),
                   jax.tree_util.tree_leaves(grads("xla"))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b)) + 1))
 
@@ -85,3 +92,16 @@ def test_velocity_net_gradients_equal_for_both_impls():
 def test_bad_impl_is_rejected():
   with pytest.raises(ValueError, match="impl"):
     conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="cudnn")
+
+
+def test_default_impl_on_cpu_splits_wide_convs_only():
+  """impl=None on CPU: "split" above SPLIT_CHANNELS output channels; jaxpr shows it."""
+  from echo_ode_jax.kernels import _conv
+  x = jnp.zeros((1, 6, 6, 2))
+  def has_custom_vjp(co):
+    jaxpr = jax.make_jaxpr(lambda k: conv2d(x, k))(jnp.zeros((3, 3, 2, co)))
+    return any("custom_vjp" in e.primitive.name for e in jaxpr.eqns)
+  if jax.default_backend() != "cpu":
+    pytest.skip("the default differs off CPU")
+  assert not has_custom_vjp(_conv.SPLIT_CHANNELS)
+  assert has_custom_vjp(_conv.SPLIT_CHANNELS + 1)

@@ -1,25 +1,24 @@
-"""2-D convolution with a hand-written VJP whose weight gradient is shifted GEMMs.
+"""2-D convolution with hand-written VJPs whose weight gradient avoids XLA:CPU's slow path.
 
 XLA:CPU computes a convolution's weight gradient as a convolution with a huge
-"kernel" (the whole output map), which runs 2-4x slower than the forward pass.
-The same gradient is a sum over the kh*kw kernel taps of one GEMM each:
+"kernel" (the whole output map). On the CPUs measured here that runs near the
+matmul rate when the conv has at most 16 output channels and 3-10x slower with
+32 or 64 (`python benchmarks/conv.py`, in BENCHMARKS.md). Two rewrites of the
+same gradient, each exact up to float32 summation order:
 
-  dW[i, j] = sum_{n, y, x} X_pad[n, s*y + i, s*x + j, :]^T  dY[n, y, x, :]
+  "split"    XLA's own weight gradient, once per group of SPLIT_CHANNELS (16)
+             output channels (slices of the output cotangent), concatenated.
+  "shifted"  a sum over the kh*kw kernel taps of one GEMM each:
+               dW[i, j] = sum_{n, y, x} X_pad[n, s*y + i, s*x + j, :]^T dY[n, y, x, :]
+             For stride 1 the taps are contiguous windows of the padded input
+             flattened over (images, rows, padded width), with the cotangent
+             padded to the same grid.
 
-which is what the "shifted" implementation computes. For stride 1 the taps
-are contiguous slices of the padded input flattened over (images, rows, padded
-width), with the output cotangent padded to the same grid, so no strided copy
-is made. The input gradient is XLA's (a transposed convolution, as fast as the
-forward pass).
-
-XLA:CPU's own weight gradient is fast for narrow outputs and slow for wide
-ones (at 128^2, batch 10: 2-3x slower than the shifted GEMMs at 24 or more
-output channels, ~4x faster at 16 or fewer; `python benchmarks/conv.py`, in
-BENCHMARKS.md).
-So by default (impl=None) a CPU conv with
-at least 24 output channels uses "shifted", every other conv XLA's; on other
-backends every conv is plain `lax.conv_general_dilated`, whose autodiff maps
-to cuDNN. The choice is made at trace time.
+Both keep XLA's forward pass and input gradient (a transposed convolution, as
+fast as the forward pass). By default (impl=None) a CPU conv with more than
+SPLIT_CHANNELS output channels uses "split" and every other conv plain XLA; on
+other backends every conv is `lax.conv_general_dilated`, whose autodiff maps to
+cuDNN. The choice is made at trace time.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 _DN = ("NHWC", "HWIO", "NHWC")
-SHIFTED_MIN_OUT_CHANNELS = 24   # CPU default: "shifted" from this many output channels
+SPLIT_CHANNELS = 16   # CPU default: "split" above this many output channels, in groups of it
 
 
 def _pads(hw, kernel_hw, strides, padding):
@@ -84,24 +83,40 @@ def weight_grad_shifted(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co
   return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_shifted(x, kernel, strides, pads):
+def weight_grad_split(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
+                      kernel_hw: tuple[int, int], strides: tuple[int, int], pads,
+                      channels: int = SPLIT_CHANNELS) -> Float[Array, "kh kw Ci Co"]:
+  """dL/dW as XLA's weight gradient per group of `channels` output channels."""
+  def one(g_part):
+    zero = jnp.zeros(tuple(kernel_hw) + (x.shape[-1], g_part.shape[-1]), x.dtype)
+    _, vjp = jax.vjp(lambda k: _conv(x, k, strides, pads), zero)
+    return vjp(g_part)[0]
+  co = g.shape[-1]
+  return jnp.concatenate([one(g[..., a:a + channels]) for a in range(0, co, channels)],
+                         axis=-1)
+
+
+_WEIGHT_GRADS = {"shifted": weight_grad_shifted, "split": weight_grad_split}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_custom(x, kernel, strides, pads, impl):
   return _conv(x, kernel, strides, pads)
 
 
-def _conv_shifted_fwd(x, kernel, strides, pads):
+def _conv_custom_fwd(x, kernel, strides, pads, impl):
   return _conv(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv_shifted_bwd(strides, pads, res, g):
+def _conv_custom_bwd(strides, pads, impl, res, g):
   x, kernel = res
   _, dx_fn = jax.vjp(lambda x_: _conv(x_, kernel, strides, pads), x)
   (dx,) = dx_fn(g)
-  dw = weight_grad_shifted(x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
+  dw = _WEIGHT_GRADS[impl](x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
   return dx, dw
 
 
-_conv_shifted.defvjp(_conv_shifted_fwd, _conv_shifted_bwd)
+_conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
 def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
@@ -109,17 +124,18 @@ def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
            ) -> Float[Array, "N Ho Wo Co"]:
   """NHWC x HWIO convolution, flax/TF "SAME" (or explicit) padding.
 
-  impl: "shifted" (the custom VJP above), "xla" (lax.conv_general_dilated and
-  its autodiff), or None: on the CPU backend "shifted" when the kernel has at
-  least SHIFTED_MIN_OUT_CHANNELS output channels, else "xla" (module docstring).
+  impl: "split" or "shifted" (the custom VJPs above), "xla"
+  (lax.conv_general_dilated and its autodiff), or None: on the CPU backend
+  "split" when the kernel has more than SPLIT_CHANNELS output channels, else
+  "xla" (module docstring).
   """
   strides = tuple(int(s) for s in strides)
   pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
   if impl is None:
     cpu = jax.default_backend() == "cpu"
-    impl = "shifted" if cpu and kernel.shape[-1] >= SHIFTED_MIN_OUT_CHANNELS else "xla"
-  if impl == "shifted":
-    return _conv_shifted(x, kernel, strides, pads)
+    impl = "split" if cpu and kernel.shape[-1] > SPLIT_CHANNELS else "xla"
+  if impl in _WEIGHT_GRADS:
+    return _conv_custom(x, kernel, strides, pads, impl)
   if impl == "xla":
     return _conv(x, kernel, strides, pads)
-  raise ValueError(f"conv2d: impl must be 'shifted', 'xla' or None, got {impl!r}")
+  raise ValueError(f"conv2d: impl must be 'split', 'shifted', 'xla' or None, got {impl!r}")
