@@ -52,9 +52,10 @@ class FitConfig:
   (a 64^2 synthetic sequence collapsed to Dice 0.07 with 39% folding), and
   R_Jdet at weight 1 leaves 1-2% of pixels folded. The defaults therefore clip
   the gradient norm to 1, decay the lr with a cosine to 0.001, weight R_Jdet
-  by 10 and return the best-loss parameters (the same sequence then reached
-  endo Dice 0.96 with 0.1% folding; BENCHMARKS.md). lr_decay="constant",
-  clip_norm=None, keep_best=False and lambda_jdet=1 give plain Adam.
+  by 100 and R_smt by 0.03, and return the best-loss parameters (the same
+  sequence then reached endo Dice 0.96 with no folding; BENCHMARKS.md, fit
+  stability). lr_decay="constant", clip_norm=None, keep_best=False,
+  lambda_jdet=1 and lambda_smt=0 give plain Adam on the paper's terms.
   """
   steps: int = 1000
   lr: float = 0.01
@@ -68,8 +69,8 @@ class FitConfig:
   lambda_sim: float = 1.0
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
-  lambda_jdet: float = 10.0
-  lambda_smt: float = 0.0
+  lambda_jdet: float = 100.0
+  lambda_smt: float = 0.03
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
   scan_steps: int | None = None  # steps per compiled call (default: see steps_per_call)

@@ -1,0 +1,168 @@
+"""Where one fit step's time goes: network forward / backward and XLA op kinds (not in CI).
+
+  python benchmarks/step_profile.py [--size=128] [--frames=20] [--repeats=5] \
+      [--conv_impl=split|shifted|xla] [--vs_torch] [--torch_threads=N] [--top=25]
+
+On the synthetic sequence of `fit_speed.py` (T frames, Euler dt 0.1, 10 knots),
+with the initial parameters plus N(0, 0.05) noise (so the zero-initialised
+layers carry gradient), it times (median of `repeats` after one warm-up):
+  * the velocity network's forward pass at the 10 knots;
+  * forward + backward of the network alone (the gradient of sum(V * R) with a
+    fixed random R);
+  * the gradient of the whole fit loss (network, ODE, warps, losses);
+  * the gradient of the loss with respect to the knots (everything but the
+    network);
+with --vs_torch the same first three for the PyTorch peer (`peer_torch.py`,
+benchmark environment only), alternating with JAX. Then it traces three calls
+of the loss gradient with `jax.profiler` and prints the time per call summed by
+XLA op kind (fusion name without its number) and the `top` single ops with
+their HLO result shapes.
+"""
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from echo_ode_jax import fit, flow, losses
+from echo_ode_jax import model as model_lib
+from echo_ode_jax.data import synthetic
+
+_SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
+_FRAMES = flags.DEFINE_integer("frames", 20, "Frames of the sequence.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (median).")
+_IMPL = flags.DEFINE_string("conv_impl", None, "ModelConfig.conv_impl (default: per backend).")
+_TORCH = flags.DEFINE_bool("vs_torch", False, "Also time the PyTorch peer.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
+                                      "torch.set_num_threads (default: torch's).")
+_TOP = flags.DEFINE_integer("top", 25, "Single ops to list.")
+
+
+def _median_ms(f, n):
+  jax.block_until_ready(f())
+  ts = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f())
+    ts.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(ts))
+
+
+def _op_times(trace_dir, calls):
+  path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+  ev = json.load(gzip.open(path))
+  tot = collections.Counter()
+  for e in ev["traceEvents"] if isinstance(ev, dict) else ev:
+    if e.get("ph") == "X":
+      tot[e["name"]] += e.get("dur", 0) / 1e3 / calls     # ms per call
+  wrappers = ("PjitFunction", "ThunkExecutor", "CommonPjRt", "$")
+  return {n: t for n, t in tot.items() if not n.startswith(wrappers)}
+
+
+def main(_):
+  cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
+  size = _SIZE.value
+  s, _ = synthetic.make_sequence(0, size=size, num_frames=_FRAMES.value)   # as fit_speed.py
+  seq_np = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg)
+  seq = jax.tree_util.tree_map(jnp.asarray, seq_np)
+  params = model_lib.init_params(cfg.model, jax.random.PRNGKey(0), (size, size))
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+      tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  apply = model_lib.VelocityUNet(cfg.model).apply
+  kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt), jnp.float32)
+  imgs, m0 = seq["image_knots"][..., None], seq["m0"]
+  i0 = seq["images"][0][..., None]
+  r = jax.random.normal(jax.random.PRNGKey(2), (kt.shape[0], size, size, 2))
+
+  net = lambda p: apply({"params": p}, imgs, m0, kt, i0)
+  fwd = jax.jit(net)
+  net_grad = jax.jit(jax.grad(lambda p: jnp.sum(net(p) * r)))
+  loss_grad = jax.jit(jax.grad(
+      lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)))
+  knots0 = fwd(params)
+
+  # The loss with the network replaced by fixed knots: loss_terms through a
+  # constant apply_fn that returns them.
+  knots_grad = jax.jit(jax.grad(lambda kn: losses.total_loss(
+      losses.loss_terms(params, seq, cfg, lambda *a, **k: kn)[0], cfg)))
+
+  rows = [("network forward", lambda: fwd(params)),
+          ("network forward + backward", lambda: net_grad(params)),
+          ("loss gradient (the fit step's work)", lambda: loss_grad(params)),
+          ("loss gradient w.r.t. the knots (no network)", lambda: knots_grad(knots0))]
+  torch_rows = {}
+  if _TORCH.value:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peer_torch as pt  # benchmark environment only
+    import torch
+    if _TORCH_THREADS.value:
+      torch.set_num_threads(_TORCH_THREADS.value)
+    tm = pt.params_from_flax(pt.TorchVelocityUNet(cfg.model), params)
+    ts = pt.seq_tensors(seq_np)
+    nchw = lambda a: torch.tensor(np.asarray(a)).permute(0, 3, 1, 2).contiguous()
+    t_imgs, t_r = nchw(imgs), nchw(r)
+    t_m0 = torch.tensor(np.asarray(m0)).permute(2, 0, 1).contiguous()
+    t_i0 = torch.tensor(np.asarray(i0)).permute(2, 0, 1).contiguous()
+    t_kt = torch.tensor(np.asarray(kt))
+
+    def t_fwd():
+      with torch.no_grad():
+        tm(t_imgs, t_m0, t_kt, t_i0)
+
+    def t_net_grad():
+      tm.zero_grad()
+      (tm(t_imgs, t_m0, t_kt, t_i0) * t_r).sum().backward()
+
+    def t_loss_grad():
+      tm.zero_grad()
+      pt.total_loss(pt.loss_terms(tm, ts, cfg, "batched")[0], cfg).backward()
+    torch_rows = {0: t_fwd, 1: t_net_grad, 2: t_loss_grad}
+
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {size}^2, "
+        f"T={_FRAMES.value}, {kt.shape[0]} knots, conv_impl={_IMPL.value}")
+  print("| part | JAX ms | PyTorch ms | torch/JAX |")
+  print("|---|---|---|---|")
+  for i, (name, f) in enumerate(rows):
+    tj = _median_ms(f, _REPEATS.value)
+    if i in torch_rows:
+      tt = _median_ms(torch_rows[i], _REPEATS.value)
+      print(f"| {name} | {tj:.0f} | {tt:.0f} | {tt / tj:.2f} |", flush=True)
+    else:
+      print(f"| {name} | {tj:.0f} | | |", flush=True)
+
+  calls = 3
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(loss_grad(params))
+    ops = _op_times(d, calls)
+  hlo = loss_grad.lower(params).compile().as_text()
+  kinds = collections.Counter()
+  for n, t in ops.items():
+    kinds[re.sub(r"[._]\d+$", "", n)] += t
+  print(f"\ntraced loss gradient: {sum(ops.values()):.0f} ms per call in XLA ops")
+  print("| op kind | ms per call |")
+  print("|---|---|")
+  for n, t in kinds.most_common(15):
+    print(f"| {n} | {t:.1f} |")
+  print("\n| op | ms per call | HLO |")
+  print("|---|---|---|")
+  for n, t in sorted(ops.items(), key=lambda kv: -kv[1])[:_TOP.value]:
+    m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(n) + r" = ([^\n]{0,160})", hlo)
+    desc = m.group(1).split(", metadata")[0][:110] if m else ""
+    print(f"| {n} | {t:.1f} | `{desc}` |")
+
+
+if __name__ == "__main__":
+  app.run(main)
