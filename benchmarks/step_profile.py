@@ -1,7 +1,8 @@
 """Where one fit step's time goes: network forward / backward and XLA op kinds (not in CI).
 
   python benchmarks/step_profile.py [--size=128] [--frames=20] [--repeats=5] \
-      [--conv_impl=split|shifted|xla] [--vs_torch] [--torch_threads=N] [--top=25]
+      [--conv_impl=split|shifted|xla] [--vs_torch] [--torch_threads=N] [--top=25] \
+      [--loss_only]
 
 On the synthetic sequence of `fit_speed.py` (T frames, Euler dt 0.1, 10 knots),
 with the initial parameters plus N(0, 0.05) noise (so the zero-initialised
@@ -45,6 +46,8 @@ _TORCH = flags.DEFINE_bool("vs_torch", False, "Also time the PyTorch peer.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
                                       "torch.set_num_threads (default: torch's).")
 _TOP = flags.DEFINE_integer("top", 25, "Single ops to list.")
+_LOSS_ONLY = flags.DEFINE_bool("loss_only", False,
+                               "Time the loss gradient only; no other parts, no trace.")
 
 
 def _median_ms(f, n):
@@ -101,8 +104,10 @@ def main(_):
           ("network forward + backward", lambda: net_grad(params)),
           ("loss gradient (the fit step's work)", lambda: loss_grad(params)),
           ("loss gradient w.r.t. the knots (no network)", lambda: knots_grad(knots0))]
+  if _LOSS_ONLY.value:
+    rows = rows[2:3]
   torch_rows = {}
-  if _TORCH.value:
+  if _TORCH.value and not _LOSS_ONLY.value:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peer_torch as pt  # benchmark environment only
     import torch
@@ -141,6 +146,8 @@ def main(_):
     else:
       print(f"| {name} | {tj:.0f} | | |", flush=True)
 
+  if _LOSS_ONLY.value:
+    return
   calls = 3
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
