@@ -2,8 +2,8 @@
 
 XLA:CPU computes a convolution's weight gradient as a convolution with a huge
 "kernel" (the whole output map). On the CPUs measured here that runs near the
-matmul rate when the conv has at most 16 output channels and 3-10x slower with
-32 or 64 (`python benchmarks/conv.py`, in BENCHMARKS.md). Two rewrites of the
+matmul rate when the conv has at most 16 output channels and 2-4x slower than
+"split" below with 24 to 64 (`python benchmarks/conv.py`, in BENCHMARKS.md). Two rewrites of the
 same gradient, each exact up to float32 summation order:
 
   "split"    XLA's own weight gradient, once per group of SPLIT_CHANNELS (16)
