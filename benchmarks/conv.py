@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echo_ode_jax.kernels import conv2d
+from echo_ode_jax.kernels._conv import default_impl
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 10, "Batch (the knots of one fit).")
@@ -57,8 +58,7 @@ def main(_):
         jax.block_until_ready(f(*args[n]))
         ts[n].append(1e3 * (time.perf_counter() - t0))
     m = {n: float(np.median(v)) for n, v in ts.items()}
-    from echo_ode_jax.kernels._conv import SPLIT_CHANNELS
-    auto = "split" if jax.default_backend() == "cpu" and co > SPLIT_CHANNELS else "xla"
+    auto = default_impl(co)
     print(f"| {ci}→{co} | {m['fwd']:.0f} | {m['dx']:.0f} | {m['dw_xla']:.0f} "
           f"| {m['dw_split']:.0f} | {m['dw_shifted']:.0f} | {m['dw_xla'] / m['dw_split']:.2f} "
           f"| {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} |", flush=True)

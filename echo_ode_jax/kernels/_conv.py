@@ -119,6 +119,12 @@ def _conv_custom_bwd(strides, pads, impl, res, g):
 _conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
+def default_impl(out_channels: int) -> str:
+  """The impl conv2d(impl=None) uses on this backend for `out_channels` outputs."""
+  cpu = jax.default_backend() == "cpu"
+  return "split" if cpu and out_channels > SPLIT_CHANNELS else "xla"
+
+
 def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
            strides: tuple[int, int] = (1, 1), padding="SAME", impl: str | None = None
            ) -> Float[Array, "N Ho Wo Co"]:
@@ -132,8 +138,7 @@ def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   strides = tuple(int(s) for s in strides)
   pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
   if impl is None:
-    cpu = jax.default_backend() == "cpu"
-    impl = "split" if cpu and kernel.shape[-1] > SPLIT_CHANNELS else "xla"
+    impl = default_impl(kernel.shape[-1])
   if impl in _WEIGHT_GRADS:
     return _conv_custom(x, kernel, strides, pads, impl)
   if impl == "xla":
