@@ -2,10 +2,10 @@
 
   python benchmarks/xla_flags.py [--size=128] [--repeats=5] [--base_flags="..."]
 
-Runs `step_profile.py --loss_only` once with no extra flag, then once per entry
-of SETTINGS (its XLA_FLAGS appended to --base_flags, and the conv_impl given):
-each setting is its own process, one after the other, so
-compare rows of one invocation only. Prints a markdown table (median ms).
+Runs `step_profile.py --loss_only` once per entry of SETTINGS (the first is
+the defaults), with its flag appended to --base_flags and its conv_impl. Each
+setting is its own process, one after the other, so compare rows of one
+invocation only. Prints a markdown table (median ms).
 """
 import os
 import re
