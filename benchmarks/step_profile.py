@@ -2,7 +2,7 @@
 
   python benchmarks/step_profile.py [--size=128] [--frames=20] [--repeats=5] \
       [--conv_impl=split|shifted|xla] [--vs_torch] [--torch_threads=N] [--top=25] \
-      [--loss_only]
+      [--loss_only] [--grid="model.subpixel_up=true,false"]
 
 On the synthetic sequence of `fit_speed.py` (T frames, Euler dt 0.1, 10 knots),
 with the initial parameters plus N(0, 0.05) noise (so the zero-initialised
@@ -18,6 +18,11 @@ benchmark environment only), alternating with JAX. Then it traces three calls
 of the loss gradient with `jax.profiler` and prints the time per call summed by
 XLA op kind (fusion name without its number) and the `top` single ops with
 their HLO result shapes.
+
+--grid (the syntax of `experiments/ablate.py`) instead times only the loss
+gradient under each grid row's FitConfig, the rows called in turn for
+`repeats` rounds on the same parameters, and prints each row's median and its
+time relative to the first row: an A/B measured in one process.
 """
 import collections
 import glob
@@ -34,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import fit, flow, losses
+from echo_ode_jax import experiment, fit, flow, losses
 from echo_ode_jax import model as model_lib
 from echo_ode_jax.data import synthetic
 
@@ -48,6 +53,8 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
 _TOP = flags.DEFINE_integer("top", 25, "Single ops to list.")
 _LOSS_ONLY = flags.DEFINE_bool("loss_only", False,
                                "Time the loss gradient only; no other parts, no trace.")
+_GRID = flags.DEFINE_string("grid", None, "Time the loss gradient for each of these "
+                            "configs, interleaved (experiments/ablate.py --grid syntax).")
 
 
 def _median_ms(f, n):
@@ -71,6 +78,29 @@ def _op_times(trace_dir, calls):
   return {n: t for n, t in tot.items() if not n.startswith(wrappers)}
 
 
+def _grid_ab(cfg, seq, params, rows):
+  """Median ms of the loss gradient per grid row, the rows interleaved."""
+  fns = []
+  for ov in rows:
+    c = experiment.apply_overrides(cfg, ov)
+    apply = model_lib.VelocityUNet(c.model).apply
+    f = jax.jit(jax.grad(lambda p, c=c, apply=apply: losses.total_loss(
+        losses.loss_terms(p, seq, c, apply)[0], c)))
+    jax.block_until_ready(f(params))     # compile + warm-up
+    fns.append(f)
+  times = [[] for _ in rows]
+  for _ in range(_REPEATS.value):
+    for f, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params))
+      ts.append(time.perf_counter() - t0)
+  med = [1e3 * float(np.median(ts)) for ts in times]
+  print("| config | loss gradient ms | / first row |")
+  print("|---|---|---|")
+  for ov, m in zip(rows, med):
+    print(f"| {experiment.row_label(ov) or 'defaults'} | {m:.0f} | {m / med[0]:.3f} |")
+
+
 def main(_):
   cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
   size = _SIZE.value
@@ -87,6 +117,11 @@ def main(_):
   imgs, m0 = seq["image_knots"][..., None], seq["m0"]
   i0 = seq["images"][0][..., None]
   r = jax.random.normal(jax.random.PRNGKey(2), (kt.shape[0], size, size, 2))
+  if _GRID.value:
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {size}^2, "
+          f"T={_FRAMES.value}, {kt.shape[0]} knots, {_REPEATS.value} rounds")
+    _grid_ab(cfg, seq, params, experiment.parse_grid(_GRID.value))
+    return
 
   net = lambda p: apply({"params": p}, imgs, m0, kt, i0)
   fwd = jax.jit(net)

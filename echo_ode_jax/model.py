@@ -27,6 +27,7 @@ depend only on m_0 are computed once, not K times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence as Seq
 
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import conv2d
+from echo_ode_jax.kernels import conv2d, conv2d_up_concat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class ModelConfig:
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
   conv_impl: str | None = None  # kernels.conv2d impl: "split", "shifted", "xla"; None: per backend
+  subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
+                                # function and parameters; False materialises both maps)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -103,6 +106,24 @@ class Conv(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
                impl=self.impl)
+    return y + bias.astype(self.dtype)
+
+
+class UpConcatConv(Conv):
+  """Conv(concat([x2 nearest upsampling of x, skip])) with Conv's parameters.
+
+  Computed by :func:`kernels.conv2d_up_concat` (the upsampled map and the
+  concatenation are never materialised); kernel_size must be 3x3, strides 1.
+  """
+
+  @nn.compact
+  def __call__(self, x, skip):
+    cin = x.shape[-1] + skip.shape[-1]
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (cin, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    y = conv2d_up_concat(x.astype(self.dtype), skip.astype(self.dtype),
+                         kernel.astype(self.dtype), impl=self.impl)
     return y + bias.astype(self.dtype)
 
 
@@ -160,8 +181,13 @@ class VelocityUNet(nn.Module):
     # Decoder.
     m0 = m0.astype(dtype)
     n_up = len(cfg.enc_channels)
+    skip = None       # set: x is still to be upsampled and concatenated with it
     for i, ch in enumerate(cfg.dec_channels):
-      x = Conv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x)
+      if skip is None:
+        x = Conv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x)
+      else:
+        x = UpConcatConv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x, skip)
+        skip = None
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
@@ -170,20 +196,32 @@ class VelocityUNet(nn.Module):
       x = act(x)
       if i < n_up:
         skip = skips[n_up - 1 - i]
-        x = jnp.concatenate([upsample2(x, skip.shape[1:3]), skip], axis=-1)
+        if not cfg.subpixel_up or i + 1 == len(cfg.dec_channels):
+          x = jnp.concatenate([upsample2(x, skip.shape[1:3]), skip], axis=-1)
+          skip = None
     v = Conv(2, dtype=dtype, impl=cfg.conv_impl, kernel_init=nn.initializers.zeros,
              name="flow")(x)
     del k
     return (v.astype(jnp.float32) * cfg.velocity_scale)
 
 
-def init_params(config: ModelConfig, key, shape_hw: Seq[int]):
-  """Parameters for images of size shape_hw."""
+@functools.lru_cache(maxsize=32)
+def _init_fn(config: ModelConfig, shape_hw: tuple[int, int]):
+  """jit: key -> params, one compile per config and size.
+
+  Compiled without XLA's backend optimisations: the program runs once, and on
+  CPU the optimised compile of ~30 threefry draws takes ~3x longer (10 s).
+  """
   h, w = shape_hw
-  model = VelocityUNet(config)
   dummy = (jnp.zeros((1, h, w, 1)), jnp.zeros((h, w, config.num_classes)), jnp.zeros((1,)),
            jnp.zeros((h, w, 1)))
-  return model.init(key, *dummy)["params"]
+  return jax.jit(lambda key: VelocityUNet(config).init(key, *dummy)["params"],
+                 compiler_options={"xla_backend_optimization_level": 0})
+
+
+def init_params(config: ModelConfig, key, shape_hw: Seq[int]):
+  """Parameters for images of size shape_hw."""
+  return _init_fn(config, tuple(int(s) for s in shape_hw))(key)
 
 
 def count_params(params) -> int:

@@ -144,3 +144,48 @@ def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   if impl == "xla":
     return _conv(x, kernel, strides, pads)
   raise ValueError(f"conv2d: impl must be 'split', 'shifted', 'xla' or None, got {impl!r}")
+
+
+def _upsample2(x, shape_hw):
+  """x2 nearest upsampling of (N, h, w, C), cropped to shape_hw."""
+  x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return x[:, :shape_hw[0], :shape_hw[1], :]
+
+
+def _phase_taps(k):
+  """Row (axis 0) taps of a 3-tap kernel seen by the two output phases of a x2
+  nearest upsampling: phase 0 reads input rows (i-1, i) with weights
+  (k0, k1 + k2), phase 1 reads (i, i+1) with (k0 + k1, k2). Returns the two
+  2-tap kernels and their (before, after) paddings."""
+  return ((jnp.stack([k[0], k[1] + k[2]]), (1, 0)),
+          (jnp.stack([k[0] + k[1], k[2]]), (0, 1)))
+
+
+def conv2d_up_concat(x: Float[Array, "N h w Cx"], skip: Float[Array, "N H W Cs"],
+                     kernel: Float[Array, "3 3 Cx+Cs Co"], impl: str | None = None
+                     ) -> Float[Array, "N H W Co"]:
+  """3x3 SAME conv of concat([x2 nearest upsampling of x, skip]), the U-Net decoder step.
+
+  Equal to ``conv2d(concat([upsample2(x) cropped to (H, W), skip]), kernel)``
+  without materialising the upsampled map or the concatenation: the skip part
+  is its own conv, and when (H, W) = (2h, 2w) the upsampled part is four 2x2
+  convs at the low resolution, one per output phase (a, b) in {0, 1}^2, whose
+  kernels sum the 3x3 taps that read the same low-resolution pixel; their
+  outputs are interleaved. That is 4/9 of the multiply-adds. An odd H or W (the
+  upsampled map is cropped) takes the materialised path. Exact up to float32
+  summation order; every conv is :func:`conv2d` with `impl`.
+  """
+  hw = skip.shape[1:3]
+  if kernel.shape[:2] != (3, 3) or hw != (2 * x.shape[1], 2 * x.shape[2]):
+    return conv2d(jnp.concatenate([_upsample2(x, hw), skip.astype(x.dtype)], axis=-1),
+                  kernel, impl=impl)
+  cx = x.shape[-1]
+  kx, ks = kernel[:, :, :cx], kernel[:, :, cx:]
+  rows = []
+  for k_row, pad_row in _phase_taps(kx):                   # output row phase a
+    cols = [conv2d(x, jnp.swapaxes(k_rc, 0, 1), padding=(pad_row, pad_col), impl=impl)
+            for k_rc, pad_col in _phase_taps(jnp.swapaxes(k_row, 0, 1))]   # phase b
+    rows.append(jnp.stack(cols, axis=3))                   # (N, h, w, 2: b, Co)
+  n, h, w = x.shape[:3]
+  up = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, kernel.shape[-1])  # (N, h, a, w, b)
+  return up + conv2d(skip.astype(x.dtype), ks, impl=impl)
