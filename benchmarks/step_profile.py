@@ -171,15 +171,23 @@ def main(_):
 
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {size}^2, "
         f"T={_FRAMES.value}, {kt.shape[0]} knots, conv_impl={_IMPL.value}")
-  print("| part | JAX ms | PyTorch ms | torch/JAX |")
-  print("|---|---|---|---|")
+  fns = {"network forward": (fwd, params), "network forward + backward": (net_grad, params),
+         "loss gradient (the fit step's work)": (loss_grad, params),
+         "loss gradient w.r.t. the knots (no network)": (knots_grad, knots0)}
+  print("| part | JAX ms | GFLOP (XLA) | JAX GFLOP/s | PyTorch ms | torch/JAX |")
+  print("|---|---|---|---|---|---|")
   for i, (name, f) in enumerate(rows):
     tj = _median_ms(f, _REPEATS.value)
+    fn, arg = fns[name]
+    cost = fn.lower(arg).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gflop = float(cost.get("flops", np.nan)) / 1e9 if cost else np.nan
+    cells = f"| {name} | {tj:.0f} | {gflop:.1f} | {gflop / tj * 1e3:.1f} |"
     if i in torch_rows:
       tt = _median_ms(torch_rows[i], _REPEATS.value)
-      print(f"| {name} | {tj:.0f} | {tt:.0f} | {tt / tj:.2f} |", flush=True)
+      print(f"{cells} {tt:.0f} | {tt / tj:.2f} |", flush=True)
     else:
-      print(f"| {name} | {tj:.0f} | | |", flush=True)
+      print(f"{cells} | |", flush=True)
 
   if _LOSS_ONLY.value:
     return
