@@ -54,6 +54,8 @@ class ModelConfig:
   conv_impl: str | None = None  # kernels.conv2d impl: "split", "shifted", "xla"; None: per backend
   subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
                                 # function and parameters; False materialises both maps)
+  split_gamma_beta: bool = True  # SPADE gamma and beta as two convs of C outputs on slices of
+                                 # the one gamma_beta kernel (faster on XLA:CPU than one of 2C)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -127,12 +129,28 @@ class UpConcatConv(Conv):
     return y + bias.astype(self.dtype)
 
 
+class _TwoHalvesConv(Conv):
+  """Conv's parameters; returns its output's two channel halves, each its own conv."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    half = self.features // 2
+    x = x.astype(self.dtype)
+    return tuple(conv2d(x, kernel[..., sl].astype(self.dtype), self.strides, "SAME",
+                        impl=self.impl) + bias[sl].astype(self.dtype)
+                 for sl in (slice(None, half), slice(half, None)))
+
+
 class SpadeTime(nn.Module):
   """gamma, beta for one decoder map from m_0 (shared) and PE(t) (per knot)."""
   channels: int
   hidden: int
   dtype: jnp.dtype = jnp.float32
   impl: str | None = None
+  split_gamma_beta: bool = True
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
@@ -141,10 +159,17 @@ class SpadeTime(nn.Module):
     if pe is not None:
       hid = hid + nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :]
     hid = nn.relu(hid)
-    # gamma and beta from one conv (one GEMM instead of two).
-    gb = Conv(2 * self.channels, dtype=self.dtype, impl=self.impl,
-              kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
-    gamma, beta = jnp.split(gb, 2, axis=-1)
+    # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
+    # or (split_gamma_beta) as two convs on its kernel's halves. On XLA:CPU the
+    # two are faster: the 128^2 fit step by 7.5% (step_profile.py --grid, in
+    # BENCHMARKS.md).
+    if self.split_gamma_beta:
+      gamma, beta = _TwoHalvesConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
+                                   kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+    else:
+      gb = Conv(2 * self.channels, dtype=self.dtype, impl=self.impl,
+                kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+      gamma, beta = jnp.split(gb, 2, axis=-1)
     # Parameter-free instance normalisation (per knot, per channel), as SPADE.
     mean = jnp.mean(f, axis=(1, 2), keepdims=True)
     var = jnp.var(f, axis=(1, 2), keepdims=True)
@@ -191,7 +216,7 @@ class VelocityUNet(nn.Module):
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
-                      name=f"spade{i}")(
+                      split_gamma_beta=cfg.split_gamma_beta, name=f"spade{i}")(
             x, m0_n, pe if cfg.use_pe else None)
       x = act(x)
       if i < n_up:

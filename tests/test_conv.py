@@ -125,11 +125,12 @@ def test_conv2d_up_concat_centre_tap_is_the_upsampled_map():
   np.testing.assert_array_equal(out, np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2))
 
 
-def test_velocity_net_subpixel_up_is_the_same_function():
-  """ModelConfig.subpixel_up only changes how the decoder convs are computed."""
+@pytest.mark.parametrize("flag", ["subpixel_up", "split_gamma_beta"])
+def test_velocity_net_implementation_flags_keep_the_function(flag):
+  """ModelConfig.subpixel_up / split_gamma_beta only change how convs are computed."""
   hw = (10, 12)   # 10 -> 5 -> 3: the deeper skip is an odd crop, the other even
   on = ModelConfig(enc_channels=(4, 6), dec_channels=(6, 5, 4), pe_dim=8, spade_hidden=4)
-  off = on.replace(subpixel_up=False)
+  off = on.replace(**{flag: False})
   params = init_params(on, jax.random.PRNGKey(0), hw)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
       init_params(off, jax.random.PRNGKey(0), hw))
