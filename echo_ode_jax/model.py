@@ -39,6 +39,9 @@ from jaxtyping import Array, Float
 from echo_ode_jax.kernels import conv2d, conv2d_up_concat
 
 
+SPLIT_GAMMA_BETA_MIN = 32   # split_gamma_beta applies to decoder maps of this many channels or more
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   enc_channels: tuple[int, ...] = (16, 32, 32, 32)
@@ -54,8 +57,8 @@ class ModelConfig:
   conv_impl: str | None = None  # kernels.conv2d impl: "split", "shifted", "xla"; None: per backend
   subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
                                 # function and parameters; False materialises both maps)
-  split_gamma_beta: bool = True  # SPADE gamma and beta as two convs of C outputs on slices of
-                                 # the one gamma_beta kernel (faster on XLA:CPU than one of 2C)
+  split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the
+                                 # halves of the one gamma_beta kernel (faster on XLA:CPU)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -160,10 +163,11 @@ class SpadeTime(nn.Module):
       hid = hid + nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :]
     hid = nn.relu(hid)
     # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
-    # or (split_gamma_beta) as two convs on its kernel's halves. On XLA:CPU the
-    # two are faster: the 128^2 fit step by 7.5% (step_profile.py --grid, in
-    # BENCHMARKS.md).
-    if self.split_gamma_beta:
+    # or (split_gamma_beta, C >= SPLIT_GAMMA_BETA_MIN) as two convs on its
+    # kernel's halves. On XLA:CPU two convs of 32 outputs beat one of 64 (the
+    # 128^2 step by 7.5%, step_profile.py --grid, in BENCHMARKS.md); splitting
+    # the C = 16 maps too changed the step by under 1%, so they stay one conv.
+    if self.split_gamma_beta and self.channels >= SPLIT_GAMMA_BETA_MIN:
       gamma, beta = _TwoHalvesConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
                                    kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
     else:
