@@ -78,14 +78,18 @@ def _op_times(trace_dir, calls):
   return {n: t for n, t in tot.items() if not n.startswith(wrappers)}
 
 
+def _loss_grad(cfg, seq):
+  """jit: params -> gradient of the fit loss (the fit step's work)."""
+  apply = model_lib.VelocityUNet(cfg.model).apply
+  return jax.jit(jax.grad(
+      lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)))
+
+
 def _grid_ab(cfg, seq, params, rows):
   """Median ms of the loss gradient per grid row, the rows interleaved."""
   fns = []
   for ov in rows:
-    c = experiment.apply_overrides(cfg, ov)
-    apply = model_lib.VelocityUNet(c.model).apply
-    f = jax.jit(jax.grad(lambda p, c=c, apply=apply: losses.total_loss(
-        losses.loss_terms(p, seq, c, apply)[0], c)))
+    f = _loss_grad(experiment.apply_overrides(cfg, ov), seq)
     jax.block_until_ready(f(params))     # compile + warm-up
     fns.append(f)
   times = [[] for _ in rows]
@@ -126,8 +130,7 @@ def main(_):
   net = lambda p: apply({"params": p}, imgs, m0, kt, i0)
   fwd = jax.jit(net)
   net_grad = jax.jit(jax.grad(lambda p: jnp.sum(net(p) * r)))
-  loss_grad = jax.jit(jax.grad(
-      lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)))
+  loss_grad = _loss_grad(cfg, seq)
   knots0 = fwd(params)
 
   # The loss with the network replaced by fixed knots: loss_terms through a

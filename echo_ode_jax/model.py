@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import conv2d, conv2d_up_concat
+from echo_ode_jax.kernels import conv2d, conv2d_up_concat, upsample2
 
 
 SPLIT_GAMMA_BETA_MIN = 32   # split_gamma_beta applies to decoder maps of this many channels or more
@@ -84,12 +84,6 @@ def _resize_nearest(x, shape_hw):
   return x[..., ri, :, :][..., ci, :]
 
 
-def upsample2(x, shape_hw):
-  """x2 nearest upsampling of (K, h, w, C), cropped to (H, W)."""
-  x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
-  return x[..., :shape_hw[0], :shape_hw[1], :]
-
-
 class Conv(nn.Module):
   """A 3x3 (or kh x kw) SAME convolution + bias over :func:`kernels.conv2d`.
 
@@ -104,11 +98,15 @@ class Conv(nn.Module):
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros
 
+  def _params(self, in_channels: int):
+    """("kernel" (kh, kw, in_channels, features), "bias" (features,)), float32."""
+    kernel = self.param("kernel", self.kernel_init,
+                        tuple(self.kernel_size) + (in_channels, self.features), jnp.float32)
+    return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
+
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    kernel, bias = self._params(x.shape[-1])
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
                impl=self.impl)
     return y + bias.astype(self.dtype)
@@ -123,10 +121,7 @@ class UpConcatConv(Conv):
 
   @nn.compact
   def __call__(self, x, skip):
-    cin = x.shape[-1] + skip.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (cin, self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    kernel, bias = self._params(x.shape[-1] + skip.shape[-1])
     y = conv2d_up_concat(x.astype(self.dtype), skip.astype(self.dtype),
                          kernel.astype(self.dtype), impl=self.impl)
     return y + bias.astype(self.dtype)
@@ -137,9 +132,7 @@ class _TwoHalvesConv(Conv):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    kernel, bias = self._params(x.shape[-1])
     half = self.features // 2
     x = x.astype(self.dtype)
     return tuple(conv2d(x, kernel[..., sl].astype(self.dtype), self.strides, "SAME",

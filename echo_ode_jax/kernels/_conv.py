@@ -146,8 +146,8 @@ def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   raise ValueError(f"conv2d: impl must be 'split', 'shifted', 'xla' or None, got {impl!r}")
 
 
-def _upsample2(x, shape_hw):
-  """x2 nearest upsampling of (N, h, w, C), cropped to shape_hw."""
+def upsample2(x: Float[Array, "N h w C"], shape_hw) -> Float[Array, "N H W C"]:
+  """x2 nearest upsampling of (N, h, w, C), cropped to shape_hw = (H, W)."""
   x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
   return x[:, :shape_hw[0], :shape_hw[1], :]
 
@@ -177,7 +177,7 @@ def conv2d_up_concat(x: Float[Array, "N h w Cx"], skip: Float[Array, "N H W Cs"]
   """
   hw = skip.shape[1:3]
   if kernel.shape[:2] != (3, 3) or hw != (2 * x.shape[1], 2 * x.shape[2]):
-    return conv2d(jnp.concatenate([_upsample2(x, hw), skip.astype(x.dtype)], axis=-1),
+    return conv2d(jnp.concatenate([upsample2(x, hw), skip.astype(x.dtype)], axis=-1),
                   kernel, impl=impl)
   cx = x.shape[-1]
   kx, ks = kernel[:, :, :cx], kernel[:, :, cx:]
