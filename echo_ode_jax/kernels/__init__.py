@@ -8,7 +8,8 @@ from echo_ode_jax.kernels._warp import (PADDINGS, hard_labels, identity_grid, on
                                         warp, warp_data, warp_labels)
 
 __all__ = [
-    "PADDINGS", "conv2d", "conv2d_up_concat", "folding_fraction", "gaussian_blur", "gaussian_kernel1d", "hard_labels",
-    "identity_grid", "jacobian_determinant", "jdet_penalty", "one_hot", "upsample2", "warp",
-    "warp_data", "warp_labels", "weight_grad_shifted", "weight_grad_split",
+    "PADDINGS", "conv2d", "conv2d_up_concat", "folding_fraction", "gaussian_blur",
+    "gaussian_kernel1d", "hard_labels", "identity_grid", "jacobian_determinant",
+    "jdet_penalty", "one_hot", "upsample2", "warp", "warp_data", "warp_labels",
+    "weight_grad_shifted", "weight_grad_split",
 ]
