@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax.kernels import conv2d
-from echo_ode_jax.kernels._conv import default_impl
+from echo_ode_jax.kernels import conv2d, default_impl
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 10, "Batch (the knots of one fit).")

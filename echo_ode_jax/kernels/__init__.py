@@ -1,5 +1,5 @@
 """Hand-written kernels: bilinear warp, Jacobian determinant, Gaussian smoothing, conv."""
-from echo_ode_jax.kernels._conv import (conv2d, conv2d_up_concat, upsample2,
+from echo_ode_jax.kernels._conv import (conv2d, conv2d_up_concat, default_impl, upsample2,
                                          weight_grad_shifted, weight_grad_split)
 from echo_ode_jax.kernels._gaussian import gaussian_blur, gaussian_kernel1d
 from echo_ode_jax.kernels._jacobian import (folding_fraction, jacobian_determinant,
@@ -8,8 +8,8 @@ from echo_ode_jax.kernels._warp import (PADDINGS, hard_labels, identity_grid, on
                                         warp, warp_data, warp_labels)
 
 __all__ = [
-    "PADDINGS", "conv2d", "conv2d_up_concat", "folding_fraction", "gaussian_blur",
-    "gaussian_kernel1d", "hard_labels", "identity_grid", "jacobian_determinant",
+    "PADDINGS", "conv2d", "conv2d_up_concat", "default_impl", "folding_fraction",
+    "gaussian_blur", "gaussian_kernel1d", "hard_labels", "identity_grid", "jacobian_determinant",
     "jdet_penalty", "one_hot", "upsample2", "warp", "warp_data", "warp_labels",
     "weight_grad_shifted", "weight_grad_split",
 ]
