@@ -15,6 +15,12 @@ no-motion baseline), and one line per sequence. Results also go to
 `<out>/quality.json`. Each fit is resumable (rerun the same command);
 `--summarize_only` merges and summarises the sequences finished so far
 without fitting more (for a run stopped part-way).
+
+To use several cores or machines on one output folder, start one process per
+shard with `--shard=I/N` (I = 0..N-1; each fits every N-th sequence and writes
+its own parts), pinned to its own core, e.g.
+`taskset -c I python benchmarks/fit_quality.py --out=DIR --shard=I/2`, then
+run `--summarize_only` once all shards have finished.
 """
 import json
 import os
@@ -33,6 +39,7 @@ _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per sequence (default
 _STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per fit_batch call.")
 _GUIDES = flags.DEFINE_list("guides", ["gt", "none"], "Guides to fit with.")
+_SHARD = flags.DEFINE_string("shard", "0/1", "I/N: fit every N-th sequence from the I-th.")
 _SUMMARIZE = flags.DEFINE_bool("summarize_only", False,
                                "Summarise the finished sequences; fit nothing.")
 
@@ -84,7 +91,18 @@ def _summary(data_h5, pred_h5=None):
   return out
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+  try:
+    i, n = (int(v) for v in text.split("/"))
+  except ValueError:
+    raise app.UsageError(f"--shard={text!r}: expected I/N, e.g. 0/2") from None
+  if not 0 <= i < n:
+    raise app.UsageError(f"--shard={text!r}: need 0 <= I < N")
+  return i, n
+
+
 def main(_):
+  shard, num_shards = _parse_shard(_SHARD.value)
   os.makedirs(_OUT.value, exist_ok=True)
   data = os.path.join(_OUT.value, f"synthetic{_SIZE.value}.h5")
   if not os.path.exists(data):
@@ -102,9 +120,17 @@ def main(_):
         continue
     else:
       runner.fit_file(data, out, cfg, init="gt", guide=guide, batch_size=_BATCH.value,
-                      save_flow=True)
+                      save_flow=True, process_index=shard, process_count=num_shards,
+                      merge_results=num_shards == 1)
+      if num_shards > 1:
+        logging.info("guide=%s: shard %d/%d done in %.0f s; summarise with "
+                     "--summarize_only once every shard has finished", guide, shard,
+                     num_shards, time.perf_counter() - t0)
+        continue
     logging.info("guide=%s: %.0f s", guide, time.perf_counter() - t0)
     report[f"guide_{guide}"] = _summary(data, out)
+  if num_shards > 1 and not _SUMMARIZE.value:
+    return
   with open(os.path.join(_OUT.value, "quality.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(json.dumps(report, indent=1))
