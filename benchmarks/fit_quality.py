@@ -29,7 +29,7 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
-from echo_ode_jax import fit, metrics, runner
+from echo_ode_jax import experiment, fit, metrics, runner
 from echo_ode_jax.data import hdf5, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -131,8 +131,7 @@ def main(_):
     report[f"guide_{guide}"] = _summary(data, out)
   if num_shards > 1 and not _SUMMARIZE.value:
     return
-  with open(os.path.join(_OUT.value, "quality.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  experiment.write_json(os.path.join(_OUT.value, "quality.json"), report)
   print(json.dumps(report, indent=1))
 
 

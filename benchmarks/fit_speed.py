@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import fit
+from echo_ode_jax import experiment, fit
 from echo_ode_jax.data import synthetic
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Square image sizes (pixels).")
@@ -188,8 +188,8 @@ def main(_):
           f"| {g('torch_s_per_step')} | {g('torch_over_jax', '{:.2f}')} "
           f"| {g('inloop_over_batched', '{:.1f}')} |")
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump({"matmul_gflops": peak, "peak_rss_mb": rss, "rows": rows}, f, indent=1)
+    experiment.write_json(_JSON.value, {"matmul_gflops": peak, "peak_rss_mb": rss,
+                                        "rows": rows})
 
 
 if __name__ == "__main__":
