@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from echo_ode_jax import flow
-from echo_ode_jax.kernels import gaussian_blur, jacobian_determinant, warp_data
+from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
 
 LV = 1
 TERMS = ("sim", "seg", "ef", "jdet", "smt")
@@ -84,6 +84,15 @@ def loss_terms(params, seq, cfg, apply_fn, formulation: str = "batched"):
   """All loss terms (unweighted) and phi. Returns (terms dict, phi (T, H, W, 2))."""
   phi = (flow_batched if formulation == "batched" else flow_inloop)(params, seq, cfg,
                                                                     apply_fn)
+  return terms_from_phi(phi, seq, cfg), phi
+
+
+def terms_from_phi(phi, seq, cfg):
+  """The unweighted terms for given maps phi (T, H, W, 2) (pixels) of a prepared sequence.
+
+  Frames with frame_valid = 0 (T-bucket padding) count in no term; L_seg and
+  L_EF are zero when has_guide = 0.
+  """
   valid = seq["frame_valid"]
   nvalid = jnp.maximum(jnp.sum(valid), 1.0)
   i0 = seq["images"][0][..., None]
@@ -99,11 +108,9 @@ def loss_terms(params, seq, cfg, apply_fn, formulation: str = "batched"):
   ef = jnp.abs(area_ef(seq["m0"], m_es) - area_ef(seq["guide_ed"], seq["guide_es"]))
   ef = ef * seq["has_guide"]
 
-  det = jax.vmap(jacobian_determinant)(phi)                            # (T, H, W)
-  jdet_t = jnp.mean(jax.nn.relu(-det) ** 2, axis=(1, 2))
-  jdet = jnp.sum(jdet_t * valid) / nvalid
+  jdet = jnp.sum(jax.vmap(jdet_penalty)(phi) * valid) / nvalid
   smt = jnp.sum(jax.vmap(smoothness)(phi) * valid) / nvalid
-  return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}, phi
+  return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
 
 
 def total_loss(terms, cfg):

@@ -42,6 +42,7 @@ def test_committed_weights_segment_valid_patients(model):
 
 
 def test_every_checkpoint_has_its_readme_and_config():
+  assert MODELS, "no checkpoint folder found"
   for model in MODELS:
     assert (CHECKPOINTS / model / "config.json").exists(), model
     assert (CHECKPOINTS / "README.md").exists()

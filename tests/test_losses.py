@@ -1,0 +1,118 @@
+"""Echo-ODE loss terms away from the identity, against scipy and analytic affine maps."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from echo_ode_jax import fit, losses
+from echo_ode_jax.data import synthetic
+
+SIZE, T_VALID, T_PAD = 32, 5, 8
+
+
+def _affine_phi(a, b, size=SIZE):
+  """phi(x) = c + A (x - c) + b in (row, col) pixels, for one 2x2 A and offset b."""
+  c = (size - 1) / 2
+  x = np.stack(np.meshgrid(np.arange(size, dtype=np.float64),
+                           np.arange(size, dtype=np.float64), indexing="ij"), -1)
+  return c + (x - c) @ np.asarray(a, np.float64).T + np.asarray(b, np.float64)
+
+
+def _rot_scale(theta, s):
+  return s * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+
+
+# Frames 0..4 are real: a rotation-scaling that grows with t, then a reflection
+# at frame 3 (det < 0, so R_Jdet > 0). Frames 5..7 are T-bucket padding holding
+# strong reflections, which must not count in any term.
+_AFFINES = [(_rot_scale(0.0, 1.0), (0.0, 0.0)),
+            (_rot_scale(0.05, 1.02), (0.3, -0.2)),
+            (_rot_scale(0.1, 0.97), (0.6, 0.4)),
+            (np.diag([-0.5, 1.0]), (0.0, 0.5)),
+            (_rot_scale(-0.08, 0.93), (1.1, -0.7))]
+_PADDING = [(np.diag([-3.0, 1.0]), (0.0, 0.0))] * (T_PAD - T_VALID)
+
+
+@pytest.fixture(scope="module")
+def case():
+  s = synthetic.make_sequence(3, size=SIZE, num_frames=T_VALID)[0]
+  phi = np.stack([_affine_phi(a, b) for a, b in _AFFINES + _PADDING])
+  return s, phi
+
+
+def _scipy_terms(s, phi, cfg, guided=True):
+  """The paper's terms, written independently with scipy and numpy."""
+  img = s.img.astype(np.float64)
+  sm = ndimage.gaussian_filter(img, (0, cfg.sigma, cfg.sigma), mode="reflect")
+  sim = []
+  for t in range(T_VALID):
+    warped = ndimage.map_coordinates(img[0], np.moveaxis(phi[t], -1, 0), order=1,
+                                     mode="nearest")
+    warped = ndimage.gaussian_filter(warped, cfg.sigma, mode="reflect")
+    sim.append(np.mean((warped - sm[t]) ** 2))
+  m0 = np.eye(4)[s.gt[0]]
+  m_es = np.stack([ndimage.map_coordinates(m0[..., c], np.moveaxis(phi[T_VALID - 1], -1, 0),
+                                           order=1, mode="nearest") for c in range(4)], -1)
+  m1, m_ed = np.eye(4)[s.gt[-1]], np.eye(4)[s.gt[0]]
+  dices = [(2 * np.sum(m_es[..., c] * m1[..., c]) + 1)
+           / (np.sum(m_es[..., c]) + np.sum(m1[..., c]) + 1) for c in (1, 2, 3)]
+  ef_prop = 1 - m_es[..., 1].sum() / m0[..., 1].sum()
+  ef_guide = 1 - m1[..., 1].sum() / m_ed[..., 1].sum()
+  # Affine maps: det D phi = det A everywhere, and the forward differences of
+  # u = phi - id are the columns of A - I at every pixel.
+  dets = [np.linalg.det(a) for a, _ in _AFFINES]
+  grads = [np.sum((np.asarray(a) - np.eye(2)) ** 2) for a, _ in _AFFINES]
+  return {"sim": np.mean(sim),
+          "seg": (1 - np.mean(dices)) if guided else 0.0,
+          "ef": abs(ef_prop - ef_guide) if guided else 0.0,
+          "jdet": np.mean([max(-d, 0.0) ** 2 for d in dets]),
+          "smt": np.mean(grads)}
+
+
+def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case):
+  s, phi = case
+  cfg = fit.FitConfig()
+  seq = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
+  assert seq["frame_valid"].tolist() == [1] * T_VALID + [0] * (T_PAD - T_VALID)
+  got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)
+  want = _scipy_terms(s, phi, cfg)
+  assert want["jdet"] > 0 and want["smt"] > 0 and want["seg"] > 0 and want["ef"] > 0
+  for k in losses.TERMS:
+    np.testing.assert_allclose(float(got[k]), want[k], rtol=2e-4, atol=1e-7, err_msg=k)
+
+
+def test_no_guide_zeroes_seg_and_ef_only(case):
+  s, phi = case
+  cfg = fit.FitConfig()
+  seq = fit.prepare_sequence(s.img, s.gt[0], None, cfg=cfg, t_pad=T_PAD)
+  assert float(seq["has_guide"]) == 0
+  got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)
+  want = _scipy_terms(s, phi, cfg, guided=False)
+  for k in losses.TERMS:
+    np.testing.assert_allclose(float(got[k]), want[k], rtol=2e-4, atol=1e-7, err_msg=k)
+
+
+def test_total_loss_weights_each_term_by_its_lambda():
+  terms = {"sim": 2.0, "seg": 3.0, "ef": 5.0, "jdet": 7.0, "smt": 11.0}
+  cfg = fit.FitConfig(lambda_sim=0.5, lambda_seg=0.25, lambda_ef=2.0, lambda_jdet=10.0,
+                      lambda_smt=0.1)
+  assert float(losses.total_loss(terms, cfg)) == pytest.approx(
+      1.0 + 0.75 + 10.0 + 70.0 + 1.1)
+
+
+def test_frames_at_is_linear_interpolation_over_the_valid_frames():
+  """I(t) between frame times k/(T-1), per pixel as np.interp; padding frames unused."""
+  rng = np.random.default_rng(0)
+  t_valid, t_pad = 5, 8
+  imgs = rng.random((t_pad, 4, 3)).astype(np.float32)
+  imgs[t_valid:] = 1e3                       # padding must never leak in
+  times = np.concatenate([np.arange(t_valid) / (t_valid - 1),
+                          np.ones(t_pad - t_valid)]).astype(np.float32)
+  t = np.concatenate([[0.0, 1.0, 0.25, 0.5], rng.random(12)]).astype(np.float32)
+  got = np.asarray(fit.frames_at(jnp.asarray(imgs), jnp.asarray(times), t_valid - 1,
+                                 jnp.asarray(t)))
+  xp = np.arange(t_valid) / (t_valid - 1)
+  want = np.stack([[[np.interp(tt, xp, imgs[:t_valid, i, j]) for j in range(3)]
+                    for i in range(4)] for tt in t])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[2], imgs[1], rtol=1e-6)     # t = 0.25 is frame 1
