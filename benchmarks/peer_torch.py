@@ -26,7 +26,9 @@ The step is the one of :func:`echo_ode_jax.fit.make_step` (Euler solver only):
     at time t linearly interpolated between frames (``fit.frames_at``); the
     JAX counterpart is ``losses.loss_fn(..., formulation="inloop")``.
   * the loss is :func:`echo_ode_jax.losses.loss_terms` (sim, seg, ef, jdet, smt)
-    weighted with the FitConfig lambdas; Adam(cfg.lr) with optax's defaults.
+    weighted with the FitConfig lambdas; the optimiser is fit._optimizer's:
+    Adam(cfg.lr) with optax's defaults, the gradient clipped to cfg.clip_norm,
+    the cosine lr decay (keep_best is not mirrored).
 
 Conventions as in the library: phi (T, H, W, 2) absolute pixel positions in
 (row, col) order; velocities in pixels per unit time; frames at t_k = k/(T-1).
