@@ -2,7 +2,9 @@
 
 Results layout (same grid as DATA.h5's img)::
 
-  /<patient>/<view>/pred   (T, H, W) uint8 propagated labels, every frame
+  /<patient>/<view>/pred   (T, H, W) uint8 propagated labels, every frame from
+                           ED to ES (T = es_index + 1: frames after ES, if the
+                           data has any, are not fitted; attr num_frames = T)
   /<patient>/<view>/flow   (T, H, W, 2) float32 phi_t, absolute (row, col) pixel
                            positions on the fitted grid (with save_flow)
   attrs: status ("ok" | "failed"), reason, config (JSON), init, guide, steps,

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from echo_ode_jax import fit, runner
+from echo_ode_jax import fit, metrics, runner
 from echo_ode_jax.data import hdf5, synthetic
 from echo_ode_jax.errors import InputError
 
@@ -76,3 +76,64 @@ def test_bad_input_is_one_line_naming_the_file(data_file, tmp_path):
     runner.fit_file(data_file, str(tmp_path / "x.h5"), TINY_CFG, patients=["nobody"])
   res = runner.fit_file(bad, str(tmp_path / "y.h5"), TINY_CFG, guide="gt", skip_bad=True)
   assert len(res["bad"]) == 2 and res["fitted"] == []
+
+
+@pytest.fixture(scope="module")
+def seg_files(tmp_path_factory):
+  """A sequence with one frame after ES, and a segmentation differing from its gt."""
+  d = tmp_path_factory.mktemp("sources")
+  s = synthetic.make_sequence(7, size=32, num_frames=6)[0]
+  attrs = dict(s.attrs, es_index=4)            # frame 5 comes after ES
+  pred = np.roll(s.gt, 3, axis=2)              # a "segmenter" 3 px to the right
+  with h5py.File(d / "data.h5", "w") as f:
+    hdf5.set_root_attrs(f, 32)
+    hdf5.write_sequence(f, hdf5.Sequence("p", "4CH", s.img, s.gt, attrs))
+  with h5py.File(d / "seg.h5", "w") as f:
+    f.create_dataset("p/4CH/pred", data=pred)
+  return str(d / "data.h5"), str(d / "seg.h5"), s, pred
+
+
+def test_load_inputs_takes_each_mask_from_its_source(seg_files):
+  data, seg, s, pred = seg_files
+  a = runner.load_inputs(data, "p/4CH", init="gt", guide="segmenter", segmentation=seg)
+  np.testing.assert_array_equal(a.images, s.img[:5])       # ED .. ES only
+  np.testing.assert_array_equal(a.m0, s.gt[0])
+  np.testing.assert_array_equal(a.guide_es, pred[4])
+  np.testing.assert_array_equal(a.guide_ed, pred[0])
+  b = runner.load_inputs(data, "p/4CH", init="segmenter", guide="gt", segmentation=seg)
+  np.testing.assert_array_equal(b.m0, pred[0])
+  np.testing.assert_array_equal(b.guide_es, s.gt[4])
+  np.testing.assert_array_equal(b.guide_ed, s.gt[0])
+  c = runner.load_inputs(data, "p/4CH", init="gt", guide="none")
+  assert c.guide_es is None and c.guide_ed is None
+  # Upsampling x2 with pixel centres aligned is nearest-neighbour repetition.
+  up = runner.load_inputs(data, "p/4CH", init="gt", guide="gt", size=64)
+  np.testing.assert_array_equal(up.m0, np.repeat(np.repeat(s.gt[0], 2, 0), 2, 1))
+  np.testing.assert_array_equal(up.guide_es, np.repeat(np.repeat(s.gt[4], 2, 0), 2, 1))
+  assert up.images.shape == (5, 64, 64) and up.data_shape == (32, 32)
+
+
+def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path):
+  """--size=16 on 32^2 data, ES before the last frame: pred has the ED..ES frames
+  on the data grid, flow stays on the fitted grid, and phi_0 is the identity."""
+  data, _, s, _ = seg_files
+  out = str(tmp_path / "res.h5")
+  res = runner.fit_file(data, out, TINY_CFG, guide="gt", size=16, save_flow=True)
+  assert res["fitted"] == ["p/4CH"]
+  m0_16 = runner.load_inputs(data, "p/4CH", size=16).m0
+  with h5py.File(out) as f:
+    g = f["p/4CH"]
+    assert g["pred"].shape == (5, 32, 32) and g.attrs["num_frames"] == 5
+    assert g["flow"].shape == (5, 16, 16, 2)
+    assert list(g.attrs["fit_size"]) == [16, 16]
+    grid = np.stack(np.meshgrid(np.arange(16.0), np.arange(16.0), indexing="ij"), -1)
+    np.testing.assert_allclose(g["flow"][0], grid, atol=1e-5)
+    np.testing.assert_array_equal(g["pred"][0], np.repeat(np.repeat(m0_16, 2, 0), 2, 1))
+  # Evaluation compares the ED..ES frames (the data has one more).
+  row = metrics.evaluate_files(data, out)[0]
+  assert row["status"] == "ok" and row["n_frames"] == 5
+  with h5py.File(out) as f:
+    pred = f["p/4CH/pred"][...]
+  dice = [2 * np.sum((p == 1) & (g == 1)) / (np.sum(p == 1) + np.sum(g == 1))
+          for p, g in zip(pred, s.gt[:5])]
+  assert row["dice_endo"] == pytest.approx(np.mean(dice), rel=1e-6)

@@ -38,7 +38,8 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
     attrs: view attributes; needs "voxelspacing" (row, col) mm per pixel; uses
       "ed_index" / "es_index" (0-based frames of the stored sequence; default
       first and last frame).
-    flow: optional (T, H, W, 2) absolute maps phi_t (row, col) in pixels.
+    flow: optional (T, h, w, 2) absolute maps phi_t (row, col) in pixels, on
+      pred's grid or on the grid the fit ran at.
 
   Returns:
     A flat dict: n_frames, n_annotated; dice_endo, dice_epi, dice_myo, mdice
@@ -128,8 +129,10 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
   # Deformation quality.
   if flow is not None:
     flow = np.asarray(flow)
-    if flow.shape != pred.shape + (2,):
-      raise ValueError(f"flow shape {flow.shape} != {pred.shape + (2,)}")
+    # The fitted grid may differ from pred's (runner --size); det D phi is the
+    # same on both, since the grids differ by an axis-aligned affine map.
+    if flow.ndim != 4 or flow.shape[0] != pred.shape[0] or flow.shape[-1] != 2:
+      raise ValueError(f"flow shape {flow.shape}: expected ({pred.shape[0]}, h, w, 2)")
     row.update(deformation_quality(flow))
   else:
     row.update(_nan_fields("fold_frac", "jdet_min", "jdet_mean"))
@@ -154,7 +157,8 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
   Args:
     data_h5: the data file (img, gt, attrs) in the project's HDF5 layout.
     pred_h5: prediction / fit file with /<patient>/<view>/pred (and
-      optionally flow).
+      optionally flow). A pred with es_index + 1 frames, fewer than the data
+      has (a fit spans ED..ES only), is compared with those frames.
     keys: "<patient>/<view>" to evaluate; default every sequence of `data_h5`
       (the evaluation set; predictions for other keys are ignored).
 
@@ -189,8 +193,15 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
       gt = np.asarray(dg["gt"][...], np.uint8) if "gt" in dg else None
       pred = np.asarray(pg["pred"][...], np.uint8)
       flow = np.asarray(pg["flow"][...], np.float32) if "flow" in pg else None
-      if gt is None and "img" in dg and dg["img"].shape != pred.shape:
-        raise InputError(pred_h5, f"{key}: pred shape {pred.shape} != img shape {dg['img'].shape}")
+      img_shape = dg["img"].shape if "img" in dg else None
+      n_data = img_shape[0] if img_shape else (gt.shape[0] if gt is not None else None)
+      es = int(attrs.get("es_index", -1))
+      if n_data is not None and pred.ndim == 3 and pred.shape[0] == es + 1 < n_data:
+        # A fit covers ED..ES only (runner.fit_file): compare those frames.
+        gt = None if gt is None else gt[:es + 1]
+        img_shape = None if img_shape is None else (es + 1,) + tuple(img_shape[1:])
+      if gt is None and img_shape is not None and tuple(img_shape) != pred.shape:
+        raise InputError(pred_h5, f"{key}: pred shape {pred.shape} != img shape {img_shape}")
       try:
         row = evaluate_sequence(pred, gt, attrs, flow)
       except ValueError as e:
