@@ -66,7 +66,13 @@ class ModelConfig:
 
 def positional_encoding(t: Float[Array, "K"], dim: int, max_period: float = 1e4
                         ) -> Float[Array, "K dim"]:
-  """Transformer sinusoidal encoding of t in [0, 1] (scaled to [0, 1000])."""
+  """Transformer sinusoidal encoding of t in [0, 1] (scaled to [0, 1000]).
+
+  PE[k, i] = sin(1000 t_k / P^(i / (dim/2))) and PE[k, dim/2 + i] = cos(...)
+  for i < dim/2, P = max_period.
+  """
+  if dim < 2 or dim % 2:
+    raise ValueError(f"positional_encoding: dim must be even and >= 2, got {dim}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   ang = (1000.0 * t)[:, None] * freqs[None]
