@@ -233,6 +233,25 @@ def test_augment_identity_gamma_and_determinism(rng):
   assert not np.array_equal(a1, augment_batch(rng_key(4), img, lbl, cfg)[0])
 
 
+def test_augment_moves_image_and_labels_together():
+  """Rotation, scaling and shift: where the augmented label is constant over a
+  5x5 neighbourhood (wider than the bilinear footprint at zoom <= 1.2), the
+  image (coded as label / 3) carries the same label."""
+  lbl = np.zeros((4, 48, 48), np.int32)
+  lbl[:, 8:30, 10:26] = 1
+  lbl[:, 8:30, 26:38] = 2
+  lbl[:, 30:42, 12:36] = 3
+  img = (lbl / 3.0).astype(np.float32)[..., None]
+  cfg = TrainConfig(rot_deg=30.0, scale=0.2, shift=0.1, gamma=1.0)
+  a, b = map(np.asarray, augment_batch(rng_key(5), img, lbl, cfg))
+  assert np.mean(b != lbl) > 0.05                     # the maps really moved
+  pad = np.pad(b, ((0, 0), (2, 2), (2, 2)), mode="edge")
+  nbrs = np.stack([pad[:, i:i + 48, j:j + 48] for i in range(5) for j in range(5)])
+  interior = np.all(nbrs == b[None], axis=0)
+  assert interior.mean() > 0.5
+  np.testing.assert_allclose(a[..., 0][interior], b[interior] / 3.0, atol=1e-4)
+
+
 def test_resize_labels_nearest():
   lbl = np.array([[[0, 1], [2, 3]]], np.uint8)
   np.testing.assert_array_equal(resize_labels(lbl, 4)[0], [[0, 0, 1, 1], [0, 0, 1, 1],
