@@ -160,6 +160,8 @@ def test_sharded_over_4_devices_equals_single_device(small_seqs, mode):
   if mode == "loop":   # each sequence runs the same program, on another device
     for a, b in zip(one, four):
       np.testing.assert_allclose(a.history["loss"], b.history["loss"], rtol=1e-6)
+      np.testing.assert_allclose(a.phi, b.phi, atol=1e-5)
+      np.testing.assert_array_equal(a.masks, b.masks)
     return
   for a, b in zip(one, four):
     # Same program up to the partitioning: losses agree to float rounding. Adam
