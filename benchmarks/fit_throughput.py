@@ -7,8 +7,7 @@ For each batch size B it fits B synthetic sequences (T frames, Euler dt = 0.1)
 with `fit.fit_batch` over all local devices (the runner's path: one compiled
 program per chunk of steps, state donated, "vmap" on accelerators) for
 `--steps` Adam steps, twice with the same config: the first call compiles,
-the second is timed. The difference of the two is the compile time. From
-these it reports:
+the second is timed. It reports:
 
   * seconds per Adam step of the batch, and per sequence;
   * the compile time (first call minus second);
@@ -27,7 +26,6 @@ import time
 
 from absl import app, flags, logging
 import jax
-import numpy as np
 
 from echo_ode_jax import experiment, fit
 from echo_ode_jax.data import synthetic
