@@ -91,7 +91,8 @@ class JaxStep:
     keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(len(seqs))]
     if formulation == "inloop":
       step = fit.make_step(cfg, "inloop")
-      fn = jax.jit(lambda st, s, i: step(st, s, i), donate_argnums=(0,))
+      fn = jax.jit(lambda st, s, i: step(st, s, i), donate_argnums=(0,),
+                   compiler_options=fit.compiler_options(cfg))
     else:
       fn = fit._chunk_fn(cfg, 1, mode == "vmap")
     if mode == "vmap":

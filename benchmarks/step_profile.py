@@ -19,6 +19,8 @@ of the loss gradient with `jax.profiler` and prints the time per call summed by
 XLA op kind (fusion name without its number) and the `top` single ops with
 their HLO result shapes.
 
+Every program is compiled with the fit's XLA options (`fit.compiler_options`).
+
 --grid (the syntax of `experiments/ablate.py`) instead times only the loss
 gradient under each grid row's FitConfig, the rows called in turn for
 `repeats` rounds on the same parameters, and prints each row's median and its
@@ -82,7 +84,8 @@ def _loss_grad(cfg, seq):
   """jit: params -> gradient of the fit loss (the fit step's work)."""
   apply = model_lib.VelocityUNet(cfg.model).apply
   return jax.jit(jax.grad(
-      lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)))
+      lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)),
+      compiler_options=fit.compiler_options(cfg))
 
 
 def _grid_ab(cfg, seq, params, rows):
@@ -128,15 +131,16 @@ def main(_):
     return
 
   net = lambda p: apply({"params": p}, imgs, m0, kt, i0)
-  fwd = jax.jit(net)
-  net_grad = jax.jit(jax.grad(lambda p: jnp.sum(net(p) * r)))
+  opts = fit.compiler_options(cfg)
+  fwd = jax.jit(net, compiler_options=opts)
+  net_grad = jax.jit(jax.grad(lambda p: jnp.sum(net(p) * r)), compiler_options=opts)
   loss_grad = _loss_grad(cfg, seq)
   knots0 = fwd(params)
 
   # The loss with the network replaced by fixed knots: loss_terms through a
   # constant apply_fn that returns them.
   knots_grad = jax.jit(jax.grad(lambda kn: losses.total_loss(
-      losses.loss_terms(params, seq, cfg, lambda *a, **k: kn)[0], cfg)))
+      losses.loss_terms(params, seq, cfg, lambda *a, **k: kn)[0], cfg)), compiler_options=opts)
 
   rows = [("network forward", lambda: fwd(params)),
           ("network forward + backward", lambda: net_grad(params)),

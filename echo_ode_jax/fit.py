@@ -74,6 +74,8 @@ class FitConfig:
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
   scan_steps: int | None = None  # steps per compiled call (default: see steps_per_call)
+  xla_cpu_ynn: bool = False     # XLA:CPU's YNNPACK fusions in the fit programs (see
+                                # compiler_options; the same function either way)
   seed: int = 0
   model: ModelConfig = ModelConfig()
 
@@ -287,6 +289,27 @@ def steps_per_call(cfg: FitConfig) -> int:
   return 1 if jax.default_backend() == "cpu" else max(1, cfg.log_every)
 
 
+# XLA:CPU's YNNPACK conv fusions run on one thread (measured: a 10 x 256^2
+# 32->32 conv took the same 300 ms with one thread and with two), while
+# XLA's Eigen convolutions use the whole intra-op pool (154 ms with two).
+_YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(cfg: FitConfig) -> dict[str, str] | None:
+  """XLA compile options of the fit programs (step and final maps) on this backend.
+
+  On CPU, unless cfg.xla_cpu_ynn, the YNNPACK fusions are turned off for these
+  programs, so that every convolution takes XLA's multi-threaded Eigen path:
+  with two threads the loss gradient ran faster at 128^2 to 256^2 (interleaved
+  A/B: benchmarks/step_profile.py --grid="xla_cpu_ynn=false,true", BENCHMARKS.md).
+  The computed function is the same up to float32 summation order. Other
+  backends: None (XLA's defaults).
+  """
+  if jax.default_backend() == "cpu" and not cfg.xla_cpu_ynn:
+    return dict(_YNN_OFF)
+  return None
+
+
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
   """jit(n steps) of one sequence, or of a vmapped batch; state is donated."""
@@ -302,7 +325,7 @@ def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
     def run(state, seq, start):
       return jax.lax.scan(lambda st, i: step(st, seq, i), state, start + jnp.arange(n))
 
-  return jax.jit(run, donate_argnums=(0,))
+  return jax.jit(run, donate_argnums=(0,), compiler_options=compiler_options(cfg))
 
 
 @functools.lru_cache(maxsize=32)
@@ -315,7 +338,7 @@ def _final_fn(cfg: FitConfig, batched: bool):
     masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
     return phi, masks, jax.vmap(folding_fraction)(phi)
 
-  return jax.jit(jax.vmap(final) if batched else final)
+  return jax.jit(jax.vmap(final) if batched else final, compiler_options=compiler_options(cfg))
 
 
 def _run_chunks(cfg, states, seqs, steps, batched, progress, what):

@@ -88,7 +88,9 @@ def test_fit_batch_equals_single_fits_and_failure_is_isolated(small_seqs, mode):
   for s, b, q in zip(singles, batch, small_seqs):
     assert b.masks.shape == (q.img.shape[0], 32, 32)
     np.testing.assert_array_equal(s.masks, b.masks)
-    np.testing.assert_allclose(s.phi, b.phi, atol=1e-4)
+    # vmap runs grouped convolutions (another summation order); float32
+    # rounding grows over the Adam steps to ~1e-4 pixels.
+    np.testing.assert_allclose(s.phi, b.phi, atol=5e-4)
     np.testing.assert_allclose(s.history["loss"], b.history["loss"], rtol=1e-4)
     assert not b.failed
   # A non-finite loss in one sequence marks it failed; the other carries on unchanged.
@@ -236,3 +238,22 @@ def test_bfloat16_convs_track_float32():
   assert v16.dtype == jnp.float32            # the velocity is returned in float32
   np.testing.assert_allclose(l16, l32, rtol=0.05)
   assert float(l16) != float(l32)             # the bf16 path really ran
+
+
+def test_compiler_options_keep_the_function(small_seqs):
+  """The CPU fit programs' XLA options (YNNPACK fusions off) change speed only:
+  the loss gradient equals XLA's default compilation of the same function."""
+  cfg = TINY_CFG
+  on_cpu = jax.default_backend() == "cpu"
+  assert fit.compiler_options(cfg) == ({"xla_cpu_experimental_ynn_fusion_type": ""}
+                                       if on_cpu else None)
+  assert fit.compiler_options(cfg.replace(xla_cpu_ynn=True)) is None
+  seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
+  params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)   # nonzero velocity
+  apply = VelocityUNet(cfg.model).apply
+  grad = jax.grad(lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg))
+  a = jax.jit(grad, compiler_options=fit.compiler_options(cfg))(params)
+  b = jax.jit(grad)(params)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
