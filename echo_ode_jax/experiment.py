@@ -92,6 +92,7 @@ def _default(canon: str):
   return _fields(FitConfig)[canon]
 
 
+_OPTIONAL_KINDS = {"xla_cpu_ynn": bool, "model.conv_impl": str}   # else int (scan_steps)
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -125,8 +126,15 @@ def parse_value(key: str, text: str):
       if not parts:
         raise bad("expected integers separated by '-' (e.g. 16-32-32-32)")
       return tuple(int(p) for p in parts)
-    if default is None:                       # optional int (scan_steps)
-      return None if t.lower() in ("none", "") else int(t)
+    if default is None:                       # optional fields: "none" or a value
+      if t.lower() in ("none", ""):
+        return None
+      kind = _OPTIONAL_KINDS.get(canon, int)
+      if kind is bool:
+        if t.lower() in _TRUE | _FALSE:
+          return t.lower() in _TRUE
+        raise bad("expected true, false or none")
+      return kind(t)
     return t
   except InputError:
     raise
@@ -149,6 +157,8 @@ def _check(canon: str, key: str, v) -> None:
     raise bad("must be >= 0")
   elif canon == "model.compute_dtype" and v not in ("float32", "bfloat16"):
     raise bad("choose float32 or bfloat16")
+  elif canon == "model.conv_impl" and v not in (None, "split", "shifted", "xla"):
+    raise bad("choose split, shifted, xla or none")
 
 
 def parse_grid(spec: str) -> list[dict[str, Any]]:

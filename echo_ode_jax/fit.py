@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Any, NamedTuple, Sequence as Seq
 
@@ -74,8 +75,8 @@ class FitConfig:
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
   scan_steps: int | None = None  # steps per compiled call (default: see steps_per_call)
-  xla_cpu_ynn: bool = False     # XLA:CPU's YNNPACK fusions in the fit programs (see
-                                # compiler_options; the same function either way)
+  xla_cpu_ynn: bool | None = None  # XLA:CPU's YNNPACK fusions in the fit programs (None:
+                                   # see compiler_options; the same function either way)
   seed: int = 0
   model: ModelConfig = ModelConfig()
 
@@ -295,19 +296,34 @@ def steps_per_call(cfg: FitConfig) -> int:
 _YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def cpu_threads() -> int:
+  """Cores XLA:CPU's convolutions can use in this process (1 with
+  --xla_cpu_multi_thread_eigen=false in XLA_FLAGS, else the CPU affinity)."""
+  if "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
+    return 1
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:          # not Linux
+    return os.cpu_count() or 1
+
+
 def compiler_options(cfg: FitConfig) -> dict[str, str] | None:
   """XLA compile options of the fit programs (step and final maps) on this backend.
 
-  On CPU, unless cfg.xla_cpu_ynn, the YNNPACK fusions are turned off for these
-  programs, so that every convolution takes XLA's multi-threaded Eigen path:
-  with two threads the loss gradient ran faster at 128^2 to 256^2 (interleaved
-  A/B: benchmarks/step_profile.py --grid="xla_cpu_ynn=false,true", BENCHMARKS.md).
-  The computed function is the same up to float32 summation order. Other
-  backends: None (XLA's defaults).
+  On CPU the YNNPACK fusions are turned off for these programs when
+  cfg.xla_cpu_ynn is False, or when it is None and the process has more than
+  one core (:func:`cpu_threads`): every convolution then takes XLA's
+  multi-threaded Eigen path. Measured with interleaved A/Bs
+  (`benchmarks/step_profile.py --grid="xla_cpu_ynn=false,true"`, BENCHMARKS.md):
+  with two cores, off made the 256^2 loss gradient 1.17x faster and left 128^2
+  unchanged; on one core YNNPACK was 1.15-1.19x faster at 128^2, so it stays
+  on there. The computed function is the same up to float32 summation order.
+  Other backends: None (XLA's defaults).
   """
-  if jax.default_backend() == "cpu" and not cfg.xla_cpu_ynn:
-    return dict(_YNN_OFF)
-  return None
+  if jax.default_backend() != "cpu":
+    return None
+  ynn = cfg.xla_cpu_ynn if cfg.xla_cpu_ynn is not None else cpu_threads() == 1
+  return None if ynn else dict(_YNN_OFF)
 
 
 @functools.lru_cache(maxsize=32)

@@ -42,6 +42,11 @@ def test_grid_values_take_the_field_type():
   assert (cfg.steps, cfg.lr, cfg.model.use_pe, cfg.model.enc_channels, cfg.model.spade_hidden,
           cfg.model.compute_dtype) == (7, 0.001, False, (8, 16, 16, 16), 4, "bfloat16")
   assert cfg.model.use_spade and cfg.lambda_ef == FitConfig().lambda_ef  # untouched
+  # Optional fields take their own kind, or none.
+  rows = experiment.parse_grid("xla_cpu_ynn=off,true,none;conv_impl=split")
+  assert rows == [{"xla_cpu_ynn": v, "conv_impl": "split"} for v in (False, True, None)]
+  cfg = experiment.apply_overrides(FitConfig(), rows[0])
+  assert cfg.xla_cpu_ynn is False and cfg.model.conv_impl == "split"
 
 
 def test_aliases_map_to_model_fields():
@@ -61,6 +66,8 @@ def test_aliases_map_to_model_fields():
     ("spade=true;model.use_spade=false", ["given twice"]),
     ("steps=1.5", ["steps='1.5'", "int"]),
     ("spade=maybe", ["true or false"]),
+    ("xla_cpu_ynn=2", ["true, false or none"]),
+    ("conv_impl=fast", ["split, shifted, xla or none"]),
     ("solver=rk9", ["unknown solver"]),
     ("dt=0", ["> 0"]),
     ("lambda_ef=", ["no values"]),

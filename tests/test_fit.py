@@ -244,10 +244,12 @@ def test_compiler_options_keep_the_function(small_seqs):
   """The CPU fit programs' XLA options (YNNPACK fusions off) change speed only:
   the loss gradient equals XLA's default compilation of the same function."""
   cfg = TINY_CFG
+  off = {"xla_cpu_experimental_ynn_fusion_type": ""}
   on_cpu = jax.default_backend() == "cpu"
-  assert fit.compiler_options(cfg) == ({"xla_cpu_experimental_ynn_fusion_type": ""}
-                                       if on_cpu else None)
+  assert fit.compiler_options(cfg.replace(xla_cpu_ynn=False)) == (off if on_cpu else None)
   assert fit.compiler_options(cfg.replace(xla_cpu_ynn=True)) is None
+  assert fit.compiler_options(cfg) == (off if on_cpu and fit.cpu_threads() > 1 else None)
+  cfg = cfg.replace(xla_cpu_ynn=False)
   seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
   params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)   # nonzero velocity
