@@ -1,14 +1,17 @@
 """Conv weight gradient on CPU: XLA's autodiff vs the "split" and "shifted" VJPs of kernels.conv2d.
 
   python benchmarks/conv.py [--size=128] [--batch=10] [--repeats=7] \
-      [--channels=16:16,16:2,32:16,16:32,24:24,32:32,33:32,48:32,64:32,16:64]
+      [--channels=16:16,16:2,32:16,16:32,24:24,32:32,33:32,48:32,64:32,16:64] [--noynn]
 
 For each Ci:Co pair, a 3x3 stride-1 SAME convolution of a (batch, size, size,
 Ci) input: the forward pass, the input gradient and the weight gradient
 (XLA), and the weight gradients of conv2d(impl="split") and conv2d(impl="shifted"),
 timed alternately in one run (median, ms), with the ratios to XLA's and the impl
-that conv2d(impl=None) picks.
+that conv2d(impl=None) picks. --noynn compiles every program with XLA:CPU's
+YNNPACK fusions off (as `fit.compiler_options` does with more than one core),
+so the convolutions take XLA's Eigen path.
 """
+import functools
 import time
 
 from absl import app, flags
@@ -21,13 +24,16 @@ from echo_ode_jax.kernels import conv2d, default_impl
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 10, "Batch (the knots of one fit).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats (median).")
+_YNN = flags.DEFINE_bool("ynn", True, "XLA:CPU's YNNPACK fusions (XLA's default: on).")
 _CH = flags.DEFINE_list("channels", ["16:16", "16:2", "32:16", "16:32", "24:24", "32:32",
                                      "33:32", "48:32", "64:32", "16:64"], "Ci:Co pairs.")
 
 
 def main(_):
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {_BATCH.value}, "
-        f"{_SIZE.value}^2")
+        f"{_SIZE.value}^2, YNNPACK fusions {'on' if _YNN.value else 'off'}")
+  jit = functools.partial(jax.jit, compiler_options=None if _YNN.value else
+                          {"xla_cpu_experimental_ynn_fusion_type": ""})
   print("| Ci→Co | forward | input grad | weight grad XLA | weight grad split "
         "| weight grad shifted | XLA/split | XLA/shifted | auto picks |")
   print("|---|---|---|---|---|---|---|---|---|")
@@ -38,13 +44,13 @@ def main(_):
     w = jax.random.normal(k, (3, 3, ci, co)) * 0.1
     g = jax.random.normal(k, (_BATCH.value, _SIZE.value, _SIZE.value, co))
     fns = {
-        "fwd": jax.jit(lambda x, w: conv2d(x, w, impl="xla")),
-        "dx": jax.jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl="xla"), x)[1](g)[0]),
-        "dw_xla": jax.jit(
+        "fwd": jit(lambda x, w: conv2d(x, w, impl="xla")),
+        "dx": jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl="xla"), x)[1](g)[0]),
+        "dw_xla": jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="xla"), w)[1](g)[0]),
-        "dw_split": jax.jit(
+        "dw_split": jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="split"), w)[1](g)[0]),
-        "dw_shifted": jax.jit(
+        "dw_shifted": jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="shifted"), w)[1](g)[0]),
     }
     args = {n: (x, w) if n == "fwd" else (x, w, g) for n in fns}

@@ -126,7 +126,7 @@ def _knot_chunks():
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree_util.tree_unflatten(
       tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  apply = model_lib.VelocityUNet(cfg.model).apply
+  apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
 
   def chunked(c):
     def apply_c(variables, imgs, m0, t, i0):

@@ -82,7 +82,7 @@ def _op_times(trace_dir, calls):
 
 def _loss_grad(cfg, seq):
   """jit: params -> gradient of the fit loss (the fit step's work)."""
-  apply = model_lib.VelocityUNet(cfg.model).apply
+  apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
   return jax.jit(jax.grad(
       lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg)),
       compiler_options=fit.compiler_options(cfg))
@@ -119,7 +119,7 @@ def main(_):
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree_util.tree_unflatten(
       tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  apply = model_lib.VelocityUNet(cfg.model).apply
+  apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
   kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt), jnp.float32)
   imgs, m0 = seq["image_knots"][..., None], seq["m0"]
   i0 = seq["images"][0][..., None]

@@ -190,8 +190,17 @@ def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = 
   }
 
 
+def model_config(cfg: FitConfig) -> ModelConfig:
+  """cfg.model as the fit programs run it: with conv_impl=None resolved to "xla"
+  where :func:`compiler_options` turns YNNPACK off (XLA's Eigen weight gradient
+  is then faster than "split"; BENCHMARKS.md), else unchanged."""
+  if cfg.model.conv_impl is None and compiler_options(cfg) is not None:
+    return cfg.model.replace(conv_impl="xla")
+  return cfg.model
+
+
 def _model(cfg: FitConfig):
-  return VelocityUNet(cfg.model)
+  return VelocityUNet(model_config(cfg))
 
 
 def _optimizer(cfg: FitConfig):

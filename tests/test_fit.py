@@ -241,21 +241,28 @@ def test_bfloat16_convs_track_float32():
 
 
 def test_compiler_options_keep_the_function(small_seqs):
-  """The CPU fit programs' XLA options (YNNPACK fusions off) change speed only:
-  the loss gradient equals XLA's default compilation of the same function."""
+  """The CPU fit programs' XLA options (YNNPACK fusions off, XLA's conv VJP)
+  change speed only: the loss gradient equals XLA's default compilation of the
+  same function with conv2d's default impl."""
   cfg = TINY_CFG
   off = {"xla_cpu_experimental_ynn_fusion_type": ""}
   on_cpu = jax.default_backend() == "cpu"
   assert fit.compiler_options(cfg.replace(xla_cpu_ynn=False)) == (off if on_cpu else None)
   assert fit.compiler_options(cfg.replace(xla_cpu_ynn=True)) is None
   assert fit.compiler_options(cfg) == (off if on_cpu and fit.cpu_threads() > 1 else None)
+  # Without YNNPACK the model's convs take XLA's own VJP; an explicit impl stays.
+  assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == ("xla" if on_cpu else None)
+  assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl is None
+  assert fit.model_config(cfg.replace(xla_cpu_ynn=False, **{"model.conv_impl": "split"})
+                          ).conv_impl == "split"
   cfg = cfg.replace(xla_cpu_ynn=False)
   seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
   params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)   # nonzero velocity
-  apply = VelocityUNet(cfg.model).apply
-  grad = jax.grad(lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg))
-  a = jax.jit(grad, compiler_options=fit.compiler_options(cfg))(params)
-  b = jax.jit(grad)(params)
+  def grad(model_cfg):
+    apply = VelocityUNet(model_cfg).apply
+    return jax.grad(lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg))
+  a = jax.jit(grad(fit.model_config(cfg)), compiler_options=fit.compiler_options(cfg))(params)
+  b = jax.jit(grad(cfg.model))(params)     # XLA's defaults, conv2d's own impl choice
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
