@@ -322,12 +322,13 @@ def compiler_options(cfg: FitConfig) -> dict[str, str] | None:
   On CPU the YNNPACK fusions are turned off for these programs when
   cfg.xla_cpu_ynn is False, or when it is None and the process has more than
   one core (:func:`cpu_threads`): every convolution then takes XLA's
-  multi-threaded Eigen path. Measured with interleaved A/Bs
-  (`benchmarks/step_profile.py --grid="xla_cpu_ynn=false,true"`, BENCHMARKS.md):
-  with two cores, off made the 256^2 loss gradient 1.17x faster and left 128^2
-  unchanged; on one core YNNPACK was 1.15-1.19x faster at 128^2, so it stays
-  on there. The computed function is the same up to float32 summation order.
-  Other backends: None (XLA's defaults).
+  multi-threaded Eigen path, and :func:`model_config` gives the model XLA's
+  own conv VJP. Measured with interleaved A/Bs
+  (`benchmarks/step_profile.py --grid="xla_cpu_ynn=none,true"`, BENCHMARKS.md):
+  with two cores this made the loss gradient 1.11x faster at 128^2 and 1.19x
+  at 256^2; on one core YNNPACK with "split" was the fastest pair (5% ahead at
+  128^2), so it stays on there. The computed function is the same up to
+  float32 summation order. Other backends: None (XLA's defaults).
   """
   if jax.default_backend() != "cpu":
     return None

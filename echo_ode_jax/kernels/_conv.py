@@ -19,6 +19,12 @@ fast as the forward pass). By default (impl=None) a CPU conv with more than
 SPLIT_CHANNELS output channels uses "split" and every other conv plain XLA; on
 other backends every conv is `lax.conv_general_dilated`, whose autodiff maps to
 cuDNN. The choice is made at trace time.
+
+The slow weight gradient is XLA:CPU's YNNPACK path. The fit programs on a
+multi-core CPU compile with YNNPACK off (`fit.compiler_options`), where XLA's
+Eigen weight gradient is faster than "split", and set impl="xla"
+(`fit.model_config`); "split" serves single-core runs and any program compiled
+with XLA's defaults (`python benchmarks/conv.py --noynn`, BENCHMARKS.md).
 """
 from __future__ import annotations
 
