@@ -25,8 +25,9 @@ import numpy as np
 
 from echo_ode_jax import fit, losses
 from echo_ode_jax import model as model_lib
-from echo_ode_jax.data import synthetic
 from echo_ode_jax.kernels import conv2d
+
+from _case import profile_case  # benchmarks/_case.py (this script's folder)
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 10, "winograd: batch (the knots of one fit).")
@@ -118,14 +119,7 @@ def _winograd():
 def _knot_chunks():
   cfg = fit.FitConfig()
   size = _SIZE.value
-  s, _ = synthetic.make_sequence(0, size=size, num_frames=20)     # as fit_speed.py
-  seq = jax.tree_util.tree_map(jnp.asarray, fit.prepare_sequence(s.img, s.gt[0], s.gt[-1],
-                                                                 cfg=cfg))
-  params = model_lib.init_params(cfg.model, jax.random.PRNGKey(0), (size, size))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree_util.tree_unflatten(
-      tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  seq, params = profile_case(cfg, size, 20)     # as fit_speed.py
   apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
 
   def chunked(c):

@@ -43,7 +43,8 @@ import numpy as np
 
 from echo_ode_jax import experiment, fit, flow, losses
 from echo_ode_jax import model as model_lib
-from echo_ode_jax.data import synthetic
+
+from _case import profile_case  # benchmarks/_case.py (this script's folder)
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _FRAMES = flags.DEFINE_integer("frames", 20, "Frames of the sequence.")
@@ -111,14 +112,7 @@ def _grid_ab(cfg, seq, params, rows):
 def main(_):
   cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
   size = _SIZE.value
-  s, _ = synthetic.make_sequence(0, size=size, num_frames=_FRAMES.value)   # as fit_speed.py
-  seq_np = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg)
-  seq = jax.tree_util.tree_map(jnp.asarray, seq_np)
-  params = model_lib.init_params(cfg.model, jax.random.PRNGKey(0), (size, size))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree_util.tree_unflatten(
-      tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  seq, params = profile_case(cfg, size, _FRAMES.value)   # as fit_speed.py
   apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
   kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt), jnp.float32)
   imgs, m0 = seq["image_knots"][..., None], seq["m0"]
