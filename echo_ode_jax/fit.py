@@ -299,9 +299,10 @@ def steps_per_call(cfg: FitConfig) -> int:
   return 1 if jax.default_backend() == "cpu" else max(1, cfg.log_every)
 
 
-# XLA:CPU's YNNPACK conv fusions run on one thread (measured: a 10 x 256^2
-# 32->32 conv took the same 300 ms with one thread and with two), while
-# XLA's Eigen convolutions use the whole intra-op pool (154 ms with two).
+# XLA:CPU's YNNPACK conv fusions run on one thread (a 10 x 256^2 32->32
+# forward conv: 358 ms with one thread, 411 ms with two), while XLA's Eigen
+# convolutions use the whole intra-op pool (214 ms with two; benchmarks/conv.py
+# --size=256 [--noynn], BENCHMARKS.md).
 _YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
