@@ -16,7 +16,6 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from echo_ode_jax.kernels import conv2d, default_impl
