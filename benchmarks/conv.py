@@ -18,6 +18,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from echo_ode_jax import fit
 from echo_ode_jax.kernels import conv2d, default_impl
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
@@ -32,7 +33,7 @@ def main(_):
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {_BATCH.value}, "
         f"{_SIZE.value}^2, YNNPACK fusions {'on' if _YNN.value else 'off'}")
   jit = functools.partial(jax.jit, compiler_options=None if _YNN.value else
-                          {"xla_cpu_experimental_ynn_fusion_type": ""})
+                          fit.compiler_options(fit.FitConfig(xla_cpu_ynn=False)))
   print("| Ci→Co | forward | input grad | weight grad XLA | weight grad split "
         "| weight grad shifted | XLA/split | XLA/shifted | auto picks |")
   print("|---|---|---|---|---|---|---|---|---|")
