@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import conv2d, conv2d_up_concat, upsample2
+from echo_ode_jax.kernels import add, conv2d, conv2d_up_concat, instance_norm, upsample2
 
 
 SPLIT_GAMMA_BETA_MIN = 32   # split_gamma_beta applies to decoder maps of this many channels or more
@@ -59,6 +59,8 @@ class ModelConfig:
                                 # function and parameters; False materialises both maps)
   split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the
                                  # halves of the one gamma_beta kernel (faster on XLA:CPU)
+  row_sums: bool = True         # biases, broadcasts and instance norm with the VJPs of
+                                # kernels.add / instance_norm (same function; faster on XLA:CPU)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -101,6 +103,7 @@ class Conv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   dtype: jnp.dtype = jnp.float32
   impl: str | None = None
+  row_sums: bool = True         # bias added by kernels.add (its gradient as a row-first sum)
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros
 
@@ -110,12 +113,16 @@ class Conv(nn.Module):
                         tuple(self.kernel_size) + (in_channels, self.features), jnp.float32)
     return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
+  def _add_bias(self, y, bias):
+    bias = bias.astype(self.dtype)
+    return add(y, bias) if self.row_sums else y + bias
+
   @nn.compact
   def __call__(self, x):
     kernel, bias = self._params(x.shape[-1])
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
                impl=self.impl)
-    return y + bias.astype(self.dtype)
+    return self._add_bias(y, bias)
 
 
 class UpConcatConv(Conv):
@@ -130,7 +137,7 @@ class UpConcatConv(Conv):
     kernel, bias = self._params(x.shape[-1] + skip.shape[-1])
     y = conv2d_up_concat(x.astype(self.dtype), skip.astype(self.dtype),
                          kernel.astype(self.dtype), impl=self.impl)
-    return y + bias.astype(self.dtype)
+    return self._add_bias(y, bias)
 
 
 class _TwoHalvesConv(Conv):
@@ -141,8 +148,8 @@ class _TwoHalvesConv(Conv):
     kernel, bias = self._params(x.shape[-1])
     half = self.features // 2
     x = x.astype(self.dtype)
-    return tuple(conv2d(x, kernel[..., sl].astype(self.dtype), self.strides, "SAME",
-                        impl=self.impl) + bias[sl].astype(self.dtype)
+    return tuple(self._add_bias(conv2d(x, kernel[..., sl].astype(self.dtype), self.strides,
+                                       "SAME", impl=self.impl), bias[sl])
                  for sl in (slice(None, half), slice(half, None)))
 
 
@@ -153,13 +160,16 @@ class SpadeTime(nn.Module):
   dtype: jnp.dtype = jnp.float32
   impl: str | None = None
   split_gamma_beta: bool = True
+  row_sums: bool = True
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
     # m0_n: (h, w, classes) shared; pe: (K, pe_dim) or None; f: (K, h, w, C).
-    hid = Conv(self.hidden, dtype=self.dtype, impl=self.impl, name="shared")(m0_n[None])
+    plus = add if self.row_sums else jnp.add
+    conv = functools.partial(Conv, dtype=self.dtype, impl=self.impl, row_sums=self.row_sums)
+    hid = conv(self.hidden, name="shared")(m0_n[None])
     if pe is not None:
-      hid = hid + nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :]
+      hid = plus(hid, nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :])
     hid = nn.relu(hid)
     # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
     # or (split_gamma_beta, C >= SPLIT_GAMMA_BETA_MIN) as two convs on its
@@ -168,15 +178,18 @@ class SpadeTime(nn.Module):
     # the C = 16 maps too changed the step by under 1%, so they stay one conv.
     if self.split_gamma_beta and self.channels >= SPLIT_GAMMA_BETA_MIN:
       gamma, beta = _TwoHalvesConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
-                                   kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+                                   row_sums=self.row_sums, kernel_init=nn.initializers.zeros,
+                                   name="gamma_beta")(hid)
     else:
-      gb = Conv(2 * self.channels, dtype=self.dtype, impl=self.impl,
-                kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+      gb = conv(2 * self.channels, kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
       gamma, beta = jnp.split(gb, 2, axis=-1)
     # Parameter-free instance normalisation (per knot, per channel), as SPADE.
-    mean = jnp.mean(f, axis=(1, 2), keepdims=True)
-    var = jnp.var(f, axis=(1, 2), keepdims=True)
-    f = (f - mean) * jax.lax.rsqrt(var + 1e-5)
+    if self.row_sums:
+      f = instance_norm(f, 1e-5)
+    else:
+      mean = jnp.mean(f, axis=(1, 2), keepdims=True)
+      var = jnp.var(f, axis=(1, 2), keepdims=True)
+      f = (f - mean) * jax.lax.rsqrt(var + 1e-5)
     return f * (1.0 + gamma) + beta
 
 
@@ -198,13 +211,16 @@ class VelocityUNet(nn.Module):
     pe = positional_encoding(t, cfg.pe_dim).astype(dtype) if (cfg.use_pe or cfg.use_spade) \
         else None
 
+    conv = functools.partial(Conv, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums)
+    plus = add if cfg.row_sums else jnp.add
+
     # Encoder: strided convs; keep the input and every level for the skips.
     skips = [x]
     for i, ch in enumerate(cfg.enc_channels):
-      x = act(Conv(ch, strides=(2, 2), dtype=dtype, impl=cfg.conv_impl, name=f"enc{i}")(x))
+      x = act(conv(ch, strides=(2, 2), name=f"enc{i}")(x))
       skips.append(x)
     if cfg.use_pe:
-      x = x + nn.Dense(x.shape[-1], dtype=dtype, name="pe_proj")(pe)[:, None, None, :]
+      x = plus(x, nn.Dense(x.shape[-1], dtype=dtype, name="pe_proj")(pe)[:, None, None, :])
 
     # Decoder.
     m0 = m0.astype(dtype)
@@ -212,14 +228,16 @@ class VelocityUNet(nn.Module):
     skip = None       # set: x is still to be upsampled and concatenated with it
     for i, ch in enumerate(cfg.dec_channels):
       if skip is None:
-        x = Conv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x)
+        x = conv(ch, name=f"dec{i}")(x)
       else:
-        x = UpConcatConv(ch, dtype=dtype, impl=cfg.conv_impl, name=f"dec{i}")(x, skip)
+        x = UpConcatConv(ch, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums,
+                         name=f"dec{i}")(x, skip)
         skip = None
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
-                      split_gamma_beta=cfg.split_gamma_beta, name=f"spade{i}")(
+                      split_gamma_beta=cfg.split_gamma_beta, row_sums=cfg.row_sums,
+                      name=f"spade{i}")(
             x, m0_n, pe if cfg.use_pe else None)
       x = act(x)
       if i < n_up:
@@ -227,8 +245,7 @@ class VelocityUNet(nn.Module):
         if not cfg.subpixel_up or i + 1 == len(cfg.dec_channels):
           x = jnp.concatenate([upsample2(x, skip.shape[1:3]), skip], axis=-1)
           skip = None
-    v = Conv(2, dtype=dtype, impl=cfg.conv_impl, kernel_init=nn.initializers.zeros,
-             name="flow")(x)
+    v = conv(2, kernel_init=nn.initializers.zeros, name="flow")(x)
     del k
     return (v.astype(jnp.float32) * cfg.velocity_scale)
 

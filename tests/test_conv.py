@@ -125,9 +125,10 @@ def test_conv2d_up_concat_centre_tap_is_the_upsampled_map():
   np.testing.assert_array_equal(out, np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2))
 
 
-@pytest.mark.parametrize("flag", ["subpixel_up", "split_gamma_beta"])
+@pytest.mark.parametrize("flag", ["subpixel_up", "split_gamma_beta", "row_sums"])
 def test_velocity_net_implementation_flags_keep_the_function(flag):
-  """ModelConfig.subpixel_up / split_gamma_beta only change how convs are computed."""
+  """ModelConfig.subpixel_up / split_gamma_beta / row_sums only change how the
+  network is computed."""
   hw = (10, 12)   # 10 -> 5 -> 3: the deeper skip is an odd crop, the other even
   # 32 channels in dec0, so split_gamma_beta applies there (SPLIT_GAMMA_BETA_MIN).
   on = ModelConfig(enc_channels=(4, 6), dec_channels=(32, 5, 4), pe_dim=8, spade_hidden=4)
@@ -147,11 +148,12 @@ def test_velocity_net_implementation_flags_keep_the_function(flag):
     f = lambda p: VelocityUNet(cfg).apply({"params": p}, imgs, m0, t)
     return jax.jit(lambda p: (f(p), jax.grad(lambda q: jnp.sum(f(q) ** 2))(p)))(params)
 
-  def n_convs(cfg):
+  def count(cfg, op):
     jaxpr = jax.make_jaxpr(lambda p: VelocityUNet(cfg).apply({"params": p}, imgs, m0, t))
-    return str(jaxpr(params)).count("conv_general_dilated")
+    return str(jaxpr(params)).count(op)
 
-  assert n_convs(on) > n_convs(off)   # the flag changes the program
+  op = "custom_vjp" if flag == "row_sums" else "conv_general_dilated"
+  assert count(on, op) > count(off, op)   # the flag changes the program
 
   (v_on, g_on), (v_off, g_off) = run(on), run(off)
   np.testing.assert_allclose(v_on, v_off, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(v_off))))
