@@ -81,6 +81,11 @@ def positional_encoding(t: Float[Array, "K"], dim: int, max_period: float = 1e4
   return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
 
 
+def _adder(row_sums: bool):
+  """The broadcast add of the model: kernels.add (row-first gradient sums) or jnp.add."""
+  return add if row_sums else jnp.add
+
+
 def _resize_nearest(x, shape_hw):
   """Nearest-neighbour resize of (..., H, W, C) to (h, w) by strided sampling."""
   h, w = x.shape[-3:-1]
@@ -114,8 +119,7 @@ class Conv(nn.Module):
     return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
   def _add_bias(self, y, bias):
-    bias = bias.astype(self.dtype)
-    return add(y, bias) if self.row_sums else y + bias
+    return _adder(self.row_sums)(y, bias.astype(self.dtype))
 
   @nn.compact
   def __call__(self, x):
@@ -165,7 +169,7 @@ class SpadeTime(nn.Module):
   @nn.compact
   def __call__(self, f, m0_n, pe):
     # m0_n: (h, w, classes) shared; pe: (K, pe_dim) or None; f: (K, h, w, C).
-    plus = add if self.row_sums else jnp.add
+    plus = _adder(self.row_sums)
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.impl, row_sums=self.row_sums)
     hid = conv(self.hidden, name="shared")(m0_n[None])
     if pe is not None:
@@ -212,7 +216,7 @@ class VelocityUNet(nn.Module):
         else None
 
     conv = functools.partial(Conv, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums)
-    plus = add if cfg.row_sums else jnp.add
+    plus = _adder(cfg.row_sums)
 
     # Encoder: strided convs; keep the input and every level for the skips.
     skips = [x]
