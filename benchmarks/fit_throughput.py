@@ -1,13 +1,15 @@
 """Whole fits per minute on one machine: the GPU numbers of the speed issue (not in CI).
 
   python benchmarks/fit_throughput.py [--size=256] [--frames=20] [--batches=1,16,64] \
-      [--steps=100] [--compute_dtype=float32] [--json_out=FILE]
+      [--steps=100] [--compute_dtype=float32] [--batch_mode=loop|vmap] [--distinct=8] \
+      [--json_out=FILE]
 
 For each batch size B it fits B synthetic sequences (T frames, Euler dt = 0.1)
 with `fit.fit_batch` over all local devices (the runner's path: one compiled
-program per chunk of steps, state donated, "vmap" on accelerators) for
-`--steps` Adam steps, twice with the same config: the first call compiles,
-the second is timed. It reports:
+program per chunk of steps, state donated; batch mode "loop" unless
+--batch_mode says otherwise) for `--steps` Adam steps, twice with the same
+config: the first call compiles, the second is timed. The batch cycles through
+`--distinct` generated sequences, each fit with its own key. It reports:
 
   * seconds per Adam step of the batch, and per sequence;
   * the compile time (first call minus second);
@@ -39,6 +41,8 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "Conv compute dtype (ModelConfig.compute_dtype).")
 _MODE = flags.DEFINE_enum("batch_mode", None, ["loop", "vmap"],
                           "fit_batch's batch mode (default: per backend).")
+_DISTINCT = flags.DEFINE_integer("distinct", 8, "Distinct synthetic sequences, cycled to "
+                                 "fill a batch (generating them is CPU work, ~2 s each at 256^2).")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 
 
@@ -63,9 +67,10 @@ def main(_):
         f"{_DTYPE.value}", flush=True)
   cfg = fit.FitConfig(steps=n, log_every=min(50, n),
                       model=ModelConfig(compute_dtype=_DTYPE.value))
-  seqs = [synthetic.make_sequence(i, size=size, num_frames=frames)[0]
-          for i in range(max(batches))]
+  distinct = max(1, min(_DISTINCT.value, max(batches)))
+  seqs = [synthetic.make_sequence(i, size=size, num_frames=frames)[0] for i in range(distinct)]
   preps = [fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg) for s in seqs]
+  preps = [preps[i % distinct] for i in range(max(batches))]   # each fit gets its own key
   rows = []
   for b in batches:
     times = []

@@ -13,6 +13,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
+def pytest_configure(config):
+  """Full float32 convolutions and matmuls off CPU.
+
+  Tests compare formulations of the same function (batched knots against the
+  in-loop reference, vmap against single fits) at float32 tolerances. A GPU
+  computes float32 convolutions in TF32 by default (10-bit mantissa), which
+  moves those comparisons by ~1e-3 (seen on an H100: 4e-3 pixels of phi);
+  with "highest" they pass there. XLA:CPU has no TF32, so CPU runs are left as
+  they are.
+  """
+  import jax
+  if jax.default_backend() != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def camus_dir() -> Path:
   """The shared CAMUS copy next to the repository (override: ECHO_ODE_CAMUS_DIR)."""
   env = os.environ.get("ECHO_ODE_CAMUS_DIR")
