@@ -14,10 +14,16 @@ class InputError(ValueError):
 
 
 def run_cli(main_fn):
-  """Wraps an absl ``main`` so that InputError prints one line and exits 2."""
+  """Wraps an absl ``main`` so that InputError prints one line and exits 2.
+
+  It also turns on JAX's persistent compilation cache
+  (:func:`echo_ode_jax.jit_cache.enable`) before ``main`` compiles anything.
+  """
   import sys
 
   def wrapped(argv):
+    from echo_ode_jax import jit_cache
+    jit_cache.enable()
     try:
       return main_fn(argv)
     except InputError as e:

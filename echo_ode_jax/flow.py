@@ -134,9 +134,17 @@ def _solve(vector_field, args, y0, t0, t1, save_times, solver, dt, max_steps, rt
     # from max_steps, so a loose bound would waste memory.
     steps = num_steps(t0, t1, dt)
   dt0 = dt if t1 >= t0 else -dt
+  # Fixed steps: the solver's dense output evaluated at save_times, which is
+  # what SaveAt(ts) interpolates (bit-identical for every fixed-step solver,
+  # forward and backward in time). SaveAt(ts) with traced save_times adds
+  # diffrax's runtime checks of them as host callbacks, and XLA never writes a
+  # program with a host callback to the persistent compilation cache
+  # (echo_ode_jax.jit_cache). Adaptive solvers keep SaveAt(ts): their dense
+  # output would be stored for every one of max_steps.
+  saveat = diffrax.SaveAt(ts=save_times) if adaptive else diffrax.SaveAt(dense=True)
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), solver_obj, t0=t0, t1=t1, dt0=dt0, y0=y0,
-      args=args, saveat=diffrax.SaveAt(ts=save_times),
+      args=args, saveat=saveat,
       stepsize_controller=controller, max_steps=steps,
       # Discretise-then-optimise: exact gradients of the discrete solve, which
       # is what the paper's Euler model is. With checkpoints = the number of
@@ -146,7 +154,7 @@ def _solve(vector_field, args, y0, t0, t1, save_times, solver, dt, max_steps, rt
       adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=steps),
       throw=False,
   )
-  return sol.ys
+  return sol.ys if adaptive else jax.vmap(sol.evaluate)(save_times)
 
 
 def _t1(save_times, t1):

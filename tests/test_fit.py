@@ -225,6 +225,21 @@ def test_fused_step_loop_has_no_host_transfers(small_seqs):
       run(new_state, _prep(small_seqs[0], cfg), start)
 
 
+def test_fit_programs_have_no_host_callbacks(small_seqs):
+  """The step and final programs hold no host callback, so no host round-trip
+  and the persistent compilation cache can store them (XLA never caches a
+  program with one). diffrax's SaveAt(ts) on traced frame times used to add
+  two."""
+  cfg = TINY_CFG
+  seq = _prep(small_seqs[0], cfg)
+  state = fit.init_state(cfg, jax.random.PRNGKey(0), (32, 32))
+  step = fit._chunk_fn(cfg, 2, False).lower(state, seq, np.int32(0)).as_text()
+  final = fit._final_fn(cfg, False).lower(fit.final_params(cfg, state), seq).as_text()
+  assert "convolution" in step and "convolution" in final   # the lowered programs
+  for text in (step, final):
+    assert "callback" not in text
+
+
 def test_bfloat16_convs_track_float32():
   """compute_dtype=bfloat16 runs the convs in bf16; the loss stays close to float32's."""
   s = synthetic.make_sequence(1, size=32, num_frames=5)[0]
