@@ -169,7 +169,9 @@ def test_gradient_through_flow_matches_finite_differences(rng):
       np.testing.assert_allclose(g[idx], fd, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "ralston", "rk4"])
+# Euler's dense output is linear, Heun's (as midpoint's and Ralston's) a cubic
+# Hermite, and the project's RK4 (flow.RK4) has its own.
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
 @pytest.mark.parametrize("backward", [False, True])
 def test_fixed_step_save_times_match_diffrax_saveat_ts(rng, solver, backward):
   """Fixed-step solves are read from diffrax's dense output at the save times;
