@@ -135,8 +135,8 @@ def _solve(vector_field, args, y0, t0, t1, save_times, solver, dt, max_steps, rt
     steps = num_steps(t0, t1, dt)
   dt0 = dt if t1 >= t0 else -dt
   # Fixed steps: the solver's dense output evaluated at save_times, which is
-  # what SaveAt(ts) interpolates (bit-identical for every fixed-step solver,
-  # forward and backward in time). SaveAt(ts) with traced save_times adds
+  # the interpolation SaveAt(ts) uses (the same maps, forward and backward in
+  # time: tests/test_flow.py). SaveAt(ts) with traced save_times adds
   # diffrax's runtime checks of them as host callbacks, and XLA never writes a
   # program with a host callback to the persistent compilation cache
   # (echo_ode_jax.jit_cache). Adaptive solvers keep SaveAt(ts): their dense
