@@ -1,7 +1,7 @@
 """Fit quality on synthetic sequences with known motion (not in CI).
 
   python benchmarks/fit_quality.py --out=/tmp/fit_quality [--num=8] [--size=128] \
-      [--steps=1000] [--guides=gt,none]
+      [--steps=1000] [--guides=gt,none] [--base="model.spade_time=gain"]
 
 Writes `num` synthetic sequences (every frame has a ground-truth mask), fits
 them with m_0 = the ED ground truth and each guide (`gt`: the ES ground truth;
@@ -39,6 +39,8 @@ _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per sequence (default
 _STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per fit_batch call.")
 _GUIDES = flags.DEFINE_list("guides", ["gt", "none"], "Guides to fit with.")
+_BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (ablate.py "
+                            'grid syntax, e.g. "model.spade_time=gain").')
 _SHARD = flags.DEFINE_string("shard", "0/1", "I/N: fit every N-th sequence from the I-th.")
 _SUMMARIZE = flags.DEFINE_bool("summarize_only", False,
                                "Summarise the finished sequences; fit nothing.")
@@ -109,6 +111,9 @@ def main(_):
     synthetic.make_dataset(data, _NUM.value, _SIZE.value, seed=100,
                            num_frames=_FRAMES.value)
   cfg = fit.FitConfig(steps=_STEPS.value, log_every=max(1, _STEPS.value // 20))
+  if _BASE.value:
+    (base,) = experiment.parse_grid(_BASE.value)
+    cfg = experiment.apply_overrides(cfg, base)
   report = {"config": json.loads(cfg.to_json()), "num": _NUM.value, "size": _SIZE.value,
             "copy_m0": _summary(data)}
   for guide in _GUIDES.value:

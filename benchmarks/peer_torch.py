@@ -105,22 +105,28 @@ def upsample2(x, shape_hw):
 
 
 class SpadeTime(nn.Module):
-  """gamma, beta for one decoder map from m_0 (shared) and PE(t) (per knot)."""
+  """gamma, beta for one decoder map from m_0 (shared) and PE(t) (per knot);
+  `time` as ModelConfig.spade_time ("hidden" or "gain")."""
 
-  def __init__(self, channels: int, hidden: int, num_classes: int, pe_dim: int | None):
+  def __init__(self, channels: int, hidden: int, num_classes: int, pe_dim: int | None,
+               time: str = "hidden"):
     super().__init__()
-    self.channels = channels
+    self.channels, self.mode = channels, time
     self.shared = SameConv(num_classes, hidden)
-    self.time = nn.Linear(pe_dim, hidden) if pe_dim else None
+    t_out = hidden if time == "hidden" else 2 * channels
+    self.time = nn.Linear(pe_dim, t_out) if pe_dim else None
     self.gamma_beta = SameConv(hidden, 2 * channels)
 
   def forward(self, f, m0_n, pe):
     """f (K, C, h, w); m0_n (1, classes, h, w); pe (K, pe_dim) or None."""
     hid = self.shared(m0_n)
-    if self.time is not None:
+    if self.time is not None and self.mode == "hidden":
       hid = hid + self.time(pe)[:, :, None, None]
     gb = self.gamma_beta(F.relu(hid))
     gamma, beta = gb.split(self.channels, dim=1)
+    if self.time is not None and self.mode == "gain":
+      gain = 1.0 + self.time(pe)[:, :, None, None]        # (K, 2C, 1, 1)
+      gamma, beta = gamma * gain[:, :self.channels], beta * gain[:, self.channels:]
     var, mean = torch.var_mean(f, dim=(2, 3), keepdim=True, correction=0)
     f = (f - mean) * torch.rsqrt(var + 1e-5)
     return f * (1.0 + gamma) + beta
@@ -151,7 +157,8 @@ class TorchVelocityUNet(nn.Module):
       setattr(self, f"dec{i}", SameConv(c, ch))
       if cfg.use_spade:
         setattr(self, f"spade{i}", SpadeTime(ch, cfg.spade_hidden, cfg.num_classes,
-                                             cfg.pe_dim if cfg.use_pe else None))
+                                             cfg.pe_dim if cfg.use_pe else None,
+                                             cfg.spade_time))
       c = ch + (skip_ch[n_up - 1 - i] if i < n_up else 0)
     self.flow = SameConv(c, 2)
     nn.init.zeros_(self.flow.weight)

@@ -2,7 +2,7 @@
 
   python benchmarks/step_profile.py [--size=128] [--frames=20] [--repeats=5] \
       [--conv_impl=split|shifted|xla] [--vs_torch] [--torch_threads=N] [--top=25] \
-      [--loss_only] [--grid="model.subpixel_up=true,false"]
+      [--loss_only] [--grid="model.subpixel_up=true,false"] [--base="model.spade_time=gain"]
 
 On the synthetic sequence of `fit_speed.py` (T frames, Euler dt 0.1, 10 knots),
 with the initial parameters plus N(0, 0.05) noise (so the zero-initialised
@@ -27,6 +27,7 @@ gradient under each grid row's FitConfig, the rows called in turn for
 time relative to the first row: an A/B measured in one process.
 """
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -56,6 +57,8 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
 _TOP = flags.DEFINE_integer("top", 25, "Single ops to list.")
 _LOSS_ONLY = flags.DEFINE_bool("loss_only", False,
                                "Time the loss gradient only; no other parts, no trace.")
+_BASE = flags.DEFINE_string("base", None, "Overrides of the FitConfig for every part "
+                            '(ablate.py syntax, one value each, e.g. "model.spade_time=gain").')
 _GRID = flags.DEFINE_string("grid", None, "Time the loss gradient for each of these "
                             "configs, interleaved (experiments/ablate.py --grid syntax).")
 
@@ -89,18 +92,22 @@ def _loss_grad(cfg, seq):
       compiler_options=fit.compiler_options(cfg))
 
 
-def _grid_ab(cfg, seq, params, rows):
-  """Median ms of the loss gradient per grid row, the rows interleaved."""
+def _grid_ab(cfg, seq, rows, size):
+  """Median ms of the loss gradient per grid row, the rows interleaved. Each row
+  gets profile_case's parameters for its own model (the same ones for rows
+  whose parameter shapes agree)."""
   fns = []
   for ov in rows:
-    f = _loss_grad(experiment.apply_overrides(cfg, ov), seq)
-    jax.block_until_ready(f(params))     # compile + warm-up
+    row_cfg = experiment.apply_overrides(cfg, ov)
+    params = profile_case(row_cfg, size, _FRAMES.value)[1]
+    f = functools.partial(_loss_grad(row_cfg, seq), params)
+    jax.block_until_ready(f())     # compile + warm-up
     fns.append(f)
   times = [[] for _ in rows]
   for _ in range(_REPEATS.value):
     for f, ts in zip(fns, times):
       t0 = time.perf_counter()
-      jax.block_until_ready(f(params))
+      jax.block_until_ready(f())
       ts.append(time.perf_counter() - t0)
   med = [1e3 * float(np.median(ts)) for ts in times]
   print("| config | loss gradient ms | / first row |")
@@ -111,6 +118,9 @@ def _grid_ab(cfg, seq, params, rows):
 
 def main(_):
   cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
+  if _BASE.value:
+    (base,) = experiment.parse_grid(_BASE.value)
+    cfg = experiment.apply_overrides(cfg, base)
   size = _SIZE.value
   seq, params = profile_case(cfg, size, _FRAMES.value)   # as fit_speed.py
   apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply
@@ -121,7 +131,7 @@ def main(_):
   if _GRID.value:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {size}^2, "
           f"T={_FRAMES.value}, {kt.shape[0]} knots, {_REPEATS.value} rounds")
-    _grid_ab(cfg, seq, params, experiment.parse_grid(_GRID.value))
+    _grid_ab(cfg, seq, experiment.parse_grid(_GRID.value), size)
     return
 
   net = lambda p: apply({"params": p}, imgs, m0, kt, i0)

@@ -36,6 +36,7 @@ from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.fit import FitConfig
+from echo_ode_jax import model as model_lib
 from echo_ode_jax.model import ModelConfig
 
 # ---------------------------------------------------------------------------
@@ -159,6 +160,8 @@ def _check(canon: str, key: str, v) -> None:
     raise bad("choose float32 or bfloat16")
   elif canon == "model.conv_impl" and v not in (None, "split", "shifted", "xla"):
     raise bad("choose split, shifted, xla or none")
+  elif canon == "model.spade_time" and v not in model_lib.SPADE_TIME:
+    raise bad(f"choose {' or '.join(model_lib.SPADE_TIME)}")
 
 
 def parse_grid(spec: str) -> list[dict[str, Any]]:

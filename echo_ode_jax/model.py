@@ -16,6 +16,13 @@ Conditioning (each switchable for ablations):
     paper's gamma_n * f_n and makes the zero-initialised modulation the identity.
     Without the normalisation the modulation compounds over the seven decoder
     layers and Adam at lr 0.01 diverges within a few steps.
+    How PE(t) enters (``spade_time``; the paper does not say):
+      - "hidden" (default): added to SPADE's hidden layer before its ReLU, so
+        the gamma_beta conv runs once per knot;
+      - "gain": gamma_n, beta_n = G_n(m_0) (1 + a_n(t)), B_n(m_0) (1 + b_n(t))
+        with per-channel a_n, b_n projected from PE(t); the conv maps G_n, B_n
+        are computed once per sequence, not once per knot (a cheaper function
+        class: time rescales m_0's modulation, e.g. fades it late in the cycle).
 
 The last layer is initialised with zero weights, so the initial velocity is 0
 and phi starts at the identity.
@@ -36,9 +43,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import add, conv2d, conv2d_up_concat, instance_norm, upsample2
+from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate, modulate_gain,
+                                  upsample2)
 
 
+SPADE_TIME = ("hidden", "gain")   # ModelConfig.spade_time choices
 SPLIT_GAMMA_BETA_MIN = 32   # split_gamma_beta applies to decoder maps of this many channels or more
 
 
@@ -51,6 +60,7 @@ class ModelConfig:
   use_spade: bool = True        # temporal SPADE on every decoder feature map
   pe_dim: int = 32              # size of PE(t)
   spade_hidden: int = 16        # channels of the SPADE hidden layer
+  spade_time: str = "hidden"    # how PE(t) enters SPADE: "hidden" or "gain" (module docstring)
   input_i0: bool = False        # also feed I_0 (not in the paper; for ablations)
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
@@ -59,8 +69,14 @@ class ModelConfig:
                                 # function and parameters; False materialises both maps)
   split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the
                                  # halves of the one gamma_beta kernel (faster on XLA:CPU)
-  row_sums: bool = True         # biases, broadcasts and instance norm with the VJPs of
-                                # kernels.add / instance_norm (same function; faster on XLA:CPU)
+  row_sums: bool = True         # biases, broadcasts, instance norm and SPADE's modulation with
+                                # the VJPs of kernels.add / instance_norm / modulate(_gain)
+                                # (same function; faster on XLA:CPU)
+
+  def __post_init__(self):
+    if self.spade_time not in SPADE_TIME:
+      raise ValueError(f"ModelConfig.spade_time must be one of {', '.join(SPADE_TIME)}, "
+                       f"got {self.spade_time!r}")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -79,6 +95,13 @@ def positional_encoding(t: Float[Array, "K"], dim: int, max_period: float = 1e4
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   ang = (1000.0 * t)[:, None] * freqs[None]
   return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+
+
+LEAKY_SLOPE = 0.2   # the U-Net's activation: leaky ReLU
+
+
+def _leaky_relu(x):
+  return nn.leaky_relu(x, LEAKY_SLOPE)
 
 
 def _adder(row_sums: bool):
@@ -158,13 +181,20 @@ class _TwoHalvesConv(Conv):
 
 
 class SpadeTime(nn.Module):
-  """gamma, beta for one decoder map from m_0 (shared) and PE(t) (per knot)."""
+  """leaky_relu(norm(f) (1 + gamma) + beta): one decoder map modulated by
+  gamma, beta from m_0 (shared) and PE(t) (per knot), then activated.
+
+  time="hidden": gamma_beta(relu(shared(m_0) + time(PE(t)))), one conv per knot.
+  time="gain": gamma_beta(relu(shared(m_0))) once, times 1 + time(PE(t)) per
+  knot and channel (time has 2C outputs: gamma's gains, then beta's).
+  """
   channels: int
   hidden: int
   dtype: jnp.dtype = jnp.float32
   impl: str | None = None
   split_gamma_beta: bool = True
   row_sums: bool = True
+  time: str = "hidden"
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
@@ -172,7 +202,7 @@ class SpadeTime(nn.Module):
     plus = _adder(self.row_sums)
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.impl, row_sums=self.row_sums)
     hid = conv(self.hidden, name="shared")(m0_n[None])
-    if pe is not None:
+    if pe is not None and self.time == "hidden":
       hid = plus(hid, nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :])
     hid = nn.relu(hid)
     # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
@@ -194,7 +224,15 @@ class SpadeTime(nn.Module):
       mean = jnp.mean(f, axis=(1, 2), keepdims=True)
       var = jnp.var(f, axis=(1, 2), keepdims=True)
       f = (f - mean) * jax.lax.rsqrt(var + 1e-5)
-    return f * (1.0 + gamma) + beta
+    if pe is not None and self.time == "gain":
+      gain = 1.0 + nn.Dense(2 * self.channels, dtype=self.dtype, name="time")(pe)  # (K, 2C)
+      s_g, s_b = gain[:, :self.channels], gain[:, self.channels:]
+      if self.row_sums:
+        return modulate_gain(f, gamma, beta, s_g, s_b, LEAKY_SLOPE)
+      gamma, beta = gamma * s_g[:, None, None, :], beta * s_b[:, None, None, :]
+    if self.row_sums:
+      return modulate(f, gamma, beta, LEAKY_SLOPE)
+    return _leaky_relu(f * (1.0 + gamma) + beta)
 
 
 class VelocityUNet(nn.Module):
@@ -207,7 +245,7 @@ class VelocityUNet(nn.Module):
                ) -> Float[Array, "K H W 2"]:
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
-    act = lambda x: nn.leaky_relu(x, 0.2)
+    act = _leaky_relu
     k = images.shape[0]
     x = images.astype(dtype)
     if cfg.input_i0:
@@ -241,9 +279,10 @@ class VelocityUNet(nn.Module):
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
                       split_gamma_beta=cfg.split_gamma_beta, row_sums=cfg.row_sums,
-                      name=f"spade{i}")(
-            x, m0_n, pe if cfg.use_pe else None)
-      x = act(x)
+                      time=cfg.spade_time, name=f"spade{i}")(
+            x, m0_n, pe if cfg.use_pe else None)      # activated
+      else:
+        x = act(x)
       if i < n_up:
         skip = skips[n_up - 1 - i]
         if not cfg.subpixel_up or i + 1 == len(cfg.dec_channels):

@@ -125,13 +125,16 @@ def test_conv2d_up_concat_centre_tap_is_the_upsampled_map():
   np.testing.assert_array_equal(out, np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2))
 
 
-@pytest.mark.parametrize("flag", ["subpixel_up", "split_gamma_beta", "row_sums"])
-def test_velocity_net_implementation_flags_keep_the_function(flag):
+@pytest.mark.parametrize("flag,spade_time", [("subpixel_up", "hidden"),
+                                             ("split_gamma_beta", "hidden"),
+                                             ("row_sums", "hidden"), ("row_sums", "gain")])
+def test_velocity_net_implementation_flags_keep_the_function(flag, spade_time):
   """ModelConfig.subpixel_up / split_gamma_beta / row_sums only change how the
-  network is computed."""
+  network is computed (row_sums: with either way of feeding t to SPADE)."""
   hw = (10, 12)   # 10 -> 5 -> 3: the deeper skip is an odd crop, the other even
   # 32 channels in dec0, so split_gamma_beta applies there (SPLIT_GAMMA_BETA_MIN).
-  on = ModelConfig(enc_channels=(4, 6), dec_channels=(32, 5, 4), pe_dim=8, spade_hidden=4)
+  on = ModelConfig(enc_channels=(4, 6), dec_channels=(32, 5, 4), pe_dim=8, spade_hidden=4,
+                   spade_time=spade_time)
   off = on.replace(**{flag: False})
   params = init_params(on, jax.random.PRNGKey(0), hw)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(

@@ -54,11 +54,13 @@ def _perturbed(cfg, hw=(32, 32)):
       tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("use_pe,use_spade", [(True, True), (False, True), (True, False)])
-def test_conditioning_switches(use_pe, use_spade):
+@pytest.mark.parametrize("use_pe,use_spade,spade_time", [
+    (True, True, "hidden"), (False, True, "hidden"), (True, False, "hidden"),
+    (True, True, "gain"), (False, True, "gain")])
+def test_conditioning_switches(use_pe, use_spade, spade_time):
   """V depends on t only with PE on, and on m_0 only with SPADE on."""
   cfg = ModelConfig(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4,
-                    use_pe=use_pe, use_spade=use_spade)
+                    use_pe=use_pe, use_spade=use_spade, spade_time=spade_time)
   params = _perturbed(cfg)
   apply = jax.jit(lambda im, m, t: VelocityUNet(cfg).apply({"params": params}, im, m, t))
   img = jnp.broadcast_to(jax.random.uniform(jax.random.PRNGKey(2), (1, 32, 32, 1)),
@@ -78,3 +80,71 @@ def test_conditioning_switches(use_pe, use_spade):
   # Without the switch the difference is float rounding across the batch.
   assert use_pe or dt < 1e-5 * scale
   assert use_spade or dm < 1e-5 * scale
+
+
+def _conv3x3_same(x, k, b):
+  """Hand-written 3x3 SAME cross-correlation (float64): x (N, H, W, Ci), k (3, 3, Ci, Co)."""
+  n, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((n, h, w, k.shape[-1])) + b
+  for i in range(3):
+    for j in range(3):
+      out += xp[:, i:i + h, j:j + w, :] @ k[i, j]
+  return out
+
+
+@pytest.mark.parametrize("time", ["hidden", "gain"])
+def test_spade_time_is_the_documented_formula(time):
+  """SpadeTime against its docstring in float64 numpy:
+  hidden: gamma, beta = gamma_beta(relu(shared(m_0) + time(PE(t)))), per knot;
+  gain:   gamma, beta = gamma_beta(relu(shared(m_0))) * (1 + time(PE(t))), per channel;
+  out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2)."""
+  k, h, w, c, hidden, pe_dim = 3, 6, 5, 4, 3, 8
+  spade = model.SpadeTime(c, hidden, row_sums=True, time=time)
+  rng = np.random.default_rng(0)
+  f = rng.normal(2.0, 1.5, size=(k, h, w, c)).astype(np.float32)
+  m0 = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=(h, w))]
+  pe = np.asarray(model.positional_encoding(jnp.array([0.0, 0.3, 0.8]), pe_dim))
+  params = spade.init(jax.random.PRNGKey(0), f, m0, pe)["params"]
+  params = jax.tree_util.tree_map(lambda p: p + rng.normal(0, 0.3, size=p.shape), params)
+  got = np.asarray(spade.apply({"params": params}, f, m0, pe))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  hid = _conv3x3_same(m0[None].astype(np.float64), p["shared"]["kernel"], p["shared"]["bias"])
+  tproj = pe @ p["time"]["kernel"] + p["time"]["bias"]
+  if time == "hidden":
+    hid = hid + tproj[:, None, None, :]
+  gb = _conv3x3_same(np.maximum(hid, 0), p["gamma_beta"]["kernel"], p["gamma_beta"]["bias"])
+  gamma, beta = gb[..., :c], gb[..., c:]
+  if time == "gain":
+    assert gb.shape[0] == 1 and tproj.shape == (k, 2 * c)
+    gamma = gamma * (1 + tproj[:, None, None, :c])
+    beta = beta * (1 + tproj[:, None, None, c:])
+  norm = (f - f.mean(axis=(1, 2), keepdims=True)) / np.sqrt(f.var(axis=(1, 2), keepdims=True)
+                                                             + 1e-5)
+  z = norm * (1 + gamma) + beta
+  want = np.where(z >= 0, z, 0.2 * z)
+  assert np.mean(want < 0) > 0.1 and np.std(gamma) > 0.1
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_spade_time_gain_runs_the_gamma_beta_conv_once_per_sequence():
+  """The point of spade_time="gain": m_0's gamma_beta convs see one map, not K."""
+  kw = dict(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4)
+  imgs, m0 = jnp.zeros((5, 16, 16, 1)), jax.nn.one_hot(jnp.zeros((16, 16), jnp.int32), 4)
+  t = jnp.linspace(0, 0.8, 5)
+
+  def conv_batches(time):
+    cfg = ModelConfig(spade_time=time, **kw)
+    params = model.init_params(cfg, jax.random.PRNGKey(0), (16, 16))
+    jaxpr = jax.make_jaxpr(lambda p: VelocityUNet(cfg).apply({"params": p}, imgs, m0, t))(params)
+    return sorted(e.invars[0].aval.shape[0] for e in jaxpr.eqns
+                  if e.primitive.name == "conv_general_dilated")
+
+  # shared (1) + gamma_beta (K for hidden, 1 for gain) per decoder layer.
+  assert conv_batches("hidden").count(1) == 3
+  assert conv_batches("gain").count(1) == 6
+
+
+def test_bad_spade_time_is_rejected():
+  with pytest.raises(ValueError, match="spade_time"):
+    ModelConfig(spade_time="film")

@@ -80,6 +80,7 @@ def _assert_terms_close(got, want, rtol=1e-4):
     ({"use_pe": False}, (40, 24)),            # odd sizes below: (1, 1) SAME pads, crops
     ({"use_spade": False, "input_i0": True}, (40, 24)),
     ({"use_pe": False, "use_spade": False}, (32, 32)),
+    ({"spade_time": "gain"}, (40, 24)),
 ])
 def test_velocity_network_matches_flax(model_kw, hw):
   mcfg = ModelConfig(**model_kw)

@@ -1,10 +1,11 @@
-"""kernels.sum_spatial / sum_to / add / instance_norm against jnp and its autodiff."""
+"""kernels.sum_spatial / sum_to / sum_leading / add / instance_norm / modulate(_gain) against jnp and its autodiff."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax.kernels import add, instance_norm, sum_spatial, sum_to
+from echo_ode_jax.kernels import (add, instance_norm, modulate, modulate_gain, sum_leading,
+                                  sum_spatial, sum_to)
 from echo_ode_jax.kernels._reduce import LANES, _rows
 
 
@@ -79,3 +80,67 @@ def test_instance_norm_gradient_against_finite_differences():
       e[i] = h
       fd[i] = (f(jnp.asarray(x + e)) - f(jnp.asarray(x - e))) / (2 * h)
   np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_sum_leading_equals_float64_sum():
+  x = np.random.default_rng(5).normal(size=(10, 6, 5, 3)).astype(np.float32)
+  np.testing.assert_allclose(jax.jit(sum_leading)(jnp.asarray(x)),
+                             x.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def _leaky(z, slope):
+  return jnp.where(z >= 0, z, slope * z)
+
+
+def _check_vjp(f, f_ref, args, key):
+  out, vjp = jax.vjp(f, *args)
+  ref, vjp_ref = jax.vjp(f_ref, *args)
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  assert np.mean(np.asarray(ref) < 0) > 0.2          # both branches of the activation
+  g = jax.random.normal(key, out.shape)
+  for got, want in zip(jax.jit(vjp)(g), vjp_ref(g)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_modulate_matches_jnp_and_autodiff():
+  """leaky_relu(y (1 + gamma) + beta) and its VJP (from the saved output)."""
+  ks = jax.random.split(jax.random.PRNGKey(6), 4)
+  y, gamma, beta = (jax.random.normal(k, (3, 8, 6, 5)) for k in ks[:3])
+  _check_vjp(lambda *a: modulate(*a, 0.2),
+             lambda y_, g_, b_: _leaky(y_ * (1 + g_) + b_, 0.2), (y, gamma, beta), ks[3])
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16, 8), (3, 5, 7, 3)])
+def test_modulate_gain_matches_jnp_and_autodiff(shape):
+  """leaky_relu(y (1 + g s_g) + b s_b) with g, b shared by the knots and per-knot,
+  per-channel gains: values and all five gradients (sums over the knots and
+  over (H, W)) against jnp's broadcasting and autodiff."""
+  k, h, w, c = shape
+  ks = jax.random.split(jax.random.PRNGKey(7), 6)
+  args = (jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (1, h, w, c)),
+          jax.random.normal(ks[2], (1, h, w, c)), 1 + 0.5 * jax.random.normal(ks[3], (k, c)),
+          1 + 0.5 * jax.random.normal(ks[4], (k, c)))
+  ref = lambda y, g, b, sg, sb: _leaky(
+      y * (1 + g * sg[:, None, None, :]) + b * sb[:, None, None, :], 0.1)
+  _check_vjp(lambda *a: modulate_gain(*a, 0.1), ref, args, ks[5])
+
+
+def test_modulate_gain_gradient_against_finite_differences():
+  rng = np.random.default_rng(8)
+  shapes = [(2, 3, 4, 2), (1, 3, 4, 2), (1, 3, 4, 2), (2, 2), (2, 2)]
+  args = [rng.normal(size=s) for s in shapes]
+  w = rng.normal(size=shapes[0])
+  with jax.enable_x64():
+    f = lambda *a: jnp.sum(modulate_gain(*a, 0.2) * w)
+    grads = jax.grad(f, argnums=tuple(range(5)))(*map(jnp.asarray, args))
+    h = 1e-6
+    for i, (a, g) in enumerate(zip(args, grads)):
+      fd = np.zeros_like(a)
+      for j in np.ndindex(a.shape):
+        e = np.zeros_like(a)
+        e[j] = h
+        lo, hi = list(args), list(args)
+        lo[i], hi[i] = a - e, a + e
+        fd[j] = (f(*map(jnp.asarray, hi)) - f(*map(jnp.asarray, lo))) / (2 * h)
+      np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-6, atol=1e-7)
