@@ -1,7 +1,8 @@
 """Seconds per Adam step of the Echo-ODE fit, one run, every row side by side (not in CI).
 
   python benchmarks/fit_speed.py [--sizes=128,256] [--frames=20] [--batches=1,4] \
-      [--repeats=5] [--inloop_sizes=128] [--vs_torch] [--json_out=FILE]
+      [--repeats=5] [--inloop_sizes=128] [--vs_torch] [--json_out=FILE] \
+      [--base="model.spade_time=gain"]
 
 For each size and batch size it builds synthetic sequences (T frames, Euler,
 dt = 0.1, so 10 steps and 10 velocity knots) and reports:
@@ -52,6 +53,8 @@ _MODE = flags.DEFINE_enum("batch_mode", None, ["loop", "vmap"],
                           "fit_batch mode (default: fit.default_batch_mode()).")
 _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the reference matmul.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+_BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (ablate.py "
+                            'grid syntax, e.g. "model.spade_time=gain").')
 
 
 def matmul_gflops(n: int, repeats: int = 10) -> float:
@@ -129,6 +132,10 @@ class JaxStep:
 
 def main(_):
   cfg = fit.FitConfig()
+  if _BASE.value:
+    (base,) = experiment.parse_grid(_BASE.value)
+    cfg = experiment.apply_overrides(cfg, base)
+    print(f"config overrides: {experiment.row_label(base)}")
   mode = _MODE.value or fit.default_batch_mode()
   peak = matmul_gflops(_MATMUL.value)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
