@@ -4,7 +4,7 @@
       [--init=gt|segmenter] [--guide=segmenter|gt|none] [--segmentation=PRED.h5] \
       [--steps=1000] [--batch_size=8] [--size=N] [--patients=a,b] [--solver=euler] \
       [--dt=0.1] [--save_flow] [--seed=0] [--lr=0.01] [--lr_decay=constant|cosine] \
-      [--clip_norm=N] [--[no]keep_best]
+      [--clip_norm=N] [--[no]keep_best] [--spade_time=hidden|gain]
 
 Several processes (e.g. one per machine): start N processes with the same flags plus
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (I = 0..N-1; HOST:PORT
@@ -16,7 +16,7 @@ Rerunning the same N commands resumes (finished sequences are skipped).
 """
 from absl import app, flags, logging
 
-from echo_ode_jax import fit, runner
+from echo_ode_jax import fit, model, runner
 from echo_ode_jax.errors import run_cli
 
 _DATA = flags.DEFINE_string("data", None, "Input HDF5 (the project layout).", required=True)
@@ -45,6 +45,9 @@ _LAMBDAS = {t: flags.DEFINE_float(f"lambda_{t}", getattr(fit.FitConfig, f"lambda
                                   f"Weight of the {t} term.")
             for t in ("sim", "seg", "ef", "jdet", "smt")}
 _SPADE = flags.DEFINE_boolean("spade", True, "Temporal SPADE in the decoder.")
+_SPADE_TIME = flags.DEFINE_enum("spade_time", "hidden", list(model.SPADE_TIME),
+                                "How PE(t) enters SPADE: hidden (PE in its hidden layer) or "
+                                "gain (per-channel gains on m_0's maps; faster, another model).")
 _PE = flags.DEFINE_boolean("pe", True, "Time positional encoding in the latent space.")
 _SAVE_FLOW = flags.DEFINE_boolean("save_flow", False, "Also store phi_t as /flow.")
 _SKIP_BAD = flags.DEFINE_boolean("skip_bad", False, "Skip sequences with bad input.")
@@ -67,7 +70,8 @@ def main(argv):
       solver=_SOLVER.value, dt=_DT.value,
       sigma=_SIGMA.value, seed=_SEED.value,
       **{f"lambda_{t}": f.value for t, f in _LAMBDAS.items()},
-  ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value})
+  ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value,
+               "model.spade_time": _SPADE_TIME.value})
   res = runner.fit_file(
       _DATA.value, _OUT.value, cfg, init=_INIT.value, guide=_GUIDE.value,
       segmentation=_SEG.value, patients=_PATIENTS.value, batch_size=_BATCH.value,
