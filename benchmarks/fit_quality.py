@@ -112,8 +112,7 @@ def main(_):
                            num_frames=_FRAMES.value)
   cfg = fit.FitConfig(steps=_STEPS.value, log_every=max(1, _STEPS.value // 20))
   if _BASE.value:
-    (base,) = experiment.parse_grid(_BASE.value)
-    cfg = experiment.apply_overrides(cfg, base)
+    cfg = experiment.base_config(_BASE.value, cfg)
   report = {"config": json.loads(cfg.to_json()), "num": _NUM.value, "size": _SIZE.value,
             "copy_m0": _summary(data)}
   for guide in _GUIDES.value:

@@ -133,9 +133,8 @@ class JaxStep:
 def main(_):
   cfg = fit.FitConfig()
   if _BASE.value:
-    (base,) = experiment.parse_grid(_BASE.value)
-    cfg = experiment.apply_overrides(cfg, base)
-    print(f"config overrides: {experiment.row_label(base)}")
+    cfg = experiment.base_config(_BASE.value, cfg)
+    print(f"config overrides: {_BASE.value}")
   mode = _MODE.value or fit.default_batch_mode()
   peak = matmul_gflops(_MATMUL.value)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "

@@ -119,8 +119,7 @@ def _grid_ab(cfg, seq, rows, size):
 def main(_):
   cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
   if _BASE.value:
-    (base,) = experiment.parse_grid(_BASE.value)
-    cfg = experiment.apply_overrides(cfg, base)
+    cfg = experiment.base_config(_BASE.value, cfg)
   size = _SIZE.value
   seq, params = profile_case(cfg, size, _FRAMES.value)   # as fit_speed.py
   apply = model_lib.VelocityUNet(fit.model_config(cfg)).apply

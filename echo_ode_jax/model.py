@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate, modulate_gain,
-                                  upsample2)
+from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate,
+                                  modulate_gain, upsample2)
 
 
 SPADE_TIME = ("hidden", "gain")   # ModelConfig.spade_time choices

@@ -4,15 +4,15 @@ from echo_ode_jax.kernels._conv import (conv2d, conv2d_up_concat, default_impl, 
 from echo_ode_jax.kernels._gaussian import gaussian_blur, gaussian_kernel1d
 from echo_ode_jax.kernels._jacobian import (folding_fraction, jacobian_determinant,
                                             jdet_penalty)
-from echo_ode_jax.kernels._reduce import (add, instance_norm, modulate, modulate_gain, sum_leading,
-                                          sum_spatial, sum_to)
+from echo_ode_jax.kernels._reduce import (add, instance_norm, modulate, modulate_gain,
+                                          sum_leading, sum_spatial, sum_to)
 from echo_ode_jax.kernels._warp import (PADDINGS, hard_labels, identity_grid, one_hot,
                                         warp, warp_data, warp_labels)
 
 __all__ = [
     "PADDINGS", "add", "conv2d", "conv2d_up_concat", "default_impl", "folding_fraction",
     "gaussian_blur", "gaussian_kernel1d", "hard_labels", "identity_grid", "instance_norm",
-    "jacobian_determinant", "jdet_penalty", "modulate_gain", "one_hot", "sum_leading",
+    "jacobian_determinant", "jdet_penalty", "modulate", "modulate_gain", "one_hot", "sum_leading",
     "sum_spatial", "sum_to", "upsample2",
     "warp", "warp_data", "warp_labels", "weight_grad_shifted", "weight_grad_split",
 ]

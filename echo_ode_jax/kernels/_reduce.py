@@ -127,6 +127,15 @@ def sum_leading(x: Float[Array, "K ..."]) -> Float[Array, "..."]:
   return functools.reduce(jnp.add, [x[k] for k in range(x.shape[0])])
 
 
+def _leaky(z, slope):
+  return jnp.where(z >= 0, z, slope * z)
+
+
+def _leaky_vjp(out, d, slope):
+  """The leaky ReLU's VJP read from its output (same sign as its input)."""
+  return jnp.where(out >= 0, d, slope * d)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def modulate_gain(y: Float[Array, "K H W C"], g: Float[Array, "1 H W C"],
                   b: Float[Array, "1 H W C"], s_g: Float[Array, "K C"],
@@ -140,8 +149,7 @@ def modulate_gain(y: Float[Array, "K H W C"], g: Float[Array, "1 H W C"],
   over (H, W) with :func:`sum_spatial`; values and gradients equal the jnp
   expression up to float32 summation order.
   """
-  z = y * (1.0 + g * s_g[:, None, None, :]) + b * s_b[:, None, None, :]
-  return jnp.where(z >= 0, z, slope * z)
+  return _leaky(y * (1.0 + g * s_g[:, None, None, :]) + b * s_b[:, None, None, :], slope)
 
 
 def _modulate_gain_fwd(y, g, b, s_g, s_b, slope):
@@ -152,7 +160,7 @@ def _modulate_gain_fwd(y, g, b, s_g, s_b, slope):
 def _modulate_gain_bwd(slope, res, d):
   out, y, g, b, s_g, s_b = res
   sg, sb = s_g[:, None, None, :], s_b[:, None, None, :]
-  d = jnp.where(out >= 0, d, slope * d)
+  d = _leaky_vjp(out, d, slope)
   dy_ = d * y
   return (d * (1.0 + g * sg),
           sum_leading(dy_ * sg)[None],
@@ -172,8 +180,7 @@ def modulate(y: Float[Array, "K H W C"], gamma: Float[Array, "K H W C"],
   activation's slope from the saved output instead of recomputing the
   modulation; values and gradients equal the jnp expression.
   """
-  z = y * (1.0 + gamma) + beta
-  return jnp.where(z >= 0, z, slope * z)
+  return _leaky(y * (1.0 + gamma) + beta, slope)
 
 
 def _modulate_fwd(y, gamma, beta, slope):
@@ -183,7 +190,7 @@ def _modulate_fwd(y, gamma, beta, slope):
 
 def _modulate_bwd(slope, res, d):
   out, y, gamma = res
-  d = jnp.where(out >= 0, d, slope * d)
+  d = _leaky_vjp(out, d, slope)
   return d * (1.0 + gamma), d * y, d
 
 
