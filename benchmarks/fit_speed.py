@@ -20,6 +20,10 @@ dt = 0.1, so 10 steps and 10 velocity knots) and reports:
     GFLOP/s of a float32 matmul (`--matmul` square) measured in the same run;
   * the same for the in-loop formulation (the network called inside the ODE
     vector field, a `lax` loop) at `inloop_sizes`, batch 1, and the ratio;
+  * the minor page faults and the kernel (system) CPU seconds per JAX step
+    (getrusage around the timed JAX steps only): XLA:CPU allocates each
+    step's temporaries afresh, and with glibc's malloc every large buffer is a
+    new mmap whose pages fault in on first touch (see `malloc_ab.py`);
   * with --vs_torch, the PyTorch reference step (benchmarks/peer_torch.py,
     same model, losses and solver; torch runs only in a benchmark environment:
     `python -m venv --system-site-packages .venv-bench &&
@@ -67,6 +71,12 @@ def matmul_gflops(n: int, repeats: int = 10) -> float:
     jax.block_until_ready(f(a, a))
     ts.append(time.perf_counter() - t0)
   return 2 * n ** 3 / np.median(ts) / 1e9
+
+
+def allocator() -> str:
+  """The malloc this process runs with: LD_PRELOAD and GLIBC_TUNABLES, or glibc's defaults."""
+  env = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)]
+  return " ".join(env) or "glibc defaults"
 
 
 def _analysis(compiled):
@@ -118,16 +128,22 @@ class JaxStep:
       cost = lowered.cost_analysis()
       self.flops = float(cost.get("flops", np.nan)) if cost else np.nan
     self.i = 0
+    self.faults, self.sys_s = [], []   # per step (getrusage, whole process)
 
   def step(self) -> float:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     outs = []
     for j, s in enumerate(self.seqs):
       self.states[j], terms = self.compiled(self.states[j], s, jnp.int32(self.i))
       outs.append(terms)
     jax.block_until_ready((self.states, outs))
+    dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    self.faults.append(r1.ru_minflt - r0.ru_minflt)
+    self.sys_s.append(r1.ru_stime - r0.ru_stime)
     self.i += 1
-    return time.perf_counter() - t0
+    return dt
 
 
 def main(_):
@@ -140,6 +156,7 @@ def main(_):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"backend {jax.default_backend()}, jax {jax.__version__}, batch mode {mode}")
   print(f"matmul {_MATMUL.value}^2 float32: {peak:.1f} GFLOP/s")
+  print(f"allocator: {allocator()}")
   torch_mod = None
   if _TORCH.value:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +172,7 @@ def main(_):
                                 threads=_TORCH_THREADS.value)
         tf.step()
       js.step()   # warm-up
+      js.faults, js.sys_s = [], []
       tj, tt = [], []
       for _ in range(_REPEATS.value):   # alternate, so both see the same machine state
         tj.append(js.step())
@@ -168,7 +186,9 @@ def main(_):
              "mode": mode, "s_per_step": med, "s_per_seq_step": med / b,
              "compile_s": js.compile_s, "gflop_per_step": flops / 1e9,
              "gflops": flops / med / 1e9, "pct_matmul": 100 * flops / med / 1e9 / peak,
-             "xla_peak_mb": (js.peak_bytes or 0) / 2 ** 20}
+             "xla_peak_mb": (js.peak_bytes or 0) / 2 ** 20,
+             "minflt_per_step": float(np.median(js.faults)),
+             "sys_s_per_step": float(np.median(js.sys_s))}
       if tt:
         row["torch_s_per_step"] = float(np.median(tt))
         row["torch_over_jax"] = row["torch_s_per_step"] / med
@@ -193,7 +213,8 @@ def main(_):
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"\npeak RSS of this process: {rss:.0f} MB; matmul {peak:.1f} GFLOP/s\n")
   hdr = ("| size | batch | formulation | s/step | s/seq/step | compile s | GFLOP/step "
-         "| GFLOP/s | % matmul | XLA peak MB | torch s/step | torch/JAX | in-loop/batched |")
+         "| GFLOP/s | % matmul | XLA peak MB | faults/step | sys s/step | torch s/step | torch/JAX "
+         "| in-loop/batched |")
   print(hdr)
   print("|" + "---|" * (hdr.count("|") - 1))
   for r in rows:
@@ -201,11 +222,12 @@ def main(_):
     print(f"| {r['size']}² | {r['batch']} | {r['formulation']} | {g('s_per_step')} "
           f"| {g('s_per_seq_step')} | {g('compile_s', '{:.1f}')} | {g('gflop_per_step')} "
           f"| {g('gflops')} | {g('pct_matmul', '{:.0f}')} | {g('xla_peak_mb', '{:.0f}')} "
+          f"| {g('minflt_per_step', '{:.0f}')} | {g('sys_s_per_step', '{:.3f}')} "
           f"| {g('torch_s_per_step')} | {g('torch_over_jax', '{:.2f}')} "
           f"| {g('inloop_over_batched', '{:.1f}')} |")
   if _JSON.value:
     experiment.write_json(_JSON.value, {"matmul_gflops": peak, "peak_rss_mb": rss,
-                                        "rows": rows})
+                                        "allocator": allocator(), "rows": rows})
 
 
 if __name__ == "__main__":
