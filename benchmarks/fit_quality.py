@@ -29,7 +29,7 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
-from echo_ode_jax import experiment, fit, metrics, runner
+from echo_ode_jax import cpu_malloc, experiment, fit, metrics, runner
 from echo_ode_jax.data import hdf5, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -104,6 +104,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def main(_):
+  cpu_malloc.reexec_with_huge_pages()
   shard, num_shards = _parse_shard(_SHARD.value)
   os.makedirs(_OUT.value, exist_ok=True)
   data = os.path.join(_OUT.value, f"synthetic{_SIZE.value}.h5")

@@ -2,7 +2,7 @@
 
   python benchmarks/fit_speed.py [--sizes=128,256] [--frames=20] [--batches=1,4] \
       [--repeats=5] [--inloop_sizes=128] [--vs_torch] [--json_out=FILE] \
-      [--base="model.spade_time=gain"]
+      [--base="model.spade_time=gain"] [--nohuge_pages]
 
 For each size and batch size it builds synthetic sequences (T frames, Euler,
 dt = 0.1, so 10 steps and 10 velocity knots) and reports:
@@ -23,7 +23,11 @@ dt = 0.1, so 10 steps and 10 velocity knots) and reports:
   * the minor page faults and the kernel (system) CPU seconds per JAX step
     (getrusage around the timed JAX steps only): XLA:CPU allocates each
     step's temporaries afresh, and with glibc's malloc every large buffer is a
-    new mmap whose pages fault in on first touch (see `malloc_ab.py`);
+    new mmap whose pages fault in on first touch. So by default the script
+    first restarts itself with glibc's huge-page tunable, as the experiments/
+    scripts do (`echo_ode_jax.cpu_malloc`; --nohuge_pages keeps the malloc the
+    process started with; `malloc_ab.py` compares mallocs). The PyTorch peer
+    runs in the same process, under the same malloc;
   * with --vs_torch, the PyTorch reference step (benchmarks/peer_torch.py,
     same model, losses and solver; torch runs only in a benchmark environment:
     `python -m venv --system-site-packages .venv-bench &&
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import experiment, fit
+from echo_ode_jax import cpu_malloc, experiment, fit
 from echo_ode_jax.data import synthetic
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Square image sizes (pixels).")
@@ -59,6 +63,8 @@ _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the reference matmul.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 _BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (ablate.py "
                             'grid syntax, e.g. "model.spade_time=gain").')
+_HUGE = flags.DEFINE_bool("huge_pages", True, "Restart with glibc's huge-page malloc tunable "
+                          "first, as the experiments/ scripts do (echo_ode_jax.cpu_malloc).")
 
 
 def matmul_gflops(n: int, repeats: int = 10) -> float:
@@ -147,6 +153,8 @@ class JaxStep:
 
 
 def main(_):
+  if _HUGE.value:
+    cpu_malloc.reexec_with_huge_pages()
   cfg = fit.FitConfig()
   if _BASE.value:
     cfg = experiment.base_config(_BASE.value, cfg)

@@ -19,7 +19,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from echo_ode_jax import fit, metrics, runner
+from echo_ode_jax import cpu_malloc, fit, metrics, runner
 from echo_ode_jax.data import hdf5, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Folder of fit_quality's data file.", required=True)
@@ -31,6 +31,7 @@ _VARIANTS = flags.DEFINE_string("variants", "{}", "';'-separated JSON FitConfig 
 
 
 def main(_):
+  cpu_malloc.reexec_with_huge_pages()
   data = os.path.join(_OUT.value, f"synthetic{_SIZE.value}.h5")
   if not os.path.exists(data):
     os.makedirs(_OUT.value, exist_ok=True)

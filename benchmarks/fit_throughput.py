@@ -29,7 +29,7 @@ import time
 from absl import app, flags, logging
 import jax
 
-from echo_ode_jax import experiment, fit
+from echo_ode_jax import cpu_malloc, experiment, fit
 from echo_ode_jax.data import synthetic
 from echo_ode_jax.model import ModelConfig
 
@@ -55,6 +55,7 @@ def peak_memory_mb() -> tuple[float, str]:
 
 
 def main(_):
+  cpu_malloc.reexec_with_huge_pages()
   n = _STEPS.value
   if n < 1:
     raise app.UsageError(f"--steps={n}: need >= 1")

@@ -14,7 +14,8 @@ variant the median over rounds of each row's s/step, page faults and system
 seconds per step, and (with --vs_torch) the PyTorch peer's s/step in the same
 processes, so under the same malloc:
 
-  glibc          glibc's defaults;
+  glibc          glibc's defaults (ECHO_ODE_MALLOC=default, so fit_speed.py does
+                 not restart itself with the tunable);
   glibc_hugetlb  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35): malloc
                  asks for transparent huge pages, 2 MiB per fault;
   tcmalloc       LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian/Ubuntu package
@@ -36,7 +37,7 @@ import tempfile
 from absl import app, flags
 import numpy as np
 
-from echo_ode_jax import experiment
+from echo_ode_jax import cpu_malloc, experiment
 
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "fit_speed.py runs per variant.")
 _SIZES = flags.DEFINE_list("sizes", ["128"], "fit_speed.py --sizes.")
@@ -53,7 +54,7 @@ _PRELOAD = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}
 def variant_env(name: str) -> dict[str, str] | None:
   """The environment additions of a variant; None if its library is not installed."""
   if name == "glibc":
-    return {}
+    return {cpu_malloc.OPT_OUT: "default"}
   if name == "glibc_hugetlb":
     return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   if name in _PRELOAD:
@@ -71,7 +72,7 @@ def _run(env_add: dict[str, str], out: str) -> dict:
   if _TORCH.value:
     cmd.append("--vs_torch")
   env = dict(os.environ)
-  for k in ("LD_PRELOAD", "GLIBC_TUNABLES"):
+  for k in ("LD_PRELOAD", "GLIBC_TUNABLES", cpu_malloc.OPT_OUT):
     env.pop(k, None)
   env.update(env_add)
   subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)

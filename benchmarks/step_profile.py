@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import experiment, fit, flow, losses
+from echo_ode_jax import cpu_malloc, experiment, fit, flow, losses
 from echo_ode_jax import model as model_lib
 
 from _case import profile_case  # benchmarks/_case.py (this script's folder)
@@ -61,6 +61,8 @@ _BASE = flags.DEFINE_string("base", None, "Overrides of the FitConfig for every 
                             '(ablate.py syntax, one value each, e.g. "model.spade_time=gain").')
 _GRID = flags.DEFINE_string("grid", None, "Time the loss gradient for each of these "
                             "configs, interleaved (experiments/ablate.py --grid syntax).")
+_HUGE = flags.DEFINE_bool("huge_pages", True, "Restart with glibc's huge-page malloc tunable "
+                          "first, as the experiments/ scripts do (echo_ode_jax.cpu_malloc).")
 
 
 def _median_ms(f, n):
@@ -117,6 +119,8 @@ def _grid_ab(cfg, seq, rows, size):
 
 
 def main(_):
+  if _HUGE.value:
+    cpu_malloc.reexec_with_huge_pages()
   cfg = fit.FitConfig().replace(**{"model.conv_impl": _IMPL.value})
   if _BASE.value:
     cfg = experiment.base_config(_BASE.value, cfg)

@@ -13,16 +13,21 @@ class InputError(ValueError):
     super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
-def run_cli(main_fn):
+def run_cli(main_fn, huge_pages: bool = False):
   """Wraps an absl ``main`` so that InputError prints one line and exits 2.
 
   It also turns on JAX's persistent compilation cache
   (:func:`echo_ode_jax.jit_cache.enable`) before ``main`` compiles anything.
+  huge_pages: first restart the process with glibc's huge-page malloc tunable
+  (:func:`echo_ode_jax.cpu_malloc.reexec_with_huge_pages`), for the scripts
+  that run XLA:CPU fits or training.
   """
   import sys
 
   def wrapped(argv):
-    from echo_ode_jax import jit_cache
+    from echo_ode_jax import cpu_malloc, jit_cache
+    if huge_pages:
+      cpu_malloc.reexec_with_huge_pages()
     jit_cache.enable()
     try:
       return main_fn(argv)

@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  app.run(run_cli(main, huge_pages=True))

@@ -11,6 +11,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.expanduser("~"), ".cache", "echo_ode_jax_tests_jit"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# The CLI subprocesses skip cpu_malloc's restart (one more interpreter start and
+# JAX import each); tests/test_cpu_malloc.py runs it.
+os.environ.setdefault("ECHO_ODE_MALLOC", "default")
 
 
 def pytest_configure(config):

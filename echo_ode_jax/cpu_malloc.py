@@ -1,0 +1,97 @@
+"""Huge pages for XLA:CPU's buffers: glibc's `glibc.malloc.hugetlb=1` tunable.
+
+XLA:CPU allocates each step's temporaries afresh: at 128^2 a fit step asks for
+one ~330 MB buffer and a few of ~90 MB. With glibc's malloc, a buffer that
+large is a fresh mmap (a worker thread's arena cannot hold it, and glibc caps
+its mmap threshold at 32 MB), unmapped again when freed, so each step faults
+~350 MB of 4 KiB pages back in: ~85 000 page faults and about a fifth of the
+step's CPU time spent in the kernel (`benchmarks/fit_speed.py` reports both).
+With the tunable glibc.malloc.hugetlb=1 (glibc >= 2.35) malloc asks the kernel
+for transparent huge pages, 2 MiB per fault (`benchmarks/malloc_ab.py`, in
+BENCHMARKS.md). The computed results do not change.
+
+glibc reads its tunables once, when the process starts, so a running Python
+cannot turn this on for itself; :func:`reexec_with_huge_pages` restarts the
+process with GLIBC_TUNABLES set. The `experiments/` scripts call it first thing
+(`errors.run_cli`). For your own programs set it in the shell:
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_fit.py
+
+Opt out with ECHO_ODE_MALLOC=default. Nothing happens off Linux, on another
+libc or glibc < 2.35, when transparent huge pages are off ("never"), when
+LD_PRELOAD is set (another malloc may be preloaded, e.g. tcmalloc, which keeps
+freed memory mapped and needs none of this), or when GLIBC_TUNABLES already
+sets glibc.malloc.hugetlb.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Mapping
+
+OPT_OUT = "ECHO_ODE_MALLOC"          # "default": leave malloc as the process started with it
+TUNABLE = "glibc.malloc.hugetlb=1"
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_mode() -> str | None:
+  """The kernel's transparent huge page mode ("always", "madvise", "never"), or None."""
+  try:
+    with open(_THP) as f:
+      text = f.read()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
+def _glibc_version() -> tuple[int, int] | None:
+  lib, ver = platform.libc_ver()
+  if lib != "glibc":
+    return None
+  try:
+    major, minor = ver.split(".")[:2]
+    return int(major), int(minor)
+  except ValueError:
+    return None
+
+
+def tuned_env(environ: Mapping[str, str], *, system: str | None = None,
+              glibc: tuple[int, int] | None = ..., thp: str | None = ...
+              ) -> dict[str, str] | None:
+  """The environment to restart with, or None when there is nothing to do.
+
+  system, glibc and thp default to this machine's (sys.platform, the glibc
+  version, the transparent huge page mode); tests pass their own.
+  """
+  system = sys.platform if system is None else system
+  glibc = _glibc_version() if glibc is ... else glibc
+  thp = _thp_mode() if thp is ... else thp
+  if system != "linux" or environ.get(OPT_OUT, "") == "default":
+    return None
+  if glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if environ.get("LD_PRELOAD") or "glibc.malloc.hugetlb" in tunables:
+    return None
+  env = dict(environ)
+  env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
+  return env
+
+
+def reexec_with_huge_pages() -> None:
+  """Restarts this process (same interpreter and arguments) with GLIBC_TUNABLES
+  set to use huge pages, when :func:`tuned_env` says so; otherwise returns.
+
+  Call it before the program allocates anything large (the restart discards
+  the process). After the restart the tunable is set, so it returns at once.
+  """
+  env = tuned_env(os.environ)
+  if env is None:
+    return
+  print(f"echo_ode_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages "
+        f"for XLA:CPU's buffers; {OPT_OUT}=default skips this)", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+  os.execve(sys.executable, argv, env)
