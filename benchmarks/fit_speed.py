@@ -28,6 +28,9 @@ dt = 0.1, so 10 steps and 10 velocity knots) and reports:
     scripts do (`echo_ode_jax.cpu_malloc`; --nohuge_pages keeps the malloc the
     process started with; `malloc_ab.py` compares mallocs). The PyTorch peer
     runs in the same process, under the same malloc;
+  * at batch > 1 (loop mode), the time per sequence against a step of the
+    first sequence alone, timed between the batch steps (so a drift of the
+    machine between rows does not enter the ratio);
   * with --vs_torch, the PyTorch reference step (benchmarks/peer_torch.py,
     same model, losses and solver; torch runs only in a benchmark environment:
     `python -m venv --system-site-packages .venv-bench &&
@@ -151,6 +154,14 @@ class JaxStep:
     self.i += 1
     return dt
 
+  def step_first(self) -> float:
+    """One step of the first sequence alone (loop mode): the batch-1 time, taken
+    between batch steps so that both see the same machine state."""
+    t0 = time.perf_counter()
+    self.states[0], terms = self.compiled(self.states[0], self.seqs[0], jnp.int32(self.i))
+    jax.block_until_ready((self.states[0], terms))
+    return time.perf_counter() - t0
+
 
 def main(_):
   if _HUGE.value:
@@ -181,9 +192,11 @@ def main(_):
         tf.step()
       js.step()   # warm-up
       js.faults, js.sys_s = [], []
-      tj, tt = [], []
+      tj, tt, t1 = [], [], []
       for _ in range(_REPEATS.value):   # alternate, so both see the same machine state
         tj.append(js.step())
+        if b > 1 and mode == "loop":
+          t1.append(js.step_first())
         if tf is not None:
           t0 = time.perf_counter()
           tf.step()
@@ -197,6 +210,9 @@ def main(_):
              "xla_peak_mb": (js.peak_bytes or 0) / 2 ** 20,
              "minflt_per_step": float(np.median(js.faults)),
              "sys_s_per_step": float(np.median(js.sys_s))}
+      if t1:
+        row["b1_s_per_step_interleaved"] = float(np.median(t1))
+        row["seq_step_over_b1"] = med / b / row["b1_s_per_step_interleaved"]
       if tt:
         row["torch_s_per_step"] = float(np.median(tt))
         row["torch_over_jax"] = row["torch_s_per_step"] / med
@@ -221,8 +237,8 @@ def main(_):
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"\npeak RSS of this process: {rss:.0f} MB; matmul {peak:.1f} GFLOP/s\n")
   hdr = ("| size | batch | formulation | s/step | s/seq/step | compile s | GFLOP/step "
-         "| GFLOP/s | % matmul | XLA peak MB | faults/step | sys s/step | torch s/step | torch/JAX "
-         "| in-loop/batched |")
+         "| GFLOP/s | % matmul | XLA peak MB | faults/step | sys s/step | s/seq / b1 "
+         "| torch s/step | torch/JAX | in-loop/batched |")
   print(hdr)
   print("|" + "---|" * (hdr.count("|") - 1))
   for r in rows:
@@ -231,6 +247,7 @@ def main(_):
           f"| {g('s_per_seq_step')} | {g('compile_s', '{:.1f}')} | {g('gflop_per_step')} "
           f"| {g('gflops')} | {g('pct_matmul', '{:.0f}')} | {g('xla_peak_mb', '{:.0f}')} "
           f"| {g('minflt_per_step', '{:.0f}')} | {g('sys_s_per_step', '{:.3f}')} "
+          f"| {g('seq_step_over_b1', '{:.2f}')} "
           f"| {g('torch_s_per_step')} | {g('torch_over_jax', '{:.2f}')} "
           f"| {g('inloop_over_batched', '{:.1f}')} |")
   if _JSON.value:
