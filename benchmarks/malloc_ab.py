@@ -56,7 +56,7 @@ def variant_env(name: str) -> dict[str, str] | None:
   if name == "glibc":
     return {cpu_malloc.OPT_OUT: "default"}
   if name == "glibc_hugetlb":
-    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    return {"GLIBC_TUNABLES": cpu_malloc.TUNABLE}
   if name in _PRELOAD:
     lib = ctypes.util.find_library(_PRELOAD[name])
     return {"LD_PRELOAD": lib} if lib else None
