@@ -20,8 +20,9 @@ process with GLIBC_TUNABLES set. The `experiments/` scripts call it first thing
 Opt out with ECHO_ODE_MALLOC=default. Nothing happens off Linux, on another
 libc or glibc < 2.35, when transparent huge pages are off ("never"), when
 LD_PRELOAD is set (another malloc may be preloaded, e.g. tcmalloc, which keeps
-freed memory mapped and needs none of this), or when GLIBC_TUNABLES already
-sets glibc.malloc.hugetlb.
+freed memory mapped and needs none of this; set
+TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=100000000000 with it, or it reports every
+allocation over 1 GB), or when GLIBC_TUNABLES already sets glibc.malloc.hugetlb.
 """
 from __future__ import annotations
 
