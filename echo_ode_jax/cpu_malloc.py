@@ -17,6 +17,8 @@ process with GLIBC_TUNABLES set. The `experiments/` scripts call it first thing
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_fit.py
 
+(a fit on XLA:CPU logs this once, :func:`hint`, when the process would benefit).
+
 Opt out with ECHO_ODE_MALLOC=default. Nothing happens off Linux, on another
 libc or glibc < 2.35, when transparent huge pages are off ("never"), when
 LD_PRELOAD is set (another malloc may be preloaded, e.g. tcmalloc, which keeps
@@ -79,6 +81,35 @@ def tuned_env(environ: Mapping[str, str], *, system: str | None = None,
   env = dict(environ)
   env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
   return env
+
+
+_hinted = False
+
+
+def hint(environ: Mapping[str, str] | None = None, backend: str | None = None,
+         **machine) -> str | None:
+  """Logs, once per process, how to start Python with the tunable, when a fit
+  runs on XLA:CPU in a process that :func:`reexec_with_huge_pages` would restart
+  (a notebook, or your own script). Returns the message, or None (nothing
+  logged: already said, another backend, or nothing to do). `machine` is
+  :func:`tuned_env`'s system/glibc/thp, for tests.
+  """
+  global _hinted
+  if _hinted:
+    return None
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  if backend != "cpu" or tuned_env(os.environ if environ is None else environ,
+                                   **machine) is None:
+    return None
+  _hinted = True
+  msg = (f"XLA:CPU's fit steps fault their large buffers in 4 KiB at a time under glibc's "
+         f"default malloc; start Python with GLIBC_TUNABLES={TUNABLE} for 1.3-1.6x faster "
+         f"steps (echo_ode_jax.cpu_malloc; {OPT_OUT}=default silences this)")
+  from absl import logging
+  logging.warning(msg)
+  return msg
 
 
 def reexec_with_huge_pages() -> None:

@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from echo_ode_jax import flow, losses
+from echo_ode_jax import cpu_malloc, flow, losses
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.kernels import folding_fraction, gaussian_blur, hard_labels, warp_data
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
@@ -379,6 +379,7 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
   compiled program once per pair (asynchronously), so they overlap on
   different devices. Returns (states, histories), one per pair.
   """
+  cpu_malloc.hint()
   per_call = min(steps_per_call(cfg), steps)
   fns = {}
   hists = [[] for _ in states]   # device arrays; fetched at the end

@@ -98,3 +98,13 @@ def test_tunable_cuts_the_page_faults_of_a_large_buffer():
   huge = faults({"GLIBC_TUNABLES": cpu_malloc.TUNABLE})
   assert plain >= 0.9 * 65536
   assert huge < 0.1 * plain, (plain, huge)
+
+
+def test_hint_is_logged_once_and_only_where_a_restart_would_help(monkeypatch):
+  monkeypatch.setattr(cpu_malloc, "_hinted", False)
+  assert cpu_malloc.hint({}, "gpu", **LINUX) is None                    # not XLA:CPU
+  assert cpu_malloc.hint({cpu_malloc.OPT_OUT: "default"}, "cpu", **LINUX) is None
+  assert cpu_malloc.hint({"GLIBC_TUNABLES": cpu_malloc.TUNABLE}, "cpu", **LINUX) is None
+  msg = cpu_malloc.hint({}, "cpu", **LINUX)
+  assert msg is not None and f"GLIBC_TUNABLES={cpu_malloc.TUNABLE}" in msg
+  assert cpu_malloc.hint({}, "cpu", **LINUX) is None                    # once per process
