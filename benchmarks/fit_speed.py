@@ -82,12 +82,6 @@ def matmul_gflops(n: int, repeats: int = 10) -> float:
   return 2 * n ** 3 / np.median(ts) / 1e9
 
 
-def allocator() -> str:
-  """The malloc this process runs with: LD_PRELOAD and GLIBC_TUNABLES, or glibc's defaults."""
-  env = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)]
-  return " ".join(env) or "glibc defaults"
-
-
 def _analysis(compiled):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -175,7 +169,7 @@ def main(_):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"backend {jax.default_backend()}, jax {jax.__version__}, batch mode {mode}")
   print(f"matmul {_MATMUL.value}^2 float32: {peak:.1f} GFLOP/s")
-  print(f"allocator: {allocator()}")
+  print(f"allocator: {cpu_malloc.describe()}")
   torch_mod = None
   if _TORCH.value:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +246,7 @@ def main(_):
           f"| {g('inloop_over_batched', '{:.1f}')} |")
   if _JSON.value:
     experiment.write_json(_JSON.value, {"matmul_gflops": peak, "peak_rss_mb": rss,
-                                        "allocator": allocator(), "rows": rows})
+                                        "allocator": cpu_malloc.describe(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _run(env_add: dict[str, str], out: str) -> dict:
   if _TORCH.value:
     cmd.append("--vs_torch")
   env = dict(os.environ)
-  for k in ("LD_PRELOAD", "GLIBC_TUNABLES", cpu_malloc.OPT_OUT):
+  for k in cpu_malloc.MALLOC_ENV + (cpu_malloc.OPT_OUT,):
     env.pop(k, None)
   env.update(env_add)
   subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -103,11 +103,11 @@ def main(_):
   print(f"\nmedians over {_ROUNDS.value} rounds (variants alternating); matmul GFLOP/s "
         + ", ".join(f"{n} {np.median([x['matmul_gflops'] for x in v]):.0f}"
                     for n, v in runs.items()))
+  first = next(iter(variants))
   hdr = ("| size | batch | malloc | s/step | faults/step | sys s/step | torch s/step "
-         f"| torch/JAX | {next(iter(variants))} s/step / this |")
+         f"| torch/JAX | {first} s/step / this |")
   print(hdr)
   print("|" + "---|" * (hdr.count("|") - 1))
-  first = next(iter(variants))
   keys = [(row["size"], row["batch"]) for row in runs[first][0]["rows"]]
   for size, b in keys:
     base = None

@@ -28,6 +28,7 @@ allocation over 1 GB), or when GLIBC_TUNABLES already sets glibc.malloc.hugetlb.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -36,8 +37,10 @@ from typing import Mapping
 OPT_OUT = "ECHO_ODE_MALLOC"          # "default": leave malloc as the process started with it
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+MALLOC_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES")   # the variables that choose or tune the malloc
 
 
+@functools.lru_cache(maxsize=None)
 def _thp_mode() -> str | None:
   """The kernel's transparent huge page mode ("always", "madvise", "never"), or None."""
   try:
@@ -49,6 +52,7 @@ def _thp_mode() -> str | None:
   return text[start + 1:end] if 0 <= start < end else None
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc_version() -> tuple[int, int] | None:
   lib, ver = platform.libc_ver()
   if lib != "glibc":
@@ -81,6 +85,12 @@ def tuned_env(environ: Mapping[str, str], *, system: str | None = None,
   env = dict(environ)
   env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
   return env
+
+
+def describe(environ: Mapping[str, str] | None = None) -> str:
+  """The malloc a process runs with: its MALLOC_ENV settings, or "glibc defaults"."""
+  environ = os.environ if environ is None else environ
+  return " ".join(f"{k}={environ[k]}" for k in MALLOC_ENV if environ.get(k)) or "glibc defaults"
 
 
 _hinted = False
