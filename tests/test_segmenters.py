@@ -107,7 +107,9 @@ def _random_variables(model, shape, rng):
   def fill(path, s):
     name = jax.tree_util.keystr(path)
     if "batch_stats" in name:
-      return jnp.full(s.shape, 1.0 if "var" in name else 0.0, s.dtype)
+      # Not flax's (0, 1): a layer whose input is all zero (every channel dead after a ReLU,
+      # common at these widths) has batch statistics (0, 0) and must still move them.
+      return jnp.full(s.shape, 2.0 if "var" in name else 0.5, s.dtype)
     fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
     return jnp.asarray(rng.normal(0, 1 / np.sqrt(fan_in), s.shape), s.dtype)
   return jax.tree_util.tree_map_with_path(fill, shapes)
