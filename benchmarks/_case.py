@@ -1,6 +1,10 @@
-"""The loss-gradient test case shared by step_profile.py and cpu_levers.py."""
+"""Shared by the benchmark scripts: the loss-gradient test case (step_profile.py,
+cpu_levers.py) and the reference matmul rate (fit_speed.py, conv.py)."""
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from echo_ode_jax import fit
 from echo_ode_jax import model as model_lib
@@ -20,3 +24,16 @@ def profile_case(cfg: fit.FitConfig, size: int, frames: int):
   params = jax.tree_util.tree_unflatten(
       tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   return seq, params
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of an n x n float32 matmul under jit (median of `repeats`)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, a))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    ts.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / np.median(ts) / 1e9

@@ -9,7 +9,11 @@ Ci) input: the forward pass, the input gradient and the weight gradient
 timed alternately in one run (median, ms), with the ratios to XLA's and the impl
 that conv2d(impl=None) picks. --noynn compiles every program with XLA:CPU's
 YNNPACK fusions off (as `fit.compiler_options` does with more than one core),
-so the convolutions take XLA's Eigen path.
+so the convolutions take XLA's Eigen path. GFLOP/s counts 2 * batch * size^2 *
+9 * Ci * Co per pass. Like the fitting scripts, it first restarts with glibc's
+huge-page malloc tunable (`echo_ode_jax.cpu_malloc`; ECHO_ODE_MALLOC=default
+skips it): without it every call's fresh output buffer is faulted in 4 KiB at a
+time, inside the timing.
 """
 import functools
 import time
@@ -18,8 +22,9 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from echo_ode_jax import fit
+from echo_ode_jax import cpu_malloc, fit
 from echo_ode_jax.kernels import conv2d, default_impl
+from _case import matmul_gflops  # benchmarks/_case.py (this script's folder)
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _BATCH = flags.DEFINE_integer("batch", 10, "Batch (the knots of one fit).")
@@ -30,13 +35,16 @@ _CH = flags.DEFINE_list("channels", ["16:16", "16:2", "32:16", "16:32", "24:24",
 
 
 def main(_):
+  cpu_malloc.reexec_with_huge_pages()   # as the fitting scripts (ECHO_ODE_MALLOC=default: off)
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {_BATCH.value}, "
-        f"{_SIZE.value}^2, YNNPACK fusions {'on' if _YNN.value else 'off'}")
+        f"{_SIZE.value}^2, YNNPACK fusions {'on' if _YNN.value else 'off'}; "
+        f"2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s")
   jit = functools.partial(jax.jit, compiler_options=None if _YNN.value else
                           fit.compiler_options(fit.FitConfig(xla_cpu_ynn=False)))
   print("| Ci→Co | forward | input grad | weight grad XLA | weight grad split "
-        "| weight grad shifted | XLA/split | XLA/shifted | auto picks |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| weight grad shifted | XLA/split | XLA/shifted | auto picks | GFLOP/s forward "
+        "| GFLOP/s weight grad XLA |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for pair in _CH.value:
     ci, co = map(int, pair.split(":"))
     k = jax.random.PRNGKey(ci * 100 + co)
@@ -64,9 +72,11 @@ def main(_):
         ts[n].append(1e3 * (time.perf_counter() - t0))
     m = {n: float(np.median(v)) for n, v in ts.items()}
     auto = default_impl(co)
-    print(f"| {ci}→{co} | {m['fwd']:.0f} | {m['dx']:.0f} | {m['dw_xla']:.0f} "
-          f"| {m['dw_split']:.0f} | {m['dw_shifted']:.0f} | {m['dw_xla'] / m['dw_split']:.2f} "
-          f"| {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} |", flush=True)
+    gflop = 2 * _BATCH.value * _SIZE.value ** 2 * 9 * ci * co / 1e9
+    print(f"| {ci}→{co} | {m['fwd']:.1f} | {m['dx']:.1f} | {m['dw_xla']:.1f} "
+          f"| {m['dw_split']:.1f} | {m['dw_shifted']:.1f} | {m['dw_xla'] / m['dw_split']:.2f} "
+          f"| {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} | {gflop / m['fwd'] * 1e3:.0f} "
+          f"| {gflop / m['dw_xla'] * 1e3:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

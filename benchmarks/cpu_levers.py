@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from echo_ode_jax import fit, losses
+from echo_ode_jax import cpu_malloc, fit, losses
 from echo_ode_jax import model as model_lib
 from echo_ode_jax.kernels import conv2d
 
@@ -147,6 +147,7 @@ def _knot_chunks():
 
 
 def main(argv):
+  cpu_malloc.reexec_with_huge_pages()   # as the fitting scripts (ECHO_ODE_MALLOC=default: off)
   if len(argv) != 2 or argv[1] not in ("winograd", "knot_chunks"):
     raise app.UsageError("usage: cpu_levers.py winograd|knot_chunks [flags]")
   _winograd() if argv[1] == "winograd" else _knot_chunks()

@@ -50,6 +50,7 @@ import numpy as np
 
 from echo_ode_jax import cpu_malloc, experiment, fit
 from echo_ode_jax.data import synthetic
+from _case import matmul_gflops  # benchmarks/_case.py (this script's folder)
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Square image sizes (pixels).")
 _FRAMES = flags.DEFINE_integer("frames", 20, "Frames per sequence.")
@@ -68,18 +69,6 @@ _BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (
                             'grid syntax, e.g. "model.spade_time=gain").')
 _HUGE = flags.DEFINE_bool("huge_pages", True, "Restart with glibc's huge-page malloc tunable "
                           "first, as the experiments/ scripts do (echo_ode_jax.cpu_malloc).")
-
-
-def matmul_gflops(n: int, repeats: int = 10) -> float:
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, a))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    ts.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / np.median(ts) / 1e9
 
 
 def _analysis(compiled):

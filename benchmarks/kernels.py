@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import echo_ode_jax as eo
+from echo_ode_jax import cpu_malloc
 
 _SIZES = flags.DEFINE_list("sizes", ["256", "512"], "Square image sizes.")
 _CH = flags.DEFINE_integer("channels", 2, "Channels (2 = a velocity field).")
@@ -39,6 +40,7 @@ def _scipy_warp(img, coords):
 
 
 def main(argv):
+  cpu_malloc.reexec_with_huge_pages()   # as the fitting scripts (ECHO_ODE_MALLOC=default: off)
   del argv
   print(f"devices: {jax.devices()}  jax {jax.__version__}")
   print(f"{'size':>5} {'pass':<28} {'echo_ode_jax ms':>16} {'jax.scipy ms':>13} {'ratio':>7}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import fit
+from echo_ode_jax import cpu_malloc, fit
 from echo_ode_jax.kernels import instance_norm, sum_spatial, sum_to
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
@@ -31,6 +31,7 @@ def _norm_ref(x):
 
 
 def main(argv):
+  cpu_malloc.reexec_with_huge_pages()   # as the fitting scripts (ECHO_ODE_MALLOC=default: off)
   del argv
   opts = fit.compiler_options(fit.FitConfig())
   jit = lambda f: jax.jit(f, compiler_options=opts)
