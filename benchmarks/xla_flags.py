@@ -32,7 +32,6 @@ SETTINGS = [
     ("--xla_cpu_prefer_vector_width=128", None),
     ("--xla_cpu_enable_concurrency_optimized_scheduler=true", None),
     ("--xla_cpu_enable_concurrency_optimized_scheduler=false", None),
-    ("--xla_cpu_use_multi_output_fusion=true", None),
     ("--xla_cpu_use_fusion_emitters=false", None),
     ("--xla_cpu_max_isa=AVX2", None),
 ]
