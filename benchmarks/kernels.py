@@ -1,11 +1,13 @@
 """Warp kernel benchmark against jax.scipy.ndimage.map_coordinates (one run).
 
-  python benchmarks/kernels.py [--sizes=256,512] [--channels=2] [--repeats=20]
+  python benchmarks/kernels.py [--sizes=256,512] [--channels=2] [--repeats=200]
 
 Times, at each size, the forward pass and the backward pass (coordinate gradient,
 with and without the image cotangent) of echo_ode_jax.warp, and the same for
 jax.scipy.ndimage.map_coordinates(order=1, mode="nearest") with JAX autodiff,
-and prints the ratio. Every row is measured in the same process, alternately.
+and prints the ratio. Every row is measured in the same process, the two
+implementations' calls alternating (the calls take about a millisecond, so
+repeat the run: one run's ratios can be off by tens of percent).
 """
 import time
 
@@ -19,17 +21,19 @@ from echo_ode_jax import cpu_malloc
 
 _SIZES = flags.DEFINE_list("sizes", ["256", "512"], "Square image sizes.")
 _CH = flags.DEFINE_integer("channels", 2, "Channels (2 = a velocity field).")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 200, "Timed repeats (median reported).")
 
 
-def _time(f, *args, repeats):
-  jax.block_until_ready(f(*args))  # compile
-  ts = []
+def _time_pair(f, g, *args, repeats):
+  """Median seconds of f(*args) and of g(*args), the calls alternating."""
+  jax.block_until_ready((f(*args), g(*args)))  # compile
+  tf, tg = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+    for fn, ts in ((f, tf), (g, tg)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t0)
+  return float(np.median(tf)), float(np.median(tg))
 
 
 def _scipy_warp(img, coords):
@@ -62,8 +66,7 @@ def main(argv):
         "grad coords only (warp_data)": jax.jit(jax.grad(loss(_scipy_warp), argnums=1)),
     }
     for name in ours:
-      a = _time(ours[name], img, coords, repeats=_REPEATS.value)
-      b = _time(ref[name], img, coords, repeats=_REPEATS.value)
+      a, b = _time_pair(ours[name], ref[name], img, coords, repeats=_REPEATS.value)
       print(f"{n:>5} {name:<28} {1e3 * a:>16.2f} {1e3 * b:>13.2f} {b / a:>6.1f}x")
 
 
