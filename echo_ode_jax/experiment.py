@@ -552,11 +552,21 @@ def run_ablation(data: str, out: str, grid: str, base: FitConfig = FitConfig(),
     label = row_label(overrides)
     rdir = os.path.join(out, "rows", rid)
     os.makedirs(rdir, exist_ok=True)
-    write_json(os.path.join(rdir, "config.json"),
-               {"overrides": overrides, "config": json.loads(cfg.to_json()), "init": init,
-                "guide": guide, "size": size})
+    row_cfg = {"overrides": overrides, "config": json.loads(cfg.to_json()), "init": init,
+               "guide": guide, "size": size, "data": os.path.basename(data),
+               "segmentation": os.path.basename(segmentation) if segmentation else "",
+               "patients": sorted(patients) if patients else None}
+    cfg_path = os.path.join(rdir, "config.json")
     res_h5 = os.path.join(rdir, "results.h5")
     ev = os.path.join(rdir, "eval.json")
+    if os.path.exists(ev) and os.path.exists(cfg_path):
+      old = read_json(cfg_path)
+      diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in row_cfg.items()
+              if k in old and k != "config" and old[k] != v]
+      if diff:
+        raise InputError(cfg_path, "this row's results were made with other settings: "
+                         + ", ".join(diff) + "; use another --out")
+    write_json(cfg_path, row_cfg)
     ran = False
     if not os.path.exists(ev):
       logging.info("ablation row %d/%d: %s", i + 1, len(grid_rows), label)
@@ -619,7 +629,11 @@ def fit_stage(data: str, out_h5: str, cfg: FitConfig, init: str, guide: str,
   """runner.fit_file unless `out_h5` already holds every sequence of `data`."""
   if fit_fn is None:
     from echo_ode_jax.runner import fit_file as fit_fn
-  if all_keys_done(out_h5, hdf5.list_keys(data)):
+  keys = hdf5.list_keys(data)
+  if all_keys_done(out_h5, keys):
+    from echo_ode_jax import runner
+    runner.check_resume(out_h5, keys, cfg,
+                        runner.run_meta(init, guide, data, segmentation, size))
     logging.info("fit -> %s: done already", out_h5)
     return out_h5
   fit_fn(data, out_h5, cfg, init=init, guide=guide, segmentation=segmentation,

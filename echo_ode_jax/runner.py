@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
+import json
 import os
 import time
 import uuid
@@ -149,6 +150,70 @@ def finished_keys(out: str) -> set[str]:
     except InputError:
       logging.warning("ignoring unreadable results part %s", path)
   return done
+
+
+# FitConfig fields that change how a fit runs, not what it computes: a resume
+# may change them. Every other setting must match the finished results.
+RESUMABLE_CHANGES = frozenset({"log_every", "xla_cpu_ynn", "scan_steps", "model.conv_impl",
+                               "model.row_sums"})
+_SETTING_ATTRS = ("init", "guide", "data", "segmentation", "size")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[str]:
+  """How a finished result's attrs differ from this run's settings, as
+  "name=old (now new)" strings; settings the result does not record are not compared."""
+  diff = []
+  if "config" in attrs:
+    old = _flat(json.loads(attrs["config"]))
+    new = _flat(json.loads(cfg.to_json()))
+    for k in sorted(set(old) | set(new)):
+      if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k):
+        diff.append(f"{k}={old.get(k)!r} (now {new.get(k)!r})")
+  for k in _SETTING_ATTRS:
+    if k in attrs and k in meta:
+      old = attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
+      old = old.decode() if isinstance(old, bytes) else old
+      if old != meta[k]:
+        diff.append(f"{k}={old!r} (now {meta[k]!r})")
+  return diff
+
+
+def check_resume(out: str, keys: Seq[str], cfg: fit_lib.FitConfig,
+                 meta: dict[str, Any]) -> None:
+  """Raises InputError when a finished result of `keys` in `out` (or its parts)
+  was fitted with other settings than (cfg, meta): a rerun must not mix them."""
+  want = set(keys)
+  files = ([out] if os.path.exists(out) else []) + sorted(
+      glob.glob(os.path.join(parts_dir(out), "*.h5")))
+  for path in files:
+    try:
+      have = [k for k in hdf5.list_keys(path) if k in want]
+    except InputError:
+      continue
+    with h5py.File(path, "r") as f:
+      for k in have:
+        diff = settings_diff(f[k].attrs, cfg, meta)
+        if diff:
+          raise InputError(path, f"{k} was fitted with other settings: {', '.join(diff)}; "
+                           "write to another --out, or delete this one to refit")
+
+
+def run_meta(init: str, guide: str, data: str, segmentation: str | None,
+             size: int | None) -> dict[str, Any]:
+  """The run settings stored with every result besides the FitConfig."""
+  return {"init": init, "guide": guide, "data": os.path.basename(data),
+          "segmentation": os.path.basename(segmentation) if segmentation else "",
+          "size": int(size or 0)}
 
 
 def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
@@ -276,6 +341,8 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
     if missing:
       raise InputError(data, f"patients not found: {', '.join(sorted(missing))}")
   mine = keys[process_index::process_count]
+  meta = {**run_meta(init, guide, data, segmentation, size), "process_index": process_index}
+  check_resume(out, mine, cfg, meta)
   done = finished_keys(out)
   todo = [k for k in mine if k not in done]
   logging.info("fit: %d sequences for this process, %d already finished, %d to fit",
@@ -291,9 +358,6 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
       bad.append(str(e))
   if mesh is None:
     mesh = fit_lib.batch_mesh()
-  meta = {"init": init, "guide": guide, "process_index": process_index,
-          "data": os.path.basename(data),
-          "segmentation": os.path.basename(segmentation) if segmentation else ""}
   fitted, failed = [], []
   prog = Progress(len(inputs), "fit_file", "sequence")
   for batch in _batches(inputs, batch_size, cfg.t_bucket):

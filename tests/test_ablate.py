@@ -172,6 +172,17 @@ def test_ablation_rows_resume_and_table(data, tmp_path):
   experiment.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=3), fit_fn=stub)
   assert len(stub.calls) == 5
 
+  # The same row asked for with other run settings is refused, not relabelled.
+  for kw, words in [(dict(guide="none"), "guide='gt' (now 'none')"),
+                    (dict(patients=["synth0000"]), "patients=None (now ['synth0000'])"),
+                    (dict(size=16), "size=None (now 16)")]:
+    with pytest.raises(InputError) as e:
+      experiment.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=2), fit_fn=stub, **kw)
+    assert words in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
+  assert len(stub.calls) == 5
+  with open(os.path.join(out, "rows", res["rows"][0]["id"], "config.json")) as f:
+    assert json.load(f)["guide"] == "gt"          # the row's record is left as it was
+
 
 # ---------------------------------------------------------------------------
 # Tables I and II (run_table): a real tiny U-Net, a stub fitter.

@@ -137,3 +137,44 @@ def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path):
   dice = [2 * np.sum((p == 1) & (g == 1)) / (np.sum(p == 1) + np.sum(g == 1))
           for p, g in zip(pred, s.gt[:5])]
   assert row["dice_endo"] == pytest.approx(np.mean(dice), rel=1e-6)
+
+
+def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
+  """A finished result is reused only by a rerun with the same settings; a rerun
+  that differs in a setting that changes the fit is a one-line error naming it."""
+  from echo_ode_jax import experiment
+  out = str(tmp_path / "res.h5")
+  first = hdf5.list_keys(data_file)[0].split("/")[0]
+  runner.fit_file(data_file, out, TINY_CFG, guide="gt", patients=[first], batch_size=1)
+  with h5py.File(out) as f:
+    stamp = f[hdf5.list_keys(out)[0]]["pred"][...]
+  cases = [
+      (dict(cfg=TINY_CFG, guide="none"), "guide='gt' (now 'none')"),
+      (dict(cfg=TINY_CFG.replace(steps=4), guide="gt"), "steps=3 (now 4)"),
+      (dict(cfg=TINY_CFG.replace(model=TINY_CFG.model.replace(use_spade=False)), guide="gt"),
+       "model.use_spade=True (now False)"),
+      (dict(cfg=TINY_CFG, guide="gt", size=16), "size=0 (now 16)"),
+  ]
+  for kw, words in cases:
+    cfg = kw.pop("cfg")
+    with pytest.raises(InputError) as e:
+      runner.fit_file(data_file, out, cfg, patients=[first], batch_size=1, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and out in msg and words in msg, msg
+  # Settings that change how the fit runs, not its result, may change on a resume.
+  res = runner.fit_file(data_file, out, TINY_CFG.replace(log_every=1, xla_cpu_ynn=True),
+                        guide="gt", patients=[first], batch_size=1)
+  assert res["fitted"] == [] and len(res["skipped"]) == 1
+  with h5py.File(out) as f:
+    np.testing.assert_array_equal(f[hdf5.list_keys(out)[0]]["pred"][...], stamp)
+  # The table stages check the same way when every sequence is done.
+  one = str(tmp_path / "one.h5")
+  with h5py.File(data_file) as src, h5py.File(one, "w") as dst:
+    for a, v in src.attrs.items():
+      dst.attrs[a] = v
+    src.copy(src[first], dst, name=first)
+  out2 = str(tmp_path / "stage.h5")
+  runner.fit_file(one, out2, TINY_CFG, guide="gt", batch_size=1)
+  experiment.fit_stage(one, out2, TINY_CFG, "gt", "gt", None, batch_size=1)   # done: no error
+  with pytest.raises(InputError, match="steps=3 \\(now 4\\)"):
+    experiment.fit_stage(one, out2, TINY_CFG.replace(steps=4), "gt", "gt", None, batch_size=1)
