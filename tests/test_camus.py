@@ -72,6 +72,18 @@ def test_read_cfg_types(tmp_path):
                                "imagequality": "Poor"}
 
 
+def test_read_cfg_windows_bom_and_crlf(tmp_path):
+  p = tmp_path / "Info_4CH.cfg"
+  p.write_bytes(b"\xef\xbb\xbfED: 3\r\nES: 12\r\n")     # Notepad's "UTF-8"
+  assert camus.read_cfg(p) == {"ed": 3, "es": 12}
+
+
+def test_read_cfg_duplicate_key_is_an_error(tmp_path):
+  p = tmp_path / "Info_4CH.cfg"
+  p.write_text("ED: 3\nES: 12\ned: 5\n")
+  _raises(lambda: camus.read_cfg(p), p, "line 3: ed given twice")
+
+
 @pytest.mark.parametrize("layout", ["flat", "database_nifti", "training"])
 def test_find_patients_layouts(tmp_path, layout):
   base = tmp_path if layout == "flat" else tmp_path / layout
@@ -262,3 +274,23 @@ def test_real_orientation_lv_above_la():
       rows = lambda k: np.nonzero(v.gt[t] == k)[0]
       assert rows(1).mean() < rows(3).mean(), d.name      # LV above LA
       assert rows(2).min() < rows(3).min(), d.name        # apex (myocardium) at the top
+
+
+@pytest.mark.parametrize("layout", ["2023_half_no_gt", "2023_ed_es_only", "2019"])
+def test_one_mask_of_the_ed_es_pair_missing_is_an_error(tmp_path, layout):
+  if layout == "2019":
+    d = fakes.patient_2019(tmp_path, "patient0002")
+    d = d[0] if isinstance(d, tuple) else d
+    view, gone, kept = "2CH", "patient0002_2CH_ES_gt.mhd", "patient0002_2CH_ED_gt.mhd"
+    (d / gone).unlink()
+    (d / gone.replace(".mhd", ".raw")).unlink(missing_ok=True)
+  else:
+    d = fakes.patient_2023(tmp_path, "patient0001", half_gt=False)
+    d = d[0] if isinstance(d, tuple) else d
+    if layout == "2023_ed_es_only":
+      for s in ("half_sequence",):
+        (d / f"patient0001_4CH_{s}.nii.gz").unlink()
+      (d / "Info_4CH.cfg").unlink(missing_ok=True)
+    view, gone, kept = "4CH", "patient0001_4CH_ED_gt.nii.gz", "patient0001_4CH_ES_gt.nii.gz"
+    (d / gone).unlink()
+  _raises(lambda: camus.read_view(d, view), d / gone, f"missing: {kept} exists but no")

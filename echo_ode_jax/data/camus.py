@@ -118,11 +118,22 @@ def available_views(patient_dir: str | os.PathLike) -> list[str]:
           if any(_view_file(d, v, s) for s in ("half_sequence", "sequence", "ED", "ES"))]
 
 
+
+def _mask_pair_check(d: Path, pid: str, view: str, ed_gt, es_gt) -> None:
+  """Both ED and ES masks, or neither (an unannotated view): one of them alone
+  is a missing file, not an unannotated frame."""
+  if (ed_gt is None) != (es_gt is None):
+    name, other, other_name = ("ED", es_gt, "ES") if ed_gt is None else ("ES", ed_gt, "ED")
+    other = Path(other)
+    raise InputError(d / other.name.replace(f"_{other_name}_gt", f"_{name}_gt"),
+                     f"missing: {other.name} exists but no {name} mask")
+
+
 def read_cfg(path: str | os.PathLike) -> dict[str, Any]:
   """Parses an Info cfg (``Key: value`` lines) into {lower-case key: int/float/str}."""
   path = Path(path)
   try:
-    text = path.read_text(errors="strict")
+    text = path.read_text(encoding="utf-8-sig", errors="strict")   # -sig: a BOM is not the key
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(path, f"cannot read cfg ({e.__class__.__name__}: {e})") from None
   out: dict[str, Any] = {}
@@ -135,6 +146,8 @@ def read_cfg(path: str | os.PathLike) -> dict[str, Any]:
     k, v = (s.strip() for s in line.split(":", 1))
     if not k:
       raise InputError(path, f"line {n}: empty key")
+    if k.lower() in out:
+      raise InputError(path, f"line {n}: {k} given twice")
     out[k.lower()] = _parse_value(v)
   return out
 
@@ -323,6 +336,7 @@ def read_view(patient_dir: str | os.PathLike, view: str) -> CamusView | None:
       kind = "sequence"
     _check_image(src, img)
     if gt is None and (ed_gt is not None or es_gt is not None):
+      _mask_pair_check(d, pid, view, ed_gt, es_gt)
       # Masks only at ED and ES (2019; or a 2023 copy without the _gt sequence).
       gt = np.full(img.shape, UNANNOTATED, np.uint8)
       for i, p in ((0, ed_gt), (img.shape[0] - 1, es_gt)):
@@ -343,6 +357,7 @@ def read_view(patient_dir: str | os.PathLike, view: str) -> CamusView | None:
     _spacing_check(ed_p, sp, es_p, sp_es)
     img = np.stack([a_ed, a_es])
     files += [str(ed_p), str(es_p)]
+    _mask_pair_check(d, pid, view, ed_gt, es_gt)
     if ed_gt is None and es_gt is None:
       gt = None
     else:
