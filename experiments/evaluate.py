@@ -15,7 +15,7 @@ stores a flow, fig4_deformation.png.
 from absl import app, flags
 
 from echo_ode_jax import experiment, metrics
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax.errors import InputError, run_cli
 from echo_ode_jax.segmenters.train import split_keys
 
 flags.DEFINE_string("data", None, "Data HDF5 file (img, gt, attrs).", required=True)
@@ -35,6 +35,8 @@ def main(argv):
   del argv
   names = experiment.method_names(FLAGS.pred, FLAGS.name)
   keys = None
+  if FLAGS["split"].present and not FLAGS.splits:
+    raise InputError(None, "--split needs --splits (the splits.json whose part to evaluate)")
   if FLAGS.splits:
     train, valid = split_keys(FLAGS.data, FLAGS.splits)
     keys = valid if FLAGS.split == "valid" else train

@@ -16,7 +16,7 @@ Rerunning the same N commands resumes (finished sequences are skipped).
 """
 from absl import app, flags, logging
 
-from echo_ode_jax import fit, model, runner
+from echo_ode_jax import fit, flow, model, runner
 from echo_ode_jax.errors import run_cli
 
 _DATA = flags.DEFINE_string("data", None, "Input HDF5 (the project layout).", required=True)
@@ -37,8 +37,7 @@ _KEEP_BEST = flags.DEFINE_boolean("keep_best", _DEF.keep_best, "Return the param
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per compiled batch.")
 _SIZE = flags.DEFINE_integer("size", None, "Fit at size x size (default: data size).")
 _PATIENTS = flags.DEFINE_list("patients", None, "Only these patients (or keys).")
-_SOLVER = flags.DEFINE_string("solver", "euler", "euler, heun, midpoint, ralston, rk4, "
-                              "tsit5, dopri5.")
+_SOLVER = flags.DEFINE_enum("solver", "euler", list(flow.SOLVERS), "ODE solver.")
 _DT = flags.DEFINE_float("dt", 0.1, "ODE step size.")
 _SIGMA = flags.DEFINE_float("sigma", 1.0, "Gaussian sigma of L_sim (pixels).")
 _LAMBDAS = {t: flags.DEFINE_float(f"lambda_{t}", getattr(fit.FitConfig, f"lambda_{t}"),

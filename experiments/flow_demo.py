@@ -7,11 +7,11 @@ Jacobian-determinant map, and prints the error against the analytic solution.
 """
 from absl import app, flags, logging
 
-from echo_ode_jax import demos
+from echo_ode_jax import demos, flow
 from echo_ode_jax.errors import run_cli
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image size in pixels.")
-_SOLVER = flags.DEFINE_string("solver", "euler", "ODE solver.")
+_SOLVER = flags.DEFINE_enum("solver", "euler", list(flow.SOLVERS), "ODE solver.")
 _DT = flags.DEFINE_float("dt", 0.1, "Step size.")
 _OUT = flags.DEFINE_string("out", "flow_demo_out", "Output folder.")
 

@@ -294,3 +294,12 @@ def test_real_camus_three_patients(tmp_path):
     for k in (1, 2, 3):
       x, y = back[0] == k, src.gt[0] == k
       assert 2 * (x & y).sum() / (x.sum() + y.sum()) > 0.85
+
+
+def test_bad_size_and_directory_out_are_one_line_errors(db, tmp_path):
+  with pytest.raises(InputError, match="--size must be >= 8, got 4"):
+    convert_camus(db, tmp_path / "x.h5", size=4)
+  (tmp_path / "dir.h5").mkdir()
+  with pytest.raises(InputError) as e:
+    convert_camus(db, tmp_path / "dir.h5", size=32)
+  assert "is a directory" in str(e.value) and "\n" not in str(e.value)

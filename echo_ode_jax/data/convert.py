@@ -97,7 +97,9 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
   output file is then left as it was.
   """
   if size < 8:
-    raise ValueError(f"size must be >= 8, got {size}")
+    raise InputError(None, f"--size must be >= 8, got {size}")
+  if os.path.isdir(out):
+    raise InputError(out, "is a directory; --out must name an HDF5 file")
   explicit = views is not None
   views = tuple(camus.VIEWS if views is None else views)
   for v in views:
