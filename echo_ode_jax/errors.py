@@ -14,7 +14,8 @@ class InputError(ValueError):
 
 
 def run_cli(main_fn, huge_pages: bool = False):
-  """Wraps an absl ``main`` so that InputError prints one line and exits 2.
+  """Wraps an absl ``main`` so that InputError prints one line and exits 2,
+  and SIGTERM exits through Python's unwinding (exit status 143).
 
   It also turns on JAX's persistent compilation cache
   (:func:`echo_ode_jax.jit_cache.enable`) before ``main`` compiles anything.
@@ -25,9 +26,14 @@ def run_cli(main_fn, huge_pages: bool = False):
   import sys
 
   def wrapped(argv):
+    import signal
     from echo_ode_jax import cpu_malloc, jit_cache
     if huge_pages:
       cpu_malloc.reexec_with_huge_pages()
+    # A batch scheduler's SIGTERM exits like Ctrl-C: unwinding, so every
+    # atomic write in progress removes its temporary file.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+      signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     jit_cache.enable()
     try:
       return main_fn(argv)

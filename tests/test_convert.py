@@ -1,4 +1,5 @@
 """Resampling to the stored grid and back; CAMUS -> HDF5 conversion (layout, idempotency, errors)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +304,54 @@ def test_bad_size_and_directory_out_are_one_line_errors(db, tmp_path):
   with pytest.raises(InputError) as e:
     convert_camus(db, tmp_path / "dir.h5", size=32)
   assert "is a directory" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_failed_run_keeps_its_commits_and_a_rerun_adds_the_rest(db, tmp_path):
+  bad = fakes.patient_edes(db, "patient0009")[0]
+  (bad / "patient0009_4CH_ES.nii.gz").write_bytes(b"not a nifti")
+  out = tmp_path / "camus.h5"
+  with pytest.raises(InputError, match="patient0009_4CH_ES"):
+    convert_camus(db, out, size=32, commit_every_s=0.0)     # a commit after every patient
+  kept = hdf5.list_keys(out)
+  assert [k.split("/")[0] for k in kept] == ["patient0001", "patient0002", "patient0003"]
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+  fakes.patient_edes(db, "patient0009")                      # the file repaired
+  rep = convert_camus(db, out, size=32)
+  assert rep.converted == ["patient0009/4CH"] and sorted(rep.existing) == kept
+  whole = tmp_path / "whole.h5"
+  convert_camus(db, whole, size=32)
+  with h5py.File(out) as a, h5py.File(whole) as b:            # the same as one clean run
+    assert hdf5.list_keys(out) == hdf5.list_keys(whole)
+    for k in hdf5.list_keys(out):
+      np.testing.assert_array_equal(a[k]["img"][...], b[k]["img"][...])
+      np.testing.assert_array_equal(a[k]["gt"][...], b[k]["gt"][...])
+
+
+def test_one_converter_per_output(db, tmp_path):
+  from echo_ode_jax.data.convert import _exclusive
+  out = tmp_path / "camus.h5"
+  with _exclusive(out):                                      # as another process would
+    with pytest.raises(InputError, match="another process is converting"):
+      convert_camus(db, out, size=32)
+  convert_camus(db, out, size=32)                            # free again
+
+
+def test_sigterm_in_a_cli_removes_the_temporary_file(tmp_path):
+  script = tmp_path / "slow.py"
+  script.write_text(
+      "import os, signal, sys, time\n"
+      "signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the test runner's may be inherited\n"
+      "from absl import app\n"
+      "from echo_ode_jax._atomic import atomic_path\n"
+      "from echo_ode_jax.errors import run_cli\n"
+      "def main(argv):\n"
+      f"  with atomic_path({str(tmp_path / 'out.h5')!r}) as tmp:\n"
+      "    open(tmp, 'w').write('partial')\n"
+      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+      "    time.sleep(60)\n"
+      "app.run(run_cli(main))\n")
+  env = dict(os.environ, ECHO_ODE_JIT_CACHE="off")
+  r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 143, r.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py"]

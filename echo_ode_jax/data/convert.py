@@ -11,8 +11,11 @@ field with lower-case keys (so the cfg's 1-based ED / ES stay as `ed` / `es`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Sequence as Seq
 
@@ -77,9 +80,9 @@ def _select(found: list[Path], patients: Seq[str] | None, root) -> list[Path]:
 
 def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
                   size: int = DEFAULT_SIZE, views: Seq[str] | None = None,
-                  patients: Seq[str] | None = None, skip_bad: bool = False
-                  ) -> ConvertReport:
-  """Converts CAMUS patient folders into the HDF5 layout at `out` (atomically).
+                  patients: Seq[str] | None = None, skip_bad: bool = False,
+                  commit_every_s: float = 60.0) -> ConvertReport:
+  """Converts CAMUS patient folders into the HDF5 layout at `out`, resumably.
 
   Args:
     camus_dir: database_nifti/, training/ or testing/, a folder of patient
@@ -92,9 +95,13 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
       every patient an error.
     patients: patient names (patient0001 or 1) to convert; default all.
     skip_bad: log and skip a patient with bad input instead of failing.
+    commit_every_s: `out` is replaced atomically (temp file, then rename) after
+      about this many seconds of conversion, and at the end; a patient is in
+      it whole or not at all.
 
-  Returns the report. Raises InputError on bad input (without `skip_bad`); the
-  output file is then left as it was.
+  Returns the report. Raises InputError on bad input (without `skip_bad`), or
+  when another process is converting into `out`; the patients committed before
+  stay in `out`, and a rerun converts only the rest.
   """
   if size < 8:
     raise InputError(None, f"--size must be >= 8, got {size}")
@@ -106,53 +113,36 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
     if v not in camus.VIEWS:
       raise InputError(camus_dir, f"unknown view {v!r}; choose from {camus.VIEWS}")
   folders = _select(camus.find_patients(camus_dir), patients, camus_dir)
+  if explicit:   # checked before converting anything (a listing per patient)
+    present = set().union(*(camus.available_views(d) for d in folders)) if folders else set()
+    absent = [v for v in views if v not in present]
+    if absent:
+      raise InputError(camus_dir, f"view(s) {', '.join(absent)} missing for all "
+                       f"{len(folders)} patients")
   report = ConvertReport()
   out = Path(out)
-  with atomic_path(out, copy_existing=True) as tmp:
-    mode = "a" if out.exists() else "w"
-    try:
-      f = h5py.File(tmp, mode)
-    except OSError as e:
-      raise InputError(out, f"existing output is not a readable HDF5 file ({e})") from None
-    with f:
-      if "size" in f.attrs and int(f.attrs["size"]) != size:
-        raise InputError(out, f"existing output has size {int(f.attrs['size'])}, "
-                         f"not the requested {size}")
-      set_root_attrs(f, size)
-      prog = Progress(len(folders), "convert", "patient")
-      seen_view = {v: False for v in views}
-      for d in folders:
-        present = camus.available_views(d)
-        for v in views:
-          seen_view[v] |= v in present
+  prog = Progress(len(folders), "convert", "patient")
+  todo = list(folders)
+  with _exclusive(out):
+    while True:
+      # One atomic commit per commit_every_s of work: an interrupted or failed
+      # run keeps the patients of the commits before, and a rerun adds the rest.
+      with atomic_path(out, copy_existing=True) as tmp:
+        mode = "a" if out.exists() else "w"
         try:
-          seqs = []
-          for v in views:
-            key = f"{d.name}/{v}"
-            if key in f:
-              report.existing.append(key)
-              continue
-            cv = camus.read_view(d, v)
-            if cv is None:
-              report.missing.append(key)
-              logging.info("%s: no %s view, skipped", d, v)
-              continue
-            seqs.append(to_sequence(cv, size))
-        except InputError as e:
-          if not skip_bad:
-            raise
-          report.bad[d.name] = str(e)
-          logging.warning("skipping %s: %s", d.name, e)
-          prog.update(1)
-          continue
-        for s in seqs:  # write a patient only when all its views are good
-          write_sequence(f, s)
-          report.converted.append(s.key)
-        prog.update(1, extra=f"{d.name}")
-      absent = [v for v in views if not seen_view[v]]
-      if explicit and absent:
-        raise InputError(camus_dir, f"view(s) {', '.join(absent)} missing for all "
-                         f"{len(folders)} patients")
+          f = h5py.File(tmp, mode)
+        except OSError as e:
+          raise InputError(out, f"existing output is not a readable HDF5 file ({e})") from None
+        with f:
+          if "size" in f.attrs and int(f.attrs["size"]) != size:
+            raise InputError(out, f"existing output has size {int(f.attrs['size'])}, "
+                             f"not the requested {size}")
+          set_root_attrs(f, size)
+          t0 = time.monotonic()
+          while todo and time.monotonic() - t0 < commit_every_s:
+            _convert_patient(f, todo.pop(0), views, size, skip_bad, report, prog)
+      if not todo:
+        break
   logging.info("converted %d views, kept %d existing, %d missing views, %d bad patients",
                len(report.converted), len(report.existing), len(report.missing),
                len(report.bad))
@@ -160,3 +150,48 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
     logging.warning("bad patients skipped:\n%s",
                     "\n".join(f"  {e}" for e in report.bad.values()))
   return report
+
+
+def _convert_patient(f: h5py.File, d: Path, views, size: int, skip_bad: bool,
+                     report: "ConvertReport", prog: Progress) -> None:
+  """Writes patient folder d's views into the open file f (all or none of them)."""
+  try:
+    seqs = []
+    for v in views:
+      key = f"{d.name}/{v}"
+      if key in f:
+        report.existing.append(key)
+        continue
+      cv = camus.read_view(d, v)
+      if cv is None:
+        report.missing.append(key)
+        logging.info("%s: no %s view, skipped", d, v)
+        continue
+      seqs.append(to_sequence(cv, size))
+  except InputError as e:
+    if not skip_bad:
+      raise
+    report.bad[d.name] = str(e)
+    logging.warning("skipping %s: %s", d.name, e)
+    prog.update(1)
+    return
+  for s in seqs:  # write a patient only when all its views are good
+    write_sequence(f, s)
+    report.converted.append(s.key)
+  prog.update(1, extra=f"{d.name}")
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+  """Holds an exclusive lock on out's hidden lock file: one converter per output."""
+  lock = out.parent / f".{out.name}.lock"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock, "a") as fh:
+    try:
+      fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise InputError(out, "another process is converting into this file") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(fh, fcntl.LOCK_UN)
