@@ -139,8 +139,10 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
                              f"not the requested {size}")
           set_root_attrs(f, size)
           t0 = time.monotonic()
-          while todo and time.monotonic() - t0 < commit_every_s:
+          while todo:   # at least one patient per commit
             _convert_patient(f, todo.pop(0), views, size, skip_bad, report, prog)
+            if time.monotonic() - t0 >= commit_every_s:
+              break
       if not todo:
         break
   logging.info("converted %d views, kept %d existing, %d missing views, %d bad patients",
