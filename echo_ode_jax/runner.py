@@ -171,14 +171,16 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[str]:
   """How a finished result's attrs differ from this run's settings, as
-  "name=old (now new)" strings; settings the result does not record are not compared."""
+  "name=old (now new)" strings; settings the result does not record (results of
+  an older version) are not compared."""
   diff = []
   if "config" in attrs:
     old = _flat(json.loads(attrs["config"]))
     new = _flat(json.loads(cfg.to_json()))
-    for k in sorted(set(old) | set(new)):
-      if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k):
-        diff.append(f"{k}={old.get(k)!r} (now {new.get(k)!r})")
+    # Fields one side lacks (added or dropped by another version) are not compared.
+    for k in sorted(set(old) & set(new)):
+      if k not in RESUMABLE_CHANGES and old[k] != new[k]:
+        diff.append(f"{k}={old[k]!r} (now {new[k]!r})")
   for k in _SETTING_ATTRS:
     if k in attrs and k in meta:
       old = attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
