@@ -560,9 +560,8 @@ def run_ablation(data: str, out: str, grid: str, base: FitConfig = FitConfig(),
     res_h5 = os.path.join(rdir, "results.h5")
     ev = os.path.join(rdir, "eval.json")
     if os.path.exists(ev) and os.path.exists(cfg_path):
-      old = read_json(cfg_path)
-      diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in row_cfg.items()
-              if k in old and k != "config" and old[k] != v]
+      from echo_ode_jax import runner
+      diff = runner.dict_diff(read_json(cfg_path), row_cfg, {"config"})   # config: in rid
       if diff:
         raise InputError(cfg_path, "this row's results were made with other settings: "
                          + ", ".join(diff) + "; use another --out")

@@ -139,17 +139,23 @@ def parts_dir(out: str) -> str:
   return os.fspath(out) + ".parts"
 
 
+def _result_files(out: str) -> list[str]:
+  """`out` (if it exists) and its parts."""
+  return ([out] if os.path.exists(out) else []) + sorted(
+      glob.glob(os.path.join(parts_dir(out), "*.h5")))
+
+
+def _readable_keys(path: str) -> list[str]:
+  try:
+    return hdf5.list_keys(path)
+  except InputError:
+    logging.warning("ignoring unreadable results part %s", path)
+    return []
+
+
 def finished_keys(out: str) -> set[str]:
   """Keys already in `out` or in its parts folder."""
-  done = set()
-  files = ([out] if os.path.exists(out) else []) + sorted(
-      glob.glob(os.path.join(parts_dir(out), "*.h5")))
-  for path in files:
-    try:
-      done.update(hdf5.list_keys(path))
-    except InputError:
-      logging.warning("ignoring unreadable results part %s", path)
-  return done
+  return {k for path in _result_files(out) for k in _readable_keys(path)}
 
 
 # FitConfig fields that change how a fit runs, not what it computes: a resume
@@ -175,32 +181,32 @@ def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[s
   an older version) are not compared."""
   diff = []
   if "config" in attrs:
-    old = _flat(json.loads(attrs["config"]))
-    new = _flat(json.loads(cfg.to_json()))
-    # Fields one side lacks (added or dropped by another version) are not compared.
-    for k in sorted(set(old) & set(new)):
-      if k not in RESUMABLE_CHANGES and old[k] != new[k]:
-        diff.append(f"{k}={old[k]!r} (now {new[k]!r})")
+    diff += dict_diff(_flat(json.loads(attrs["config"])), _flat(json.loads(cfg.to_json())),
+                      RESUMABLE_CHANGES)
+  stored = {}
   for k in _SETTING_ATTRS:
-    if k in attrs and k in meta:
-      old = attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
-      old = old.decode() if isinstance(old, bytes) else old
-      if old != meta[k]:
-        diff.append(f"{k}={old!r} (now {meta[k]!r})")
-  return diff
+    if k in attrs:
+      v = attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
+      stored[k] = v.decode() if isinstance(v, bytes) else v
+  return diff + dict_diff(stored, {k: meta[k] for k in _SETTING_ATTRS if k in meta})
+
+
+def dict_diff(old: dict[str, Any], new: dict[str, Any], ignore=frozenset()) -> list[str]:
+  """ "key=old (now new)" for each key both record with different values (a key
+  one side lacks, e.g. from another version, is not compared), except `ignore`."""
+  return [f"{k}={old[k]!r} (now {new[k]!r})" for k in sorted(set(old) & set(new))
+          if k not in ignore and old[k] != new[k]]
 
 
 def check_resume(out: str, keys: Seq[str], cfg: fit_lib.FitConfig,
-                 meta: dict[str, Any]) -> None:
-  """Raises InputError when a finished result of `keys` in `out` (or its parts)
-  was fitted with other settings than (cfg, meta): a rerun must not mix them."""
-  want = set(keys)
-  files = ([out] if os.path.exists(out) else []) + sorted(
-      glob.glob(os.path.join(parts_dir(out), "*.h5")))
-  for path in files:
-    try:
-      have = [k for k in hdf5.list_keys(path) if k in want]
-    except InputError:
+                 meta: dict[str, Any]) -> set[str]:
+  """The keys of `keys` already finished in `out` (or its parts); raises
+  InputError when one was fitted with other settings than (cfg, meta): a rerun
+  must not mix them."""
+  want, done = set(keys), set()
+  for path in _result_files(out):
+    have = [k for k in _readable_keys(path) if k in want]
+    if not have:
       continue
     with h5py.File(path, "r") as f:
       for k in have:
@@ -208,6 +214,8 @@ def check_resume(out: str, keys: Seq[str], cfg: fit_lib.FitConfig,
         if diff:
           raise InputError(path, f"{k} was fitted with other settings: {', '.join(diff)}; "
                            "write to another --out, or delete this one to refit")
+    done.update(have)
+  return done
 
 
 def run_meta(init: str, guide: str, data: str, segmentation: str | None,
@@ -344,8 +352,7 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
       raise InputError(data, f"patients not found: {', '.join(sorted(missing))}")
   mine = keys[process_index::process_count]
   meta = {**run_meta(init, guide, data, segmentation, size), "process_index": process_index}
-  check_resume(out, mine, cfg, meta)
-  done = finished_keys(out)
+  done = check_resume(out, mine, cfg, meta)
   todo = [k for k in mine if k not in done]
   logging.info("fit: %d sequences for this process, %d already finished, %d to fit",
                len(mine), len(mine) - len(todo), len(todo))

@@ -118,7 +118,6 @@ def available_views(patient_dir: str | os.PathLike) -> list[str]:
           if any(_view_file(d, v, s) for s in ("half_sequence", "sequence", "ED", "ES"))]
 
 
-
 def _mask_pair_check(d: Path, pid: str, view: str, ed_gt, es_gt) -> None:
   """Both ED and ES masks, or neither (an unannotated view): one of them alone
   is a missing file, not an unannotated frame."""
