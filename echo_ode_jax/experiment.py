@@ -158,8 +158,8 @@ def _check(canon: str, key: str, v) -> None:
     raise bad("must be >= 0")
   elif canon == "model.compute_dtype" and v not in ("float32", "bfloat16"):
     raise bad("choose float32 or bfloat16")
-  elif canon == "model.conv_impl" and v not in (None, "split", "shifted", "xla"):
-    raise bad("choose split, shifted, xla or none")
+  elif canon == "model.conv_impl" and v not in (None, "native", "split", "shifted", "xla"):
+    raise bad("choose native, split, shifted, xla or none")
   elif canon == "model.spade_time" and v not in model_lib.SPADE_TIME:
     raise bad(f"choose {' or '.join(model_lib.SPADE_TIME)}")
 

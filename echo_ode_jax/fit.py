@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from echo_ode_jax import cpu_malloc, flow, losses
+from echo_ode_jax import cpu_malloc, flow, kernels, losses
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.kernels import folding_fraction, gaussian_blur, hard_labels, warp_data
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
@@ -195,10 +195,16 @@ def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = 
 
 
 def model_config(cfg: FitConfig) -> ModelConfig:
-  """cfg.model as the fit programs run it: with conv_impl=None resolved to "xla"
-  where :func:`compiler_options` turns YNNPACK off (XLA's Eigen weight gradient
-  is then faster than "split"; BENCHMARKS.md), else unchanged."""
-  if cfg.model.conv_impl is None and compiler_options(cfg) is not None:
+  """cfg.model as the fit programs run it. conv_impl=None resolves to "native"
+  on CPU when the native weight-gradient kernel is available (the fastest;
+  BENCHMARKS.md), else to "xla" where :func:`compiler_options` turns YNNPACK
+  off (XLA's Eigen weight gradient is then faster than "split"); otherwise it
+  stays None (kernels.conv2d's per-backend default)."""
+  if cfg.model.conv_impl is not None:
+    return cfg.model
+  if jax.default_backend() == "cpu" and kernels.native_available():
+    return cfg.model.replace(conv_impl="native")
+  if compiler_options(cfg) is not None:
     return cfg.model.replace(conv_impl="xla")
   return cfg.model
 

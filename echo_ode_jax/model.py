@@ -64,7 +64,7 @@ class ModelConfig:
   input_i0: bool = False        # also feed I_0 (not in the paper; for ablations)
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
-  conv_impl: str | None = None  # kernels.conv2d impl: "split", "shifted", "xla"; None: per backend
+  conv_impl: str | None = None  # kernels.conv2d impl: "native", "split", "shifted", "xla"; None: per backend
   subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
                                 # function and parameters; False materialises both maps)
   split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the

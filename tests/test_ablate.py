@@ -67,7 +67,7 @@ def test_aliases_map_to_model_fields():
     ("steps=1.5", ["steps='1.5'", "int"]),
     ("spade=maybe", ["true or false"]),
     ("xla_cpu_ynn=2", ["true, false or none"]),
-    ("conv_impl=fast", ["split, shifted, xla or none"]),
+    ("conv_impl=fast", ["native, split, shifted, xla or none"]),
     ("solver=rk9", ["unknown solver"]),
     ("dt=0", ["> 0"]),
     ("lambda_ef=", ["no values"]),

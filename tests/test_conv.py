@@ -1,13 +1,19 @@
-"""conv2d's hand-written VJPs ("split" and "shifted" weight gradients) and the decoder's
-conv2d_up_concat, against lax and its autodiff."""
+"""conv2d's hand-written VJPs ("native", "split" and "shifted" weight gradients) and the
+decoder's conv2d_up_concat, against lax and its autodiff."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from echo_ode_jax.kernels import conv2d, conv2d_up_concat, weight_grad_shifted, weight_grad_split
+from echo_ode_jax.kernels import (_native, conv2d, conv2d_up_concat, native_available,
+                                  weight_grad_native, weight_grad_shifted, weight_grad_split)
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
+
+# "native" needs the C++ kernel built on this host (a compiler, the CPU backend).
+_NO_NATIVE = jax.default_backend() != "cpu" or not native_available()
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    _NO_NATIVE, reason=f"native conv kernel unavailable: {_native.why_unavailable() or 'not CPU'}"))
 
 
 def _lax_conv(x, w, strides, padding="SAME"):
@@ -18,7 +24,7 @@ def _lax_conv(x, w, strides, padding="SAME"):
 # Odd and even sizes as the U-Net produces them (128 -> 64 -> ... and odd crops),
 # stride 1 and 2, channel counts that are not multiples of anything; "split"
 # groups output channels by 16, so 17, 33 and 40 give a short last group.
-@pytest.mark.parametrize("impl", ["shifted", "split"])
+@pytest.mark.parametrize("impl", [NATIVE, "shifted", "split"])
 @pytest.mark.parametrize("n,h,w,ci,co,s", [
     (2, 17, 23, 3, 5, 1), (3, 16, 16, 4, 6, 2), (1, 9, 7, 2, 3, 2), (2, 33, 32, 5, 4, 1),
     (1, 5, 5, 1, 2, 1), (4, 12, 10, 8, 8, 2), (2, 15, 9, 3, 17, 1), (1, 13, 11, 4, 33, 2),
@@ -36,7 +42,8 @@ def test_conv2d_matches_lax_and_its_autodiff(impl, n, h, w, ci, co, s):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale)
 
 
-@pytest.mark.parametrize("weight_grad", [weight_grad_shifted, weight_grad_split])
+@pytest.mark.parametrize("weight_grad", [
+    pytest.param(weight_grad_native, marks=NATIVE.marks), weight_grad_shifted, weight_grad_split])
 def test_weight_grad_against_float64_numpy_sum(weight_grad):
   """dW[i, j] = sum over positions of x_pad[s*y + i, s*x + j] (x) g[y, x], by loops."""
   rng = np.random.default_rng(0)
@@ -56,7 +63,7 @@ def test_weight_grad_against_float64_numpy_sum(weight_grad):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["shifted", "split"])
+@pytest.mark.parametrize("impl", [NATIVE, "shifted", "split"])
 def test_conv2d_under_vmap_and_jit(impl):
   """Batched over independent kernels (as fit_batch's vmap mode) == a loop."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 10, 11, 4))
@@ -68,7 +75,7 @@ def test_conv2d_under_vmap_and_jit(impl):
   np.testing.assert_allclose(gv, np.stack(ref), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["shifted", "split"])
+@pytest.mark.parametrize("impl", [NATIVE, "shifted", "split"])
 def test_velocity_net_gradients_equal_for_custom_and_xla_impls(impl):
   # 20 channels somewhere, so "split" has more than one group of 16.
   cfg = ModelConfig(enc_channels=(8, 20), dec_channels=(20, 8, 8), pe_dim=8, spade_hidden=4)
@@ -99,7 +106,7 @@ def _up_concat_reference(x, skip, k):
 
 # (h, w) -> (H, W): even (the four-phase path) and odd crops (the materialised
 # path), one to several channels, and enough output channels for two "split" groups.
-@pytest.mark.parametrize("impl", ["xla", "split", "shifted"])
+@pytest.mark.parametrize("impl", ["xla", NATIVE, "split", "shifted"])
 @pytest.mark.parametrize("n,h,w,hh,ww,cx,cs,co", [
     (2, 4, 5, 8, 10, 3, 2, 5), (1, 8, 8, 16, 16, 32, 1, 32), (3, 5, 3, 10, 6, 4, 4, 20),
     (2, 4, 4, 7, 8, 3, 2, 4), (1, 5, 6, 9, 11, 2, 3, 17), (1, 1, 1, 2, 2, 2, 1, 3)])
@@ -172,14 +179,23 @@ def test_bad_impl_is_rejected():
     conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="cudnn")
 
 
-def test_default_impl_on_cpu_splits_wide_convs_only():
-  """impl=None on CPU: "split" above SPLIT_CHANNELS output channels; jaxpr shows it."""
+def test_default_impl_on_cpu(monkeypatch):
+  """impl=None on CPU: "native" when the kernel is available (its custom call is
+  in the gradient's jaxpr), else "split" above SPLIT_CHANNELS output channels."""
   from echo_ode_jax.kernels import _conv
-  x = jnp.zeros((1, 6, 6, 2))
-  def has_custom_vjp(co):
-    jaxpr = jax.make_jaxpr(lambda k: conv2d(x, k))(jnp.zeros((3, 3, 2, co)))
-    return any("custom_vjp" in e.primitive.name for e in jaxpr.eqns)
   if jax.default_backend() != "cpu":
     pytest.skip("the default differs off CPU")
-  assert not has_custom_vjp(_conv.SPLIT_CHANNELS)
-  assert has_custom_vjp(_conv.SPLIT_CHANNELS + 1)
+  x = jnp.zeros((1, 6, 6, 2))
+  def jaxpr(co, grad):
+    f = lambda k: jnp.sum(conv2d(x, k))
+    return str(jax.make_jaxpr(jax.grad(f) if grad else f)(jnp.zeros((3, 3, 2, co))))
+  monkeypatch.setattr(_native, "available", lambda: False)
+  assert "custom_vjp" not in jaxpr(_conv.SPLIT_CHANNELS, grad=False)
+  assert "custom_vjp" in jaxpr(_conv.SPLIT_CHANNELS + 1, grad=False)
+  assert "ffi_call" not in jaxpr(_conv.SPLIT_CHANNELS + 1, grad=True)
+  monkeypatch.undo()
+  if _NO_NATIVE:
+    pytest.skip(f"native conv kernel unavailable: {_native.why_unavailable()}")
+  assert _conv.default_impl(3) == "native"
+  assert "ffi_call" in jaxpr(3, grad=True)
+  assert "ffi_call" in jaxpr(_conv.SPLIT_CHANNELS + 1, grad=True)

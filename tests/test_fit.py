@@ -1,10 +1,12 @@
 """Echo-ODE fit: correctness of the formulation, batching, sharding, failures, bad input."""
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax import fit, losses
+from echo_ode_jax import fit, kernels, losses
 from echo_ode_jax.data import synthetic
 from echo_ode_jax.model import ModelConfig, VelocityUNet
 
@@ -126,8 +128,10 @@ def test_keep_best_returns_the_parameters_of_the_lowest_loss(small_seqs, mode):
   assert last.best_step == -1
   assert last.final["loss"] == pytest.approx(float(last.history["loss"][-1]), rel=1e-6)
   # Same trajectory as the keep-best fit (vmap's grouped convs round differently,
-  # and lr 0.1 amplifies that over the 9 steps).
-  np.testing.assert_allclose(last.history["loss"], loss, rtol=1e-4 if mode != "vmap" else 5e-3)
+  # and lr 0.1 amplifies that over the 9 steps: the overshoot at step 5 takes
+  # a 1e-6 difference to ~0.5% by step 8).
+  np.testing.assert_allclose(last.history["loss"][:5], loss[:5], rtol=1e-4)
+  np.testing.assert_allclose(last.history["loss"], loss, rtol=1e-4 if mode != "vmap" else 1e-2)
 
 
 def test_optimizer_clipping_and_cosine_decay_against_hand_computed_adam():
@@ -268,11 +272,19 @@ def test_compiler_options_keep_the_function(small_seqs):
   assert fit.compiler_options(cfg.replace(xla_cpu_ynn=False)) == (off if on_cpu else None)
   assert fit.compiler_options(cfg.replace(xla_cpu_ynn=True)) is None
   assert fit.compiler_options(cfg) == (off if on_cpu and fit.cpu_threads() > 1 else None)
-  # Without YNNPACK the model's convs take XLA's own VJP; an explicit impl stays.
-  assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == ("xla" if on_cpu else None)
-  assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl is None
+  # On CPU the model's convs take the native weight gradient when it is
+  # available; else, without YNNPACK, XLA's own VJP. An explicit impl stays.
+  native = on_cpu and kernels.native_available()
+  assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == (
+      "native" if native else "xla" if on_cpu else None)
+  assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl == (
+      "native" if native else None)
   assert fit.model_config(cfg.replace(xla_cpu_ynn=False, **{"model.conv_impl": "split"})
                           ).conv_impl == "split"
+  with mock.patch.object(kernels, "native_available", lambda: False):
+    assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == (
+        "xla" if on_cpu else None)
+    assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl is None
   cfg = cfg.replace(xla_cpu_ynn=False)
   seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
   params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]

@@ -129,7 +129,9 @@ def test_spade_time_is_the_documented_formula(time):
 
 def test_spade_time_gain_runs_the_gamma_beta_conv_once_per_sequence():
   """The point of spade_time="gain": m_0's gamma_beta convs see one map, not K."""
-  kw = dict(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4)
+  # conv_impl="xla": every conv is a top-level conv_general_dilated in the jaxpr.
+  kw = dict(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4,
+            conv_impl="xla")
   imgs, m0 = jnp.zeros((5, 16, 16, 1)), jax.nn.one_hot(jnp.zeros((16, 16), jnp.int32), 4)
   t = jnp.linspace(0, 0.8, 5)
 

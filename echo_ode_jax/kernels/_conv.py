@@ -1,11 +1,14 @@
 """2-D convolution with hand-written VJPs whose weight gradient avoids XLA:CPU's slow path.
 
 XLA:CPU computes a convolution's weight gradient as a convolution with a huge
-"kernel" (the whole output map). On the CPUs measured here that runs near the
-matmul rate when the conv has at most 16 output channels and 2-4x slower than
-"split" below with 24 to 64 (`python benchmarks/conv.py`, in BENCHMARKS.md). Two rewrites of the
-same gradient, each exact up to float32 summation order:
+"kernel" (the whole output map), after transposing both operands: at a fifth
+to a third of the matmul rate on the CPUs measured here, 1.4-2.7x the time of
+the forward pass (`python benchmarks/conv.py`, in BENCHMARKS.md). Three
+rewrites of the same gradient, each exact up to float32 summation order:
 
+  "native"   a C++ kernel called as an XLA FFI custom call (:mod:`._native`):
+             cache-blocked, register-blocked GEMMs over the taps, in XLA's
+             thread pool. Stride-1 float32 convs; others take XLA's gradient.
   "split"    XLA's own weight gradient, once per group of SPLIT_CHANNELS (16)
              output channels (slices of the output cotangent), concatenated.
   "shifted"  a sum over the kh*kw kernel taps of one GEMM each:
@@ -14,17 +17,15 @@ same gradient, each exact up to float32 summation order:
              flattened over (images, rows, padded width), with the cotangent
              padded to the same grid.
 
-Both keep XLA's forward pass and input gradient (a transposed convolution, as
-fast as the forward pass). By default (impl=None) a CPU conv with more than
-SPLIT_CHANNELS output channels uses "split" and every other conv plain XLA; on
-other backends every conv is `lax.conv_general_dilated`, whose autodiff maps to
-cuDNN. The choice is made at trace time.
-
-The slow weight gradient is XLA:CPU's YNNPACK path. The fit programs on a
-multi-core CPU compile with YNNPACK off (`fit.compiler_options`), where XLA's
-Eigen weight gradient is faster than "split", and set impl="xla"
-(`fit.model_config`); "split" serves single-core runs and any program compiled
-with XLA's defaults (`python benchmarks/conv.py --noynn`, BENCHMARKS.md).
+All keep XLA's forward pass and input gradient (a transposed convolution, as
+fast as the forward pass). By default (impl=None, :func:`default_impl`) a CPU
+conv uses "native" when the kernel builds on this host (a C++ compiler is
+needed once), else "split" above SPLIT_CHANNELS output channels and plain XLA
+below; on other backends every conv is `lax.conv_general_dilated`, whose
+autodiff maps to cuDNN. The choice is made at trace time. The fit programs
+resolve it the same way (`fit.model_config`), except that without the native
+kernel a multi-core CPU, where they compile with YNNPACK off
+(`fit.compiler_options`) and XLA's Eigen weight gradient beats "split", uses "xla".
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
+
+from echo_ode_jax.kernels import _native
 
 _DN = ("NHWC", "HWIO", "NHWC")
 SPLIT_CHANNELS = 16   # CPU default: "split" above this many output channels, in groups of it
@@ -93,16 +96,34 @@ def weight_grad_split(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"]
                       kernel_hw: tuple[int, int], strides: tuple[int, int], pads,
                       channels: int = SPLIT_CHANNELS) -> Float[Array, "kh kw Ci Co"]:
   """dL/dW as XLA's weight gradient per group of `channels` output channels."""
-  def one(g_part):
-    zero = jnp.zeros(tuple(kernel_hw) + (x.shape[-1], g_part.shape[-1]), x.dtype)
-    _, vjp = jax.vjp(lambda k: _conv(x, k, strides, pads), zero)
-    return vjp(g_part)[0]
   co = g.shape[-1]
-  return jnp.concatenate([one(g[..., a:a + channels]) for a in range(0, co, channels)],
-                         axis=-1)
+  return jnp.concatenate([weight_grad_xla(x, g[..., a:a + channels], kernel_hw, strides, pads)
+                          for a in range(0, co, channels)], axis=-1)
 
 
-_WEIGHT_GRADS = {"shifted": weight_grad_shifted, "split": weight_grad_split}
+def weight_grad_xla(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
+                    kernel_hw: tuple[int, int], strides: tuple[int, int],
+                    pads) -> Float[Array, "kh kw Ci Co"]:
+  """dL/dW as XLA's own weight gradient (the autodiff of lax.conv_general_dilated)."""
+  zero = jnp.zeros(tuple(kernel_hw) + (x.shape[-1], g.shape[-1]), x.dtype)
+  _, vjp = jax.vjp(lambda k: _conv(x, k, strides, pads), zero)
+  return vjp(g)[0]
+
+
+def weight_grad_native(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
+                       kernel_hw: tuple[int, int], strides: tuple[int, int],
+                       pads) -> Float[Array, "kh kw Ci Co"]:
+  """dL/dW from the native CPU kernel (:mod:`._native`) for a stride-1 float32
+  conv with non-negative padding; any other conv (a strided one, bf16) takes
+  :func:`weight_grad_xla`, the same gradient."""
+  if _native.supports(x.dtype, kernel_hw, strides) and min(min(p) for p in pads) >= 0:
+    return _native.conv_weight_grad(x, g, kernel_hw, pads)
+  return weight_grad_xla(x, g, kernel_hw, strides, pads)
+
+
+_WEIGHT_GRADS = {"shifted": weight_grad_shifted, "split": weight_grad_split,
+                 "native": weight_grad_native}
+IMPLS = ("native", "split", "shifted", "xla")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -126,9 +147,14 @@ _conv_custom.defvjp(_conv_custom_fwd, _conv_custom_bwd)
 
 
 def default_impl(out_channels: int) -> str:
-  """The impl conv2d(impl=None) uses on this backend for `out_channels` outputs."""
-  cpu = jax.default_backend() == "cpu"
-  return "split" if cpu and out_channels > SPLIT_CHANNELS else "xla"
+  """The impl conv2d(impl=None) uses on this backend for `out_channels` outputs:
+  on CPU "native" when the native kernel is available (else "split" above
+  SPLIT_CHANNELS outputs, "xla" below), on other backends "xla"."""
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if _native.available():
+    return "native"
+  return "split" if out_channels > SPLIT_CHANNELS else "xla"
 
 
 def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
@@ -136,20 +162,22 @@ def conv2d(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
            ) -> Float[Array, "N Ho Wo Co"]:
   """NHWC x HWIO convolution, flax/TF "SAME" (or explicit) padding.
 
-  impl: "split" or "shifted" (the custom VJPs above), "xla"
-  (lax.conv_general_dilated and its autodiff), or None: on the CPU backend
-  "split" when the kernel has more than SPLIT_CHANNELS output channels, else
-  "xla" (module docstring).
+  impl: "native", "split" or "shifted" (the custom VJPs above), "xla"
+  (lax.conv_general_dilated and its autodiff), or None: :func:`default_impl`
+  (module docstring).
   """
   strides = tuple(int(s) for s in strides)
   pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
   if impl is None:
     impl = default_impl(kernel.shape[-1])
+  if impl == "native" and jax.default_backend() != "cpu":
+    raise ValueError(f"conv2d: impl='native' runs on the CPU backend only, not "
+                     f"{jax.default_backend()!r}")
   if impl in _WEIGHT_GRADS:
     return _conv_custom(x, kernel, strides, pads, impl)
   if impl == "xla":
     return _conv(x, kernel, strides, pads)
-  raise ValueError(f"conv2d: impl must be 'split', 'shifted', 'xla' or None, got {impl!r}")
+  raise ValueError(f"conv2d: impl must be one of {IMPLS} or None, got {impl!r}")
 
 
 def upsample2(x: Float[Array, "N h w C"], shape_hw) -> Float[Array, "N H W C"]:

@@ -1,0 +1,244 @@
+// Weight gradient of a stride-1 2-D convolution (NHWC x HWIO, float32) on CPU,
+// as an XLA FFI custom call: echo_ode_jax.kernels._native builds this file
+// with the host's C++ compiler (-O3 -march=native) and registers the handler.
+//
+//   dW[i, j, ci, co] = sum_{n, y, x} Xpad[n, y + i, x + j, ci] * G[n, y, x, co]
+//
+// Xpad is x zero-padded by (pt, pb) rows and (pl, pr) columns; G is the
+// output cotangent (N, Ho, Wo, Co). The work is split into blocks of output
+// rows of one image. For each block the needed input rows are copied, padded,
+// into a scratch buffer of width Wp = Wo + kw - 1, and the cotangent rows into
+// one of the same width (zeros in the kw - 1 extra columns). Tap (i, j) is
+// then the contiguous window starting at row i * Wp + j of the scratch, and
+// its gradient one (L x A)^T (L x B) product, L = rows * Wp, computed by a
+// register-blocked kernel (16-float vectors along B with AVX-512, else 8;
+// broadcasts along A)
+// while the block is in cache. B is Co (or Ci when that wastes fewer vector
+// lanes or, on a tie, is wider; the result is then transposed), padded to a multiple of the width.
+// Fixed ranges of blocks are shared between the calling thread and XLA's
+// intra-op thread pool; each range sums into its own accumulator, and the
+// accumulators are added in a fixed order (deterministic).
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace wgrad {
+
+// Vector width and register tiles (A rows x vectors): 32 vector registers
+// with AVX-512, else 16 (AVX2: 8-float vectors).
+#ifdef __AVX512F__
+constexpr int kLanes = 16, kT4 = 6, kT2 = 12, kT1 = 24;
+#else
+constexpr int kLanes = 8, kT4 = 3, kT2 = 6, kT1 = 12;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+static inline vf bcast(float a) { return vf{} + a; }
+
+// out[a][b] += sum_l P[l * lda + a] * Q[l * ldq + b], a < AB, b < VB * kLanes.
+template <int AB, int VB>
+static inline void micro(const float* P, int64_t lda, const float* Q, int64_t ldq,
+                         int64_t L, float* out, int64_t ldo) {
+  vf acc[AB][VB];
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) acc[a][v] = load(out + a * ldo + v * kLanes);
+  for (int64_t l = 0; l < L; ++l) {
+    vf q[VB];
+    for (int v = 0; v < VB; ++v) q[v] = load(Q + l * ldq + v * kLanes);
+    const float* p = P + l * lda;
+    for (int a = 0; a < AB; ++a) {
+      vf pa = bcast(p[a]);
+      for (int v = 0; v < VB; ++v) acc[a][v] += pa * q[v];
+    }
+  }
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) store(out + a * ldo + v * kLanes, acc[a][v]);
+}
+
+template <int VB, int AB>
+static inline void micro_rem(int rem, const float* P, int64_t lda, const float* Q, int64_t ldq,
+                             int64_t L, float* out, int64_t ldo) {
+  if constexpr (AB > 0) {
+    if (rem == AB) return micro<AB, VB>(P, lda, Q, ldq, L, out, ldo);
+    micro_rem<VB, AB - 1>(rem, P, lda, Q, ldq, L, out, ldo);
+  }
+}
+
+// out (A x B, ldo) += P(L x A, lda)^T Q(L x B, ldq); B a multiple of kLanes.
+static void gemm_tn(const float* P, int64_t lda, int64_t A, const float* Q, int64_t ldq,
+                    int64_t B, int64_t L, float* out, int64_t ldo) {
+  int64_t b = 0;
+  for (; b + 4 * kLanes <= B; b += 4 * kLanes) {
+    int64_t a = 0;
+    for (; a + kT4 <= A; a += kT4) micro<kT4, 4>(P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+    if (a < A) micro_rem<4, kT4 - 1>(A - a, P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+  }
+  for (; b + 2 * kLanes <= B; b += 2 * kLanes) {
+    int64_t a = 0;
+    for (; a + kT2 <= A; a += kT2) micro<kT2, 2>(P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+    if (a < A) micro_rem<2, kT2 - 1>(A - a, P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+  }
+  for (; b < B; b += kLanes) {
+    int64_t a = 0;
+    for (; a + kT1 <= A; a += kT1) micro<kT1, 1>(P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+    if (a < A) micro_rem<1, kT1 - 1>(A - a, P + a, lda, Q + b, ldq, L, out + a * ldo + b, ldo);
+  }
+}
+
+struct Shape {
+  int64_t n, h, w, ci, ho, wo, co, kh, kw, pt, pl;
+};
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Accumulates rows [y0, y1) of image `img` into acc ((kh*kw) x A x Bp), where the
+// vectorised side is Co (swap=false: A = Ci) or Ci (swap=true: A = Co).
+// Scratch is resized as needed.
+static void rows(const Shape& s, const float* x, const float* g, int64_t img, int64_t y0,
+                 int64_t y1, bool swap, float* acc, std::vector<float>& xs,
+                 std::vector<float>& gs) {
+  const int64_t wp = s.wo + s.kw - 1;                 // padded width (stride 1)
+  const int64_t r = y1 - y0, rx = r + s.kh - 1;       // output rows, input rows
+  const int64_t cx = swap ? round_up(s.ci, kLanes) : s.ci;   // x scratch channels
+  const int64_t cg = swap ? s.co : round_up(s.co, kLanes);   // g scratch channels
+  const int64_t lx = rx * wp + s.kw;                  // + slack read by the last tap
+  xs.assign(lx * cx, 0.f);
+  gs.assign(r * wp * cg, 0.f);
+  for (int64_t k = 0; k < rx; ++k) {                  // padded input rows
+    const int64_t src = y0 + k - s.pt;
+    if (src < 0 || src >= s.h) continue;
+    const float* xr = x + ((img * s.h + src) * s.w) * s.ci;
+    float* dst = xs.data() + (k * wp + s.pl) * cx;
+    const int64_t cols = std::min(s.w, wp - s.pl);   // a negative right padding crops
+    if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * cols * s.ci);
+    else for (int64_t c = 0; c < cols; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    const float* gr = g + ((img * s.ho + y0 + k) * s.wo) * s.co;
+    float* dst = gs.data() + k * wp * cg;
+    if (cg == s.co) std::memcpy(dst, gr, sizeof(float) * s.wo * s.co);
+    else for (int64_t c = 0; c < s.wo; ++c) std::memcpy(dst + c * cg, gr + c * s.co, sizeof(float) * s.co);
+  }
+  const int64_t L = r * wp;
+  const int64_t A = swap ? s.co : s.ci;
+  const int64_t Bp = swap ? cx : cg;
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const float* xp = xs.data() + (i * wp + j) * cx;
+      float* out = acc + (i * s.kw + j) * A * Bp;
+      if (swap) gemm_tn(gs.data(), cg, A, xp, cx, Bp, L, out, Bp);
+      else gemm_tn(xp, cx, A, gs.data(), cg, Bp, L, out, Bp);
+    }
+}
+
+}  // namespace wgrad
+
+namespace {
+
+// The row blocks are split into kRanges fixed, contiguous ranges, each summed
+// into its own accumulator, and the accumulators are added in range order:
+// the result does not depend on which thread ran which range, or on how many
+// threads there are (bit-for-bit reproducible).
+constexpr int64_t kRanges = 16;
+
+struct Shared {
+  wgrad::Shape s;
+  const float* x;
+  const float* g;
+  bool swap;
+  int64_t rb, blocks_per_image, units, ranges, acc_size;
+  std::atomic<int64_t> next{0};
+  std::vector<std::vector<float>> acc;   // one per range
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t active = 0;
+};
+
+void participate(const std::shared_ptr<Shared>& sh) {
+  {
+    std::lock_guard<std::mutex> lock(sh->mu);
+    ++sh->active;
+  }
+  std::vector<float> xs, gs;
+  for (int64_t r = sh->next.fetch_add(1); r < sh->ranges; r = sh->next.fetch_add(1)) {
+    float* acc = sh->acc[r].data();
+    for (int64_t u = r * sh->units / sh->ranges; u < (r + 1) * sh->units / sh->ranges; ++u) {
+      const int64_t img = u / sh->blocks_per_image;
+      const int64_t y0 = (u % sh->blocks_per_image) * sh->rb;
+      wgrad::rows(sh->s, sh->x, sh->g, img, y0, std::min(sh->s.ho, y0 + sh->rb), sh->swap,
+                  acc, xs, gs);
+    }
+  }
+  std::lock_guard<std::mutex> lock(sh->mu);
+  if (--sh->active == 0) sh->cv.notify_all();
+}
+
+double lane_use(int64_t c) { return double(c) / double(wgrad::round_up(c, wgrad::kLanes)); }
+
+ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                         int64_t pt, int64_t pl) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("conv_wgrad: x, g and dw must be 4-D (NHWC, NHWC, HWIO)");
+  wgrad::Shape s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], wd[0], wd[1], pt, pl};
+  if (gd[0] != s.n || wd[2] != s.ci || wd[3] != s.co || pt < 0 || pl < 0 ||
+      s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl)
+    return ffi::Error::InvalidArgument("conv_wgrad: inconsistent shapes or padding");
+  auto sh = std::make_shared<Shared>();
+  sh->s = s;
+  sh->x = x.typed_data();
+  sh->g = g.typed_data();
+  // The vector side: the one that wastes fewer lanes; on a tie the wider one
+  // (two or more vectors per row need fewer broadcasts per multiply-add).
+  sh->swap = lane_use(s.ci) > lane_use(s.co) || (lane_use(s.ci) == lane_use(s.co) && s.ci > s.co);
+  const int64_t wp = s.wo + s.kw - 1;
+  sh->rb = std::max<int64_t>(1, 2048 / wp);
+  sh->blocks_per_image = (s.ho + sh->rb - 1) / sh->rb;
+  sh->units = s.n * sh->blocks_per_image;
+  const int64_t a = sh->swap ? s.co : s.ci;
+  const int64_t bp = wgrad::round_up(sh->swap ? s.ci : s.co, wgrad::kLanes);
+  sh->acc_size = s.kh * s.kw * a * bp;
+  sh->ranges = std::min(sh->units, kRanges);
+  sh->acc.assign(sh->ranges, std::vector<float>(sh->acc_size, 0.f));
+  const int64_t helpers = std::min<int64_t>(sh->ranges, pool.num_threads()) - 1;
+  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([sh] { participate(sh); });
+  participate(sh);
+  {
+    std::unique_lock<std::mutex> lock(sh->mu);
+    sh->cv.wait(lock, [&] { return sh->active == 0; });
+  }
+  float* out = dw->typed_data();
+  std::fill(out, out + s.kh * s.kw * s.ci * s.co, 0.f);
+  for (int64_t r = 0; r < sh->ranges; ++r) {
+    const float* acc = sh->acc[r].data();
+    for (int64_t t = 0; t < s.kh * s.kw; ++t)
+      for (int64_t i = 0; i < s.ci; ++i)
+        for (int64_t o = 0; o < s.co; ++o)
+          out[(t * s.ci + i) * s.co + o] +=
+              sh->swap ? acc[(t * a + o) * bp + i] : acc[(t * a + i) * bp + o];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvWgrad, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));

@@ -1,0 +1,161 @@
+"""The conv weight gradient as a native CPU kernel (an XLA FFI custom call).
+
+XLA:CPU computes a convolution's weight gradient as a convolution whose
+"kernel" is the whole output map, after transposing both operands; on the
+CPUs measured here that runs at a fifth to a third of the matmul rate, and
+no rewrite in XLA ops is faster (BENCHMARKS.md, "Conv kernels without page
+faults"). ``_conv_wgrad_cpu.cc`` (next to this file) computes it for stride-1
+convs as cache-blocked GEMMs with a register-blocked inner kernel, in XLA's
+intra-op thread pool.
+
+The source is compiled on first use with the host's C++ compiler
+(``$CXX``, else ``c++``/``g++``; ``-O3 -march=native``) against the FFI
+headers that jaxlib ships, into ``$ECHO_ODE_NATIVE_CACHE`` (default
+``~/.cache/echo_ode_jax/native``). The library's name carries a hash of the
+source, the flags, the compiler's version, jaxlib's version and the CPU's
+feature flags, so a cache shared between hosts never loads a build for
+another CPU. ``ECHO_ODE_NATIVE=off`` disables the kernel: :func:`available`
+is then False and ``conv2d`` keeps XLA's weight gradient.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jaxtyping import Array, Float
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
+TARGET = "echo_ode_conv_wgrad_f32"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "echo_ode_jax", "native")
+
+_lock = threading.Lock()
+_state: dict = {}        # "ok": bool, "why": str, "path": str (after the first load attempt)
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def library_path(cxx: str) -> str:
+  """Where the build of SOURCE for this compiler, jaxlib and CPU lives."""
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                           check=False).stdout
+  with open(SOURCE, "rb") as f:
+    key = hashlib.sha256(f.read())
+  for part in (" ".join(FLAGS), version, jaxlib.__version__, _cpu_flags(), platform.machine()):
+    key.update(part.encode())
+  cache = os.environ.get("ECHO_ODE_NATIVE_CACHE") or DEFAULT_CACHE
+  return os.path.join(cache, f"conv_wgrad_{key.hexdigest()[:16]}.so")
+
+
+def _build(cxx: str, path: str) -> None:
+  """Compiles SOURCE to `path` (a temporary file renamed into place)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+      last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+      raise RuntimeError(f"{os.path.basename(cxx)} failed on {SOURCE}: {last}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _load() -> None:
+  if os.environ.get("ECHO_ODE_NATIVE", "on").lower() in ("off", "0", "false", "no"):
+    _state.update(ok=False, why="ECHO_ODE_NATIVE=off")
+    return
+  cxx = _compiler()
+  if cxx is None:
+    _state.update(ok=False, why="no C++ compiler found ($CXX, c++, g++, clang++)")
+    return
+  path = library_path(cxx)
+  try:
+    if not os.path.exists(path):
+      logging.info("kernels: compiling %s (once per host and jaxlib version)", SOURCE)
+      _build(cxx, path)
+    lib = ctypes.CDLL(path)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EchoOdeConvWgrad), platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as e:
+    _state.update(ok=False, why=str(e))
+    return
+  _state.update(ok=True, why="", path=path)
+
+
+def available() -> bool:
+  """Whether the native kernel is built and registered (builds it on first call).
+
+  False without a C++ compiler, with ``ECHO_ODE_NATIVE=off`` or when the
+  build fails; :func:`why_unavailable` says which, and the reason is logged
+  once as a warning.
+  """
+  with _lock:
+    if not _state:
+      _load()
+      if not _state["ok"]:
+        logging.warning("kernels: native conv weight gradient unavailable (%s); "
+                        "XLA's is used", _state["why"])
+    return _state["ok"]
+
+
+def why_unavailable() -> str:
+  """'' when :func:`available`, else the reason."""
+  return "" if available() else _state["why"]
+
+
+def supports(x_dtype, kernel_hw, strides) -> bool:
+  """Whether :func:`conv_weight_grad` handles a conv of this dtype, kernel and stride."""
+  del kernel_hw
+  return jnp.dtype(x_dtype) == jnp.float32 and tuple(strides) == (1, 1)
+
+
+def conv_weight_grad(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
+                     kernel_hw: tuple[int, int], pads) -> Float[Array, "kh kw Ci Co"]:
+  """dL/dW of a stride-1 NHWC x HWIO float32 conv from its output cotangent g.
+
+  pads: ((top, bottom), (left, right)) zero padding of x, each >= 0 (as
+  ``lax.conv_general_dilated``'s explicit padding). CPU only; raises
+  RuntimeError when the kernel is not :func:`available`.
+  """
+  if not available():
+    raise RuntimeError(f"kernels: native conv weight gradient unavailable: {_state['why']}")
+  (pt, pb), (pl, pr) = pads
+  kh, kw = kernel_hw
+  n, h, w, ci = x.shape
+  ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
+  if min(pt, pb, pl, pr) < 0 or g.shape != (n, ho, wo, g.shape[-1]):
+    raise ValueError(f"conv_weight_grad: x {x.shape}, g {g.shape}, kernel {kernel_hw} and "
+                     f"pads {pads} do not describe a stride-1 conv")
+  out = jax.ShapeDtypeStruct((kh, kw, ci, g.shape[-1]), jnp.float32)
+  call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+  return call(x.astype(jnp.float32), g.astype(jnp.float32), pt=np.int64(pt), pl=np.int64(pl))
