@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: the loss-gradient test case (step_profile.py,
-cpu_levers.py) and the reference matmul rate (fit_speed.py, conv.py)."""
+cpu_levers.py), the reference matmul rate (fit_speed.py, conv.py) and the
+config whose programs XLA's cost analysis counts fully (fit_speed.py, step_profile.py)."""
 import time
 
 import jax
@@ -37,3 +38,13 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     jax.block_until_ready(f(a, a))
     ts.append(time.perf_counter() - t0)
   return 2 * n ** 3 / np.median(ts) / 1e9
+
+
+def flop_config(cfg: fit.FitConfig) -> fit.FitConfig:
+  """cfg for counting FLOPs with XLA's cost analysis: the native conv weight
+  gradient is a custom call XLA does not count, so where the fit programs
+  resolve conv_impl to "native", the same programs with XLA's conv VJP (the
+  same arithmetic)."""
+  if fit.model_config(cfg).conv_impl == "native":
+    return cfg.replace(**{"model.conv_impl": "xla"})
+  return cfg

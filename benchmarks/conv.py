@@ -1,11 +1,12 @@
-"""Conv weight gradient on CPU: XLA's autodiff vs the "split" and "shifted" VJPs of kernels.conv2d.
+"""Conv weight gradient on CPU: XLA's autodiff vs the "native", "split" and "shifted" VJPs of kernels.conv2d.
 
   python benchmarks/conv.py [--size=128] [--batch=10] [--repeats=7] \
       [--channels=16:16,16:2,32:16,16:32,24:24,32:32,33:32,48:32,64:32,16:64] [--noynn]
 
 For each Ci:Co pair, a 3x3 stride-1 SAME convolution of a (batch, size, size,
 Ci) input: the forward pass, the input gradient and the weight gradient
-(XLA), and the weight gradients of conv2d(impl="split") and conv2d(impl="shifted"),
+(XLA), and the weight gradients of conv2d(impl="native") (when the native
+kernel builds on this host), conv2d(impl="split") and conv2d(impl="shifted"),
 timed alternately in one run (median, ms), with the ratios to XLA's and the impl
 that conv2d(impl=None) picks. --noynn compiles every program with XLA:CPU's
 YNNPACK fusions off (as `fit.compiler_options` does with more than one core),
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from echo_ode_jax import cpu_malloc, fit
-from echo_ode_jax.kernels import conv2d, default_impl
+from echo_ode_jax.kernels import conv2d, default_impl, native_available
 from _case import matmul_gflops  # benchmarks/_case.py (this script's folder)
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
@@ -41,10 +42,13 @@ def main(_):
         f"2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s")
   jit = functools.partial(jax.jit, compiler_options=None if _YNN.value else
                           fit.compiler_options(fit.FitConfig(xla_cpu_ynn=False)))
-  print("| Ci→Co | forward | input grad | weight grad XLA | weight grad split "
-        "| weight grad shifted | XLA/split | XLA/shifted | auto picks | GFLOP/s forward "
-        "| GFLOP/s weight grad XLA |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  impls = (["native"] if native_available() else []) + ["split", "shifted"]
+  print("| Ci→Co | forward | input grad | weight grad XLA | "
+        + " | ".join(f"weight grad {i}" for i in impls) + " | "
+        + " | ".join(f"XLA/{i}" for i in impls) + " | auto picks | GFLOP/s forward "
+        "| GFLOP/s weight grad XLA |" + (" GFLOP/s weight grad native |" if "native" in impls
+                                        else ""))
+  print("|---" * (7 + 2 * len(impls) + ("native" in impls)) + "|")
   for pair in _CH.value:
     ci, co = map(int, pair.split(":"))
     k = jax.random.PRNGKey(ci * 100 + co)
@@ -56,11 +60,11 @@ def main(_):
         "dx": jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl="xla"), x)[1](g)[0]),
         "dw_xla": jit(
             lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="xla"), w)[1](g)[0]),
-        "dw_split": jit(
-            lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="split"), w)[1](g)[0]),
-        "dw_shifted": jit(
-            lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="shifted"), w)[1](g)[0]),
     }
+    for i in impls:
+      fns[f"dw_{i}"] = jit(functools.partial(
+          lambda x, w, g, impl: jax.vjp(lambda b: conv2d(x, b, impl=impl), w)[1](g)[0],
+          impl=i))
     args = {n: (x, w) if n == "fwd" else (x, w, g) for n in fns}
     for n, f in fns.items():
       jax.block_until_ready(f(*args[n]))
@@ -73,10 +77,12 @@ def main(_):
     m = {n: float(np.median(v)) for n, v in ts.items()}
     auto = default_impl(co)
     gflop = 2 * _BATCH.value * _SIZE.value ** 2 * 9 * ci * co / 1e9
-    print(f"| {ci}→{co} | {m['fwd']:.1f} | {m['dx']:.1f} | {m['dw_xla']:.1f} "
-          f"| {m['dw_split']:.1f} | {m['dw_shifted']:.1f} | {m['dw_xla'] / m['dw_split']:.2f} "
-          f"| {m['dw_xla'] / m['dw_shifted']:.2f} | {auto} | {gflop / m['fwd'] * 1e3:.0f} "
-          f"| {gflop / m['dw_xla'] * 1e3:.0f} |", flush=True)
+    cells = ([f"{ci}→{co}", f"{m['fwd']:.1f}", f"{m['dx']:.1f}", f"{m['dw_xla']:.1f}"]
+             + [f"{m['dw_' + i]:.1f}" for i in impls]
+             + [f"{m['dw_xla'] / m['dw_' + i]:.2f}" for i in impls]
+             + [auto, f"{gflop / m['fwd'] * 1e3:.0f}", f"{gflop / m['dw_xla'] * 1e3:.0f}"]
+             + ([f"{gflop / m['dw_native'] * 1e3:.0f}"] if "native" in impls else []))
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
