@@ -72,7 +72,8 @@ def test_conv2d_under_vmap_and_jit(impl):
   gv = jax.jit(jax.vmap(jax.grad(loss, argnums=1)))(x, k)
   ref = [jax.grad(lambda k_: jnp.sum(jnp.sin(_lax_conv(x[b], k_, (1, 1)))))(k[b])
          for b in range(3)]
-  np.testing.assert_allclose(gv, np.stack(ref), rtol=1e-4, atol=1e-5)
+  ref = np.stack(ref)
+  np.testing.assert_allclose(gv, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("impl", [NATIVE, "shifted", "split"])
@@ -92,9 +93,12 @@ def test_velocity_net_gradients_equal_for_custom_and_xla_impls(impl):
     net = VelocityUNet(cfg.replace(conv_impl=impl))
     return jax.grad(lambda p: jnp.sum(net.apply({"params": p}, imgs, m0, t) ** 2))(params)
 
-  for a, b in zip(jax.tree_util.tree_leaves(grads(impl)),
-                  jax.tree_util.tree_leaves(grads("xla"))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b)) + 1))
+  # The decoder biases come right before an instance norm: their true gradient
+  # is 0 (float32 noise), so compare every leaf on the scale of the largest gradient.
+  ref = jax.tree_util.tree_leaves(grads("xla"))
+  scale = max(float(jnp.max(jnp.abs(b))) for b in ref)
+  for a, b in zip(jax.tree_util.tree_leaves(grads(impl)), ref):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale)
 
 
 def _up_concat_reference(x, skip, k):
@@ -140,8 +144,9 @@ def test_velocity_net_implementation_flags_keep_the_function(flag, spade_time):
   network is computed (row_sums: with either way of feeding t to SPADE)."""
   hw = (10, 12)   # 10 -> 5 -> 3: the deeper skip is an odd crop, the other even
   # 32 channels in dec0, so split_gamma_beta applies there (SPLIT_GAMMA_BETA_MIN).
+  # conv_impl="xla": the convs are top-level conv_general_dilated ops to count.
   on = ModelConfig(enc_channels=(4, 6), dec_channels=(32, 5, 4), pe_dim=8, spade_hidden=4,
-                   spade_time=spade_time)
+                   spade_time=spade_time, conv_impl="xla")
   off = on.replace(**{flag: False})
   params = init_params(on, jax.random.PRNGKey(0), hw)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(

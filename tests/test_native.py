@@ -1,5 +1,5 @@
-"""The native conv weight-gradient kernel (kernels._native) against a float64 numpy
-sum, and its build and availability handling."""
+"""The native conv kernels (kernels._native: weight gradient and forward pass)
+against float64 numpy sums, and their build and availability handling."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +50,31 @@ def test_native_weight_grad_against_float64(n, h, w, ci, co, kernel_hw, pads):
   # Entries are sums of K = n*ho*wo unit-variance products, of size ~sqrt(K); a
   # wrong tap or channel is off by that much, float32 summation by << 1e-6 K.
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * n * ho * wo)
+
+
+@needs_native
+@pytest.mark.parametrize("n,h,w,ci,co,kernel_hw,pads", [
+    (2, 9, 7, 3, 5, (3, 3), ((1, 1), (1, 1))),
+    (1, 8, 12, 33, 32, (2, 2), ((1, 0), (0, 1))),
+    (2, 5, 6, 24, 40, (3, 3), ((0, 0), (2, 1))),
+    (3, 20, 30, 16, 2, (3, 3), ((1, 1), (1, 1))),
+    (1, 7, 9, 70, 65, (3, 3), ((2, 2), (2, 2))),
+    (2, 40, 70, 1, 17, (3, 3), ((1, 1), (1, 1))),
+    (1, 6, 5, 48, 64, (1, 1), ((0, 0), (0, 0))),
+])
+def test_native_conv_against_float64(n, h, w, ci, co, kernel_hw, pads):
+  """y[n, y, x] = sum_{i, j} x_pad[n, y + i, x + j] . W[i, j], in float64."""
+  rng = np.random.default_rng(h * 100 + co)
+  x = rng.normal(size=(n, h, w, ci)).astype(np.float32)
+  k = rng.normal(size=kernel_hw + (ci, co)).astype(np.float32)
+  got = jax.jit(lambda a, b: _native.conv(a, b, pads))(x, k)
+  kh, kw = kernel_hw
+  xp = np.pad(x.astype(np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  ref = sum(np.einsum("nyxc,co->nyxo", xp[:, i:i + ho, j:j + wo], k[i, j])
+            for i in range(kh) for j in range(kw))
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * kh * kw * ci)
 
 
 @needs_native

@@ -6,9 +6,11 @@ to a third of the matmul rate on the CPUs measured here, 1.4-2.7x the time of
 the forward pass (`python benchmarks/conv.py`, in BENCHMARKS.md). Three
 rewrites of the same gradient, each exact up to float32 summation order:
 
-  "native"   a C++ kernel called as an XLA FFI custom call (:mod:`._native`):
+  "native"   C++ kernels called as XLA FFI custom calls (:mod:`._native`):
              cache-blocked, register-blocked GEMMs over the taps, in XLA's
-             thread pool. Stride-1 float32 convs; others take XLA's gradient.
+             thread pool, for the weight gradient and (with 2 or more output
+             channels) the forward pass and the input gradient. Stride-1
+             float32 convs; others take XLA's.
   "split"    XLA's own weight gradient, once per group of SPLIT_CHANNELS (16)
              output channels (slices of the output cotangent), concatenated.
   "shifted"  a sum over the kh*kw kernel taps of one GEMM each:
@@ -17,8 +19,8 @@ rewrites of the same gradient, each exact up to float32 summation order:
              flattened over (images, rows, padded width), with the cotangent
              padded to the same grid.
 
-All keep XLA's forward pass and input gradient (a transposed convolution, as
-fast as the forward pass). By default (impl=None, :func:`default_impl`) a CPU
+"split" and "shifted" keep XLA's forward pass and input gradient (a
+transposed convolution, as fast as the forward pass). By default (impl=None, :func:`default_impl`) a CPU
 conv uses "native" when the kernel builds on this host (a C++ compiler is
 needed once), else "split" above SPLIT_CHANNELS output channels and plain XLA
 below; on other backends every conv is `lax.conv_general_dilated`, whose
@@ -126,19 +128,48 @@ _WEIGHT_GRADS = {"shifted": weight_grad_shifted, "split": weight_grad_split,
 IMPLS = ("native", "split", "shifted", "xla")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_custom(x, kernel, strides, pads, impl):
+def _native_conv_ok(x, kernel, strides, pads) -> bool:
+  """Whether the native forward kernel computes this conv: stride 1, float32,
+  padding >= 0 and at least 2 output channels (with 1, 15 of 16 vector lanes
+  idle, XLA's conv is faster; BENCHMARKS.md)."""
+  return (tuple(strides) == (1, 1) and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+          and min(min(p) for p in pads) >= 0 and kernel.shape[-1] >= 2)
+
+
+def _forward(x, kernel, strides, pads, impl):
+  """The conv itself: native where impl="native" and _native_conv_ok, else XLA's."""
+  if impl == "native" and _native_conv_ok(x, kernel, strides, pads):
+    return _native.conv(x, kernel, pads)
   return _conv(x, kernel, strides, pads)
 
 
+def _input_grad(x, kernel, g, strides, pads, impl):
+  """dL/dx. For stride 1 it is the conv of g with the kernel rotated by 180
+  degrees and its channel axes swapped, padded by (k - 1 - p) on each side;
+  impl="native" computes that with the native kernel where every such padding
+  is >= 0, else XLA's transposed conv."""
+  if impl == "native" and tuple(strides) == (1, 1):
+    (kh, kw), ((pt, pb), (pl, pr)) = kernel.shape[:2], pads
+    tpads = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    if _native_conv_ok(g, flipped, strides, tpads):
+      return _native.conv(g, flipped, tpads)
+  _, dx_fn = jax.vjp(lambda x_: _conv(x_, kernel, strides, pads), x)
+  return dx_fn(g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_custom(x, kernel, strides, pads, impl):
+  return _forward(x, kernel, strides, pads, impl)
+
+
 def _conv_custom_fwd(x, kernel, strides, pads, impl):
-  return _conv(x, kernel, strides, pads), (x, kernel)
+  return _forward(x, kernel, strides, pads, impl), (x, kernel)
 
 
 def _conv_custom_bwd(strides, pads, impl, res, g):
   x, kernel = res
-  _, dx_fn = jax.vjp(lambda x_: _conv(x_, kernel, strides, pads), x)
-  (dx,) = dx_fn(g)
+  dx = _input_grad(x, kernel, g, strides, pads, impl)
   dw = _WEIGHT_GRADS[impl](x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
   return dx, dw
 

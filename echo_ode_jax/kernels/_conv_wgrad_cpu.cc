@@ -102,6 +102,23 @@ struct Shape {
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Copies input rows [y0 - pt, y0 - pt + rx) of image `img` into xs, zero-padded
+// to width wp (pl columns on the left) and to cx >= Ci channels, plus a
+// slack of kw rows read by the last tap; rows outside the image are zero.
+static void pad_rows(const Shape& s, const float* x, int64_t img, int64_t y0, int64_t rx,
+                     int64_t wp, int64_t cx, std::vector<float>& xs) {
+  xs.assign((rx * wp + s.kw) * cx, 0.f);
+  for (int64_t k = 0; k < rx; ++k) {
+    const int64_t src = y0 + k - s.pt;
+    if (src < 0 || src >= s.h) continue;
+    const float* xr = x + ((img * s.h + src) * s.w) * s.ci;
+    float* dst = xs.data() + (k * wp + s.pl) * cx;
+    const int64_t cols = std::min(s.w, wp - s.pl);   // a negative right padding crops
+    if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * cols * s.ci);
+    else for (int64_t c = 0; c < cols; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
+  }
+}
+
 // Accumulates rows [y0, y1) of image `img` into acc ((kh*kw) x A x Bp), where the
 // vectorised side is Co (swap=false: A = Ci) or Ci (swap=true: A = Co).
 // Scratch is resized as needed.
@@ -112,18 +129,8 @@ static void rows(const Shape& s, const float* x, const float* g, int64_t img, in
   const int64_t r = y1 - y0, rx = r + s.kh - 1;       // output rows, input rows
   const int64_t cx = swap ? round_up(s.ci, kLanes) : s.ci;   // x scratch channels
   const int64_t cg = swap ? s.co : round_up(s.co, kLanes);   // g scratch channels
-  const int64_t lx = rx * wp + s.kw;                  // + slack read by the last tap
-  xs.assign(lx * cx, 0.f);
+  pad_rows(s, x, img, y0, rx, wp, cx, xs);
   gs.assign(r * wp * cg, 0.f);
-  for (int64_t k = 0; k < rx; ++k) {                  // padded input rows
-    const int64_t src = y0 + k - s.pt;
-    if (src < 0 || src >= s.h) continue;
-    const float* xr = x + ((img * s.h + src) * s.w) * s.ci;
-    float* dst = xs.data() + (k * wp + s.pl) * cx;
-    const int64_t cols = std::min(s.w, wp - s.pl);   // a negative right padding crops
-    if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * cols * s.ci);
-    else for (int64_t c = 0; c < cols; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
-  }
   for (int64_t k = 0; k < r; ++k) {
     const float* gr = g + ((img * s.ho + y0 + k) * s.wo) * s.co;
     float* dst = gs.data() + k * wp * cg;
@@ -140,6 +147,78 @@ static void rows(const Shape& s, const float* x, const float* g, int64_t img, in
       if (swap) gemm_tn(gs.data(), cg, A, xp, cx, Bp, L, out, Bp);
       else gemm_tn(xp, cx, A, gs.data(), cg, Bp, L, out, Bp);
     }
+}
+
+// Forward pass. out rows a < AB (stride ldo), vectors v < VB:
+//   out[a][v] = sum_t sum_c X[(a + off[t]) * ldx + c] * W[(t * C + c) * ldw + v * kLanes]
+template <int AB, int VB>
+static inline void fwd_micro(const float* X, int64_t ldx, const int64_t* off, int64_t taps,
+                             int64_t C, const float* W, int64_t ldw, float* out, int64_t ldo) {
+  vf acc[AB][VB];
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) acc[a][v] = vf{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* x = X + off[t] * ldx;
+    const float* w = W + t * C * ldw;
+    for (int64_t c = 0; c < C; ++c) {
+      vf wv[VB];
+      for (int v = 0; v < VB; ++v) wv[v] = load(w + c * ldw + v * kLanes);
+      for (int a = 0; a < AB; ++a) {
+        vf xa = bcast(x[a * ldx + c]);
+        for (int v = 0; v < VB; ++v) acc[a][v] += xa * wv[v];
+      }
+    }
+  }
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) store(out + a * ldo + v * kLanes, acc[a][v]);
+}
+
+template <int VB, int AB>
+static inline void fwd_rem(int rem, const float* X, int64_t ldx, const int64_t* off,
+                           int64_t taps, int64_t C, const float* W, int64_t ldw, float* out,
+                           int64_t ldo) {
+  if constexpr (AB > 0) {
+    if (rem == AB) return fwd_micro<AB, VB>(X, ldx, off, taps, C, W, ldw, out, ldo);
+    fwd_rem<VB, AB - 1>(rem, X, ldx, off, taps, C, W, ldw, out, ldo);
+  }
+}
+
+// out (L x Bp) = sum_t X[off[t] + l, :C] W[t] (C x Bp), rows l < L, in tiles.
+template <int AB, int VB>
+static void fwd_cols(const float* X, int64_t ldx, const int64_t* off, int64_t taps, int64_t C,
+                     const float* W, int64_t ldw, int64_t L, float* out, int64_t ldo) {
+  int64_t l = 0;
+  for (; l + AB <= L; l += AB)
+    fwd_micro<AB, VB>(X + l * ldx, ldx, off, taps, C, W, ldw, out + l * ldo, ldo);
+  if (l < L) fwd_rem<VB, AB - 1>(L - l, X + l * ldx, ldx, off, taps, C, W, ldw, out + l * ldo, ldo);
+}
+
+// Output rows [y0, y1) of image `img`: wk is the kernel packed to
+// (kh*kw, Ci, cop) with cop = Co rounded up to the vector width.
+static void fwd_rows(const Shape& s, const float* x, const float* wk, int64_t cop,
+                     int64_t img, int64_t y0, int64_t y1, float* y, std::vector<float>& xs,
+                     std::vector<float>& os) {
+  const int64_t wp = s.wo + s.kw - 1;
+  const int64_t r = y1 - y0, L = r * wp;
+  pad_rows(s, x, img, y0, r + s.kh - 1, wp, s.ci, xs);
+  os.resize(L * cop);
+  int64_t off[64];
+  const int64_t taps = s.kh * s.kw;
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) off[i * s.kw + j] = i * wp + j;
+  int64_t b = 0;
+  for (; b + 4 * kLanes <= cop; b += 4 * kLanes)
+    fwd_cols<kT4, 4>(xs.data(), s.ci, off, taps, s.ci, wk + b, cop, L, os.data() + b, cop);
+  for (; b + 2 * kLanes <= cop; b += 2 * kLanes)
+    fwd_cols<kT2, 2>(xs.data(), s.ci, off, taps, s.ci, wk + b, cop, L, os.data() + b, cop);
+  for (; b < cop; b += kLanes)
+    fwd_cols<kT1, 1>(xs.data(), s.ci, off, taps, s.ci, wk + b, cop, L, os.data() + b, cop);
+  for (int64_t k = 0; k < r; ++k) {
+    float* dst = y + ((img * s.ho + y0 + k) * s.wo) * s.co;
+    const float* src = os.data() + k * wp * cop;
+    if (cop == s.co) std::memcpy(dst, src, sizeof(float) * s.wo * s.co);
+    else for (int64_t c = 0; c < s.wo; ++c) std::memcpy(dst + c * s.co, src + c * cop, sizeof(float) * s.co);
+  }
 }
 
 }  // namespace wgrad
@@ -235,6 +314,80 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvWgrad, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
+
+namespace {
+
+struct FwdShared {
+  wgrad::Shape s;
+  const float* x;
+  std::vector<float> wk;
+  int64_t cop, rb, blocks_per_image, units;
+  float* y;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t active = 0;
+};
+
+void fwd_participate(const std::shared_ptr<FwdShared>& sh) {
+  {
+    std::lock_guard<std::mutex> lock(sh->mu);
+    ++sh->active;
+  }
+  std::vector<float> xs, os;
+  for (int64_t u = sh->next.fetch_add(1); u < sh->units; u = sh->next.fetch_add(1)) {
+    const int64_t img = u / sh->blocks_per_image;
+    const int64_t y0 = (u % sh->blocks_per_image) * sh->rb;
+    wgrad::fwd_rows(sh->s, sh->x, sh->wk.data(), sh->cop, img, y0,
+                    std::min(sh->s.ho, y0 + sh->rb), sh->y, xs, os);
+  }
+  std::lock_guard<std::mutex> lock(sh->mu);
+  if (--sh->active == 0) sh->cv.notify_all();
+}
+
+// y = conv(x, w): stride 1, x zero-padded by pt rows on top and pl columns on
+// the left (bottom and right padding follow from y's shape). Each block of
+// output rows is written by one thread; the result does not depend on the split.
+ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t pt, int64_t pl) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("conv_fwd: x, w and y must be 4-D (NHWC, HWIO, NHWC)");
+  wgrad::Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], pt, pl};
+  if (yd[0] != s.n || wd[2] != s.ci || wd[3] != s.co || pt < 0 || pl < 0 ||
+      s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl || s.kh * s.kw > 64)
+    return ffi::Error::InvalidArgument("conv_fwd: inconsistent shapes or padding");
+  auto sh = std::make_shared<FwdShared>();
+  sh->s = s;
+  sh->x = x.typed_data();
+  sh->y = y->typed_data();
+  sh->cop = wgrad::round_up(s.co, wgrad::kLanes);
+  sh->wk.assign(s.kh * s.kw * s.ci * sh->cop, 0.f);
+  const float* wsrc = w.typed_data();
+  for (int64_t t = 0; t < s.kh * s.kw * s.ci; ++t)
+    std::memcpy(sh->wk.data() + t * sh->cop, wsrc + t * s.co, sizeof(float) * s.co);
+  const int64_t wp = s.wo + s.kw - 1;
+  sh->rb = std::max<int64_t>(1, 1024 / wp);
+  sh->blocks_per_image = (s.ho + sh->rb - 1) / sh->rb;
+  sh->units = s.n * sh->blocks_per_image;
+  const int64_t helpers = std::min<int64_t>(sh->units, pool.num_threads()) - 1;
+  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([sh] { fwd_participate(sh); });
+  fwd_participate(sh);
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->active == 0; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvFwd, ConvFwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

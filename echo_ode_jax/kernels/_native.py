@@ -37,6 +37,7 @@ from jaxtyping import Array, Float
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
 TARGET = "echo_ode_conv_wgrad_f32"
+TARGET_FWD = "echo_ode_conv_fwd_f32"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "echo_ode_jax", "native")
 
@@ -106,6 +107,7 @@ def _load() -> None:
       _build(cxx, path)
     lib = ctypes.CDLL(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EchoOdeConvWgrad), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_FWD, jax.ffi.pycapsule(lib.EchoOdeConvFwd), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     _state.update(ok=False, why=str(e))
     return
@@ -159,3 +161,24 @@ def conv_weight_grad(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
   out = jax.ShapeDtypeStruct((kh, kw, ci, g.shape[-1]), jnp.float32)
   call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
   return call(x.astype(jnp.float32), g.astype(jnp.float32), pt=np.int64(pt), pl=np.int64(pl))
+
+
+def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
+         pads) -> Float[Array, "N Ho Wo Co"]:
+  """A stride-1 NHWC x HWIO float32 convolution with zero padding
+  pads = ((top, bottom), (left, right)), each >= 0 (as
+  ``lax.conv_general_dilated`` computes it). CPU only; raises RuntimeError
+  when the kernel is not :func:`available`."""
+  if not available():
+    raise RuntimeError(f"kernels: native conv kernel unavailable: {_state['why']}")
+  (pt, pb), (pl, pr) = pads
+  kh, kw, ci, co = kernel.shape
+  n, h, w, _ = x.shape
+  ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
+  if min(pt, pb, pl, pr) < 0 or x.shape[-1] != ci or ho < 1 or wo < 1 or kh * kw > 64:
+    raise ValueError(f"conv: x {x.shape}, kernel {kernel.shape} and pads {pads} do not "
+                     "describe a stride-1 conv with non-negative padding")
+  out = jax.ShapeDtypeStruct((n, ho, wo, co), jnp.float32)
+  call = jax.ffi.ffi_call(TARGET_FWD, out, vmap_method="sequential")
+  return call(x.astype(jnp.float32), kernel.astype(jnp.float32), pt=np.int64(pt),
+              pl=np.int64(pl))
