@@ -193,6 +193,68 @@ static void fwd_cols(const float* X, int64_t ldx, const int64_t* off, int64_t ta
   if (l < L) fwd_rem<VB, AB - 1>(L - l, X + l * ldx, ldx, off, taps, C, W, ldw, out + l * ldo, ldo);
 }
 
+// The forward pass for kw = 3, reusing each broadcast input value for the
+// three taps of a kernel row: output rows a < AB (stride ldo), vectors v < VB,
+//   out[a][v] = sum_i sum_c sum_j X[(a + j + i * wp) * ldx + c] * W[((i * 3 + j) * C + c) * ldw + v * kLanes]
+// AB + 2 broadcasts per 3 * AB * VB multiply-adds (fwd_micro: AB per AB * VB).
+template <int AB, int VB>
+static inline void fwd_micro3(const float* X, int64_t ldx, int64_t wp, int64_t kh, int64_t C,
+                              const float* W, int64_t ldw, float* out, int64_t ldo) {
+  vf acc[AB][VB];
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) acc[a][v] = vf{};
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* x = X + i * wp * ldx;
+    const float* w = W + i * 3 * C * ldw;
+    for (int64_t c = 0; c < C; ++c) {
+      vf wv[3][VB];
+#pragma GCC unroll 16
+      for (int j = 0; j < 3; ++j)
+#pragma GCC unroll 16
+        for (int v = 0; v < VB; ++v) wv[j][v] = load(w + (j * C + c) * ldw + v * kLanes);
+#pragma GCC unroll 32
+      for (int p = 0; p < AB + 2; ++p) {
+        vf xp = bcast(x[p * ldx + c]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 3; ++j) {
+          const int a = p - j;
+          if (a >= 0 && a < AB)
+#pragma GCC unroll 4
+            for (int v = 0; v < VB; ++v) acc[a][v] += xp * wv[j][v];
+        }
+      }
+    }
+  }
+  for (int a = 0; a < AB; ++a)
+    for (int v = 0; v < VB; ++v) store(out + a * ldo + v * kLanes, acc[a][v]);
+}
+
+template <int VB, int AB>
+static inline void fwd_rem3(int rem, const float* X, int64_t ldx, int64_t wp, int64_t kh,
+                            int64_t C, const float* W, int64_t ldw, float* out, int64_t ldo) {
+  if constexpr (AB > 0) {
+    if (rem == AB) return fwd_micro3<AB, VB>(X, ldx, wp, kh, C, W, ldw, out, ldo);
+    fwd_rem3<VB, AB - 1>(rem, X, ldx, wp, kh, C, W, ldw, out, ldo);
+  }
+}
+
+template <int AB, int VB>
+static void fwd_cols3(const float* X, int64_t ldx, int64_t wp, int64_t kh, int64_t C,
+                      const float* W, int64_t ldw, int64_t L, float* out, int64_t ldo) {
+  int64_t l = 0;
+  for (; l + AB <= L; l += AB)
+    fwd_micro3<AB, VB>(X + l * ldx, ldx, wp, kh, C, W, ldw, out + l * ldo, ldo);
+  if (l < L) fwd_rem3<VB, AB - 1>(L - l, X + l * ldx, ldx, wp, kh, C, W, ldw, out + l * ldo, ldo);
+}
+
+// fwd_micro3's tiles (output rows for 1, 2, 4 vectors): accumulators plus the
+// 3 * VB kernel vectors fit the 32 (AVX-512) or 16 vector registers.
+#ifdef __AVX512F__
+constexpr int kR1 = 24, kR2 = 12, kR4 = 0;
+#else
+constexpr int kR1 = 10, kR2 = 4, kR4 = 0;
+#endif
+
 // Output rows [y0, y1) of image `img`: wk is the kernel packed to
 // (kh*kw, Ci, cop) with cop = Co rounded up to the vector width.
 static void fwd_rows(const Shape& s, const float* x, const float* wk, int64_t cop,
@@ -207,6 +269,15 @@ static void fwd_rows(const Shape& s, const float* x, const float* wk, int64_t co
   for (int64_t i = 0; i < s.kh; ++i)
     for (int64_t j = 0; j < s.kw; ++j) off[i * s.kw + j] = i * wp + j;
   int64_t b = 0;
+  if (s.kw == 3) {
+    if constexpr (kR4 > 0)
+      for (; b + 4 * kLanes <= cop; b += 4 * kLanes)
+        fwd_cols3<kR4, 4>(xs.data(), s.ci, wp, s.kh, s.ci, wk + b, cop, L, os.data() + b, cop);
+    for (; b + 2 * kLanes <= cop; b += 2 * kLanes)
+      fwd_cols3<kR2, 2>(xs.data(), s.ci, wp, s.kh, s.ci, wk + b, cop, L, os.data() + b, cop);
+    for (; b < cop; b += kLanes)
+      fwd_cols3<kR1, 1>(xs.data(), s.ci, wp, s.kh, s.ci, wk + b, cop, L, os.data() + b, cop);
+  }
   for (; b + 4 * kLanes <= cop; b += 4 * kLanes)
     fwd_cols<kT4, 4>(xs.data(), s.ci, off, taps, s.ci, wk + b, cop, L, os.data() + b, cop);
   for (; b + 2 * kLanes <= cop; b += 2 * kLanes)
