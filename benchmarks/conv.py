@@ -5,8 +5,9 @@
 
 For each Ci:Co pair, a 3x3 stride-1 SAME convolution of a (batch, size, size,
 Ci) input: the forward pass, the input gradient and the weight gradient
-(XLA), and the weight gradients of conv2d(impl="native") (when the native
-kernel builds on this host), conv2d(impl="split") and conv2d(impl="shifted"),
+(XLA); when the native kernel builds on this host, its forward pass and input
+gradient (conv2d(impl="native")); and the weight gradients of
+conv2d(impl="native"), conv2d(impl="split") and conv2d(impl="shifted"),
 timed alternately in one run (median, ms), with the ratios to XLA's and the impl
 that conv2d(impl=None) picks. --noynn compiles every program with XLA:CPU's
 YNNPACK fusions off (as `fit.compiler_options` does with more than one core),
@@ -43,45 +44,47 @@ def main(_):
   jit = functools.partial(jax.jit, compiler_options=None if _YNN.value else
                           fit.compiler_options(fit.FitConfig(xla_cpu_ynn=False)))
   impls = (["native"] if native_available() else []) + ["split", "shifted"]
-  print("| Ci→Co | forward | input grad | weight grad XLA | "
-        + " | ".join(f"weight grad {i}" for i in impls) + " | "
-        + " | ".join(f"XLA/{i}" for i in impls) + " | auto picks | GFLOP/s forward "
-        "| GFLOP/s weight grad XLA |" + (" GFLOP/s weight grad native |" if "native" in impls
-                                        else ""))
-  print("|---" * (7 + 2 * len(impls) + ("native" in impls)) + "|")
+  native = "native" in impls
+  # Passes timed (name -> impl or None for XLA's autodiff): XLA's forward,
+  # input gradient and weight gradient, the native kernel's forward and input
+  # gradient, and every custom weight gradient.
+  passes = [("fwd", "xla"), ("dx", "xla"), ("dw", "xla")]
+  passes += [("fwd", "native"), ("dx", "native")] if native else []
+  passes += [("dw", i) for i in impls]
+  heads = {"fwd": "forward", "dx": "input grad", "dw": "weight grad"}
+  rates = [p for p in passes if p[1] in ("xla", "native")]
+  print("| Ci→Co | " + " | ".join(f"{heads[k]} {i} ms" for k, i in passes)
+        + " | " + " | ".join(f"XLA/{i} weight grad" for i in impls) + " | auto picks | "
+        + " | ".join(f"GFLOP/s {heads[k]} {i}" for k, i in rates) + " |")
+  print("|---" * (2 + len(passes) + len(impls) + len(rates)) + "|")
+
+  def program(kind, impl):
+    if kind == "fwd":
+      return jit(lambda x, w, g: conv2d(x, w, impl=impl))
+    if kind == "dx":
+      return jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl=impl), x)[1](g)[0])
+    return jit(lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl=impl), w)[1](g)[0])
+
   for pair in _CH.value:
     ci, co = map(int, pair.split(":"))
     k = jax.random.PRNGKey(ci * 100 + co)
     x = jax.random.normal(k, (_BATCH.value, _SIZE.value, _SIZE.value, ci))
     w = jax.random.normal(k, (3, 3, ci, co)) * 0.1
     g = jax.random.normal(k, (_BATCH.value, _SIZE.value, _SIZE.value, co))
-    fns = {
-        "fwd": jit(lambda x, w: conv2d(x, w, impl="xla")),
-        "dx": jit(lambda x, w, g: jax.vjp(lambda a: conv2d(a, w, impl="xla"), x)[1](g)[0]),
-        "dw_xla": jit(
-            lambda x, w, g: jax.vjp(lambda b: conv2d(x, b, impl="xla"), w)[1](g)[0]),
-    }
-    for i in impls:
-      fns[f"dw_{i}"] = jit(functools.partial(
-          lambda x, w, g, impl: jax.vjp(lambda b: conv2d(x, b, impl=impl), w)[1](g)[0],
-          impl=i))
-    args = {n: (x, w) if n == "fwd" else (x, w, g) for n in fns}
-    for n, f in fns.items():
-      jax.block_until_ready(f(*args[n]))
-    ts = {n: [] for n in fns}
-    for _ in range(_REPEATS.value):
-      for n, f in fns.items():
+    fns = {p: program(*p) for p in passes}
+    for f in fns.values():
+      jax.block_until_ready(f(x, w, g))
+    ts = {p: [] for p in fns}
+    for _ in range(_REPEATS.value):     # the passes alternate
+      for p, f in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args[n]))
-        ts[n].append(1e3 * (time.perf_counter() - t0))
-    m = {n: float(np.median(v)) for n, v in ts.items()}
-    auto = default_impl(co)
+        jax.block_until_ready(f(x, w, g))
+        ts[p].append(1e3 * (time.perf_counter() - t0))
+    m = {p: float(np.median(v)) for p, v in ts.items()}
     gflop = 2 * _BATCH.value * _SIZE.value ** 2 * 9 * ci * co / 1e9
-    cells = ([f"{ci}→{co}", f"{m['fwd']:.1f}", f"{m['dx']:.1f}", f"{m['dw_xla']:.1f}"]
-             + [f"{m['dw_' + i]:.1f}" for i in impls]
-             + [f"{m['dw_xla'] / m['dw_' + i]:.2f}" for i in impls]
-             + [auto, f"{gflop / m['fwd'] * 1e3:.0f}", f"{gflop / m['dw_xla'] * 1e3:.0f}"]
-             + ([f"{gflop / m['dw_native'] * 1e3:.0f}"] if "native" in impls else []))
+    cells = ([f"{ci}→{co}"] + [f"{m[p]:.1f}" for p in passes]
+             + [f"{m['dw', 'xla'] / m['dw', i]:.2f}" for i in impls]
+             + [default_impl(co)] + [f"{gflop / m[p] * 1e3:.0f}" for p in rates])
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
