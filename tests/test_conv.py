@@ -179,6 +179,27 @@ def test_velocity_net_implementation_flags_keep_the_function(flag, spade_time):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("impl", [NATIVE, "shifted", "split"])
+@pytest.mark.parametrize("kernel_hw,padding,hw", [
+    ((9, 9), "SAME", (12, 11)),      # 81 taps: over the native forward kernel's 64
+    ((3, 3), "VALID", (2, 2)),       # an empty output
+    ((1, 3), "VALID", (4, 2)),       # an empty output row (width 0)
+])
+def test_conv2d_outside_the_native_kernels_range_matches_lax(impl, kernel_hw, padding, hw):
+  """Convs the native kernels do not take fall back to XLA's, with the same results."""
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(kernel_hw[0]), 3)
+  x = jax.random.normal(kx, (2,) + hw + (3,))
+  k = jax.random.normal(kw, kernel_hw + (3, 4)) * 0.3
+  y_ref, vjp_ref = jax.vjp(lambda x_, k_: _lax_conv(x_, k_, (1, 1), padding), x, k)
+  y, vjp = jax.vjp(lambda x_, k_: conv2d(x_, k_, padding=padding, impl=impl), x, k)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, y.shape)
+  for a, b in zip(jax.jit(vjp)(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * (float(jnp.max(jnp.abs(b)))
+                                                          if b.size else 1.0))
+
+
 def test_bad_impl_is_rejected():
   with pytest.raises(ValueError, match="impl"):
     conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="cudnn")

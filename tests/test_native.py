@@ -128,6 +128,7 @@ def test_native_build_error_names_the_source(fresh_state, monkeypatch):
   assert not _native.available()
   why = _native.why_unavailable()
   assert "broken_kernel.cc" in why and "failed" in why
+  assert "error" in why.split("failed on", 1)[1]   # the compiler's error, not "terminated"
   assert not list((fresh_state / "cache").glob("*.so*"))   # no partial library left
 
 
@@ -144,3 +145,31 @@ def test_native_library_name_follows_the_source(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "SOURCE", str(src))
     paths.append(_native.library_path(cxx))
   assert paths[0] != paths[1] and all(p.startswith(str(tmp_path)) for p in paths)
+
+
+@needs_native
+def test_native_weight_grad_of_an_empty_output_is_zero():
+  """No output positions: the gradient is an empty sum (no division by a zero width)."""
+  x = jnp.ones((1, 4, 0, 2))
+  g = jnp.ones((1, 4, 0, 3))
+  got = _native.conv_weight_grad(x, g, (1, 1), ((0, 0), (0, 0)))
+  np.testing.assert_array_equal(got, np.zeros((1, 1, 2, 3), np.float32))
+
+
+def test_native_library_is_readable_by_others(tmp_path, monkeypatch):
+  """A build in the cache is group/other-readable (as the umask allows; mkstemp
+  alone gives 0600), so a shared cache works for every user."""
+  import os
+  import stat
+  cxx = _native._compiler()
+  if cxx is None:
+    pytest.skip("no C++ compiler on this host")
+  src = tmp_path / "tiny.cc"
+  src.write_text('extern "C" int echo_ode_tiny() { return 1; }\n')
+  monkeypatch.setattr(_native, "SOURCE", str(src))
+  path = str(tmp_path / "cache" / "tiny.so")
+  _native._build(cxx, path)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o755 & ~umask
+  assert os.listdir(tmp_path / "cache") == ["tiny.so"]   # no temporary file left

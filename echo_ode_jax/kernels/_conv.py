@@ -118,7 +118,8 @@ def weight_grad_native(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"
   """dL/dW from the native CPU kernel (:mod:`._native`) for a stride-1 float32
   conv with non-negative padding; any other conv (a strided one, bf16) takes
   :func:`weight_grad_xla`, the same gradient."""
-  if _native.supports(x.dtype, kernel_hw, strides) and min(min(p) for p in pads) >= 0:
+  if (_native.supports(x.dtype, kernel_hw, strides) and min(min(p) for p in pads) >= 0
+      and g.size > 0):
     return _native.conv_weight_grad(x, g, kernel_hw, pads)
   return weight_grad_xla(x, g, kernel_hw, strides, pads)
 
@@ -130,10 +131,14 @@ IMPLS = ("native", "split", "shifted", "xla")
 
 def _native_conv_ok(x, kernel, strides, pads) -> bool:
   """Whether the native forward kernel computes this conv: stride 1, float32,
-  padding >= 0 and at least 2 output channels (with 1, 15 of 16 vector lanes
-  idle, XLA's conv is faster; BENCHMARKS.md)."""
+  padding >= 0, at most 64 kernel taps, a non-empty output and at least 2
+  output channels (with 1, 15 of 16 vector lanes idle, XLA's conv is faster;
+  BENCHMARKS.md)."""
+  (kh, kw), ((pt, pb), (pl, pr)) = kernel.shape[:2], pads
+  ho, wo = x.shape[1] + pt + pb - kh + 1, x.shape[2] + pl + pr - kw + 1
   return (tuple(strides) == (1, 1) and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-          and min(min(p) for p in pads) >= 0 and kernel.shape[-1] >= 2)
+          and min(pt, pb, pl, pr) >= 0 and kh * kw <= _native.MAX_TAPS and ho >= 1 and wo >= 1
+          and kernel.shape[-1] >= 2)
 
 
 def _forward(x, kernel, strides, pads, impl):

@@ -113,7 +113,7 @@ static void pad_rows(const Shape& s, const float* x, int64_t img, int64_t y0, in
     if (src < 0 || src >= s.h) continue;
     const float* xr = x + ((img * s.h + src) * s.w) * s.ci;
     float* dst = xs.data() + (k * wp + s.pl) * cx;
-    const int64_t cols = std::min(s.w, wp - s.pl);   // a negative right padding crops
+    const int64_t cols = std::min(s.w, wp - s.pl);   // = s.w (the handlers reject negative padding)
     if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * cols * s.ci);
     else for (int64_t c = 0; c < cols; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
   }
@@ -346,6 +346,10 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (gd[0] != s.n || wd[2] != s.ci || wd[3] != s.co || pt < 0 || pl < 0 ||
       s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl)
     return ffi::Error::InvalidArgument("conv_wgrad: inconsistent shapes or padding");
+  if (s.n * s.ho * s.wo * s.ci * s.co * s.kh * s.kw == 0) {   // an empty sum (or result)
+    std::fill(dw->typed_data(), dw->typed_data() + s.kh * s.kw * s.ci * s.co, 0.f);
+    return ffi::Error::Success();
+  }
   auto sh = std::make_shared<Shared>();
   sh->s = s;
   sh->x = x.typed_data();
@@ -435,6 +439,11 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (yd[0] != s.n || wd[2] != s.ci || wd[3] != s.co || pt < 0 || pl < 0 ||
       s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl || s.kh * s.kw > 64)
     return ffi::Error::InvalidArgument("conv_fwd: inconsistent shapes or padding");
+  if (s.n * s.ho * s.wo * s.co == 0) return ffi::Error::Success();   // an empty result
+  if (s.ci * s.kh * s.kw == 0) {                                      // an empty sum
+    std::fill(y->typed_data(), y->typed_data() + s.n * s.ho * s.wo * s.co, 0.f);
+    return ffi::Error::Success();
+  }
   auto sh = std::make_shared<FwdShared>();
   sh->s = s;
   sh->x = x.typed_data();

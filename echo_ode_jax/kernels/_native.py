@@ -38,7 +38,9 @@ from jaxtyping import Array, Float
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
 TARGET = "echo_ode_conv_wgrad_f32"
 TARGET_FWD = "echo_ode_conv_fwd_f32"
+MAX_TAPS = 64           # the forward kernel's limit on kh * kw (its tap offset table)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+BUILD_TIMEOUT_S = 300   # a stuck compiler makes the kernel unavailable, not the import hang
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "echo_ode_jax", "native")
 
 _lock = threading.Lock()
@@ -82,10 +84,21 @@ def _build(cxx: str, path: str) -> None:
   os.close(fd)
   try:
     cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+      run = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f"{os.path.basename(cxx)} took over {BUILD_TIMEOUT_S} s on "
+                         f"{SOURCE}") from e
     if run.returncode != 0:
-      last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
-      raise RuntimeError(f"{os.path.basename(cxx)} failed on {SOURCE}: {last}")
+      lines = run.stderr.strip().splitlines() or ["(no output)"]
+      first = next((l for l in lines if "error" in l), lines[-1])   # g++ ends on "terminated"
+      raise RuntimeError(f"{os.path.basename(cxx)} failed on {SOURCE}: {first.strip()}")
+    # mkstemp made it 0600 (the linker adds only execute bits): make a shared
+    # cache readable by other users, as the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -175,9 +188,10 @@ def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   kh, kw, ci, co = kernel.shape
   n, h, w, _ = x.shape
   ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
-  if min(pt, pb, pl, pr) < 0 or x.shape[-1] != ci or ho < 1 or wo < 1 or kh * kw > 64:
+  if min(pt, pb, pl, pr) < 0 or x.shape[-1] != ci or ho < 1 or wo < 1 or kh * kw > MAX_TAPS:
     raise ValueError(f"conv: x {x.shape}, kernel {kernel.shape} and pads {pads} do not "
-                     "describe a stride-1 conv with non-negative padding")
+                     f"describe a stride-1 conv with non-negative padding, a non-empty "
+                     f"output and at most {MAX_TAPS} kernel taps")
   out = jax.ShapeDtypeStruct((n, ho, wo, co), jnp.float32)
   call = jax.ffi.ffi_call(TARGET_FWD, out, vmap_method="sequential")
   return call(x.astype(jnp.float32), kernel.astype(jnp.float32), pt=np.int64(pt),
