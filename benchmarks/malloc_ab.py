@@ -1,7 +1,7 @@
 """The fit step under different mallocs, processes alternating (not in CI; Linux).
 
   python benchmarks/malloc_ab.py [--rounds=4] [--sizes=128] [--batches=1] \
-      [--variants=glibc,glibc_hugetlb,tcmalloc] [--vs_torch] [--json_out=FILE]
+      [--variants=glibc,glibc_hugetlb,glibc_keep,tcmalloc] [--vs_torch] [--json_out=FILE]
 
 XLA:CPU allocates every step's temporaries afresh (at 128^2 one 330 MB buffer
 and a few of 90 MB per step). Under glibc's malloc each of them is a new mmap,
@@ -16,8 +16,12 @@ processes, so under the same malloc:
 
   glibc          glibc's defaults (ECHO_ODE_MALLOC=default, so fit_speed.py does
                  not restart itself with the tunable);
-  glibc_hugetlb  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35): malloc
-                 asks for transparent huge pages, 2 MiB per fault;
+  glibc_hugetlb  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35,
+                 cpu_malloc.HUGETLB): malloc asks for transparent huge pages,
+                 2 MiB per fault;
+  glibc_keep     cpu_malloc.TUNABLE (what the scripts restart with): huge
+                 pages, and freed memory kept mapped for reuse (one arena,
+                 no mmap, no trimming);
   tcmalloc       LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian/Ubuntu package
                  libtcmalloc-minimal4), which keeps freed memory mapped;
   jemalloc       LD_PRELOAD=libjemalloc.so.2 (package libjemalloc2).
@@ -43,7 +47,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 4, "fit_speed.py runs per variant.")
 _SIZES = flags.DEFINE_list("sizes", ["128"], "fit_speed.py --sizes.")
 _BATCHES = flags.DEFINE_list("batches", ["1"], "fit_speed.py --batches.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "fit_speed.py --repeats.")
-_VARIANTS = flags.DEFINE_list("variants", ["glibc", "glibc_hugetlb", "tcmalloc"],
+_VARIANTS = flags.DEFINE_list("variants", ["glibc", "glibc_hugetlb", "glibc_keep", "tcmalloc"],
                               "Mallocs to compare (module docstring).")
 _TORCH = flags.DEFINE_bool("vs_torch", False, "fit_speed.py --vs_torch.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write every run's rows here.")
@@ -56,11 +60,13 @@ def variant_env(name: str) -> dict[str, str] | None:
   if name == "glibc":
     return {cpu_malloc.OPT_OUT: "default"}
   if name == "glibc_hugetlb":
+    return {"GLIBC_TUNABLES": cpu_malloc.HUGETLB}
+  if name == "glibc_keep":
     return {"GLIBC_TUNABLES": cpu_malloc.TUNABLE}
   if name in _PRELOAD:
     lib = ctypes.util.find_library(_PRELOAD[name])
     return {"LD_PRELOAD": lib} if lib else None
-  raise ValueError(f"unknown variant {name!r}; choose from glibc, glibc_hugetlb, "
+  raise ValueError(f"unknown variant {name!r}; choose from glibc, glibc_hugetlb, glibc_keep, "
                    f"{', '.join(_PRELOAD)}")
 
 

@@ -1,4 +1,4 @@
-"""Huge pages for XLA:CPU's buffers: glibc's `glibc.malloc.hugetlb=1` tunable.
+"""Huge pages for XLA:CPU's buffers, kept for reuse: glibc malloc tunables.
 
 XLA:CPU allocates each step's temporaries afresh: at 128^2 a fit step asks for
 one ~330 MB buffer and a few of ~90 MB. With glibc's malloc, a buffer that
@@ -6,25 +6,35 @@ large is a fresh mmap (a worker thread's arena cannot hold it, and glibc caps
 its mmap threshold at 32 MB), unmapped again when freed, so each step faults
 ~350 MB of 4 KiB pages back in: ~85 000 page faults and about a fifth of the
 step's CPU time spent in the kernel (`benchmarks/fit_speed.py` reports both).
-With the tunable glibc.malloc.hugetlb=1 (glibc >= 2.35) malloc asks the kernel
-for transparent huge pages, 2 MiB per fault (`benchmarks/malloc_ab.py`, in
-BENCHMARKS.md). The computed results do not change.
+
+The restart sets :data:`TUNABLE` (glibc >= 2.35):
+  * glibc.malloc.hugetlb=1: malloc asks the kernel for transparent huge
+    pages, 2 MiB per fault (:data:`HUGETLB` alone: 1.3-1.6x faster steps);
+  * glibc.malloc.arena_max=1, mmap_max=0 and a trim threshold of 1 TiB: every
+    thread allocates from the main heap, large buffers included, and freed
+    memory stays mapped, so the next step reuses the pages it already faulted
+    in (no faults and almost no kernel time per step after the first: a
+    further 1.13x at 128^2 batch 1 and 1.21x at batch 4; the process's peak
+    RSS did not change). `benchmarks/malloc_ab.py` compares them (BENCHMARKS.md).
+The computed results do not change.
 
 glibc reads its tunables once, when the process starts, so a running Python
 cannot turn this on for itself; :func:`reexec_with_huge_pages` restarts the
 process with GLIBC_TUNABLES set. The `experiments/` scripts call it first thing
-(`errors.run_cli`). For your own programs set it in the shell:
+(`errors.run_cli`). For your own programs set it in the shell (the value of
+:data:`TUNABLE`):
 
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_fit.py
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 python my_fit.py
 
 (a fit on XLA:CPU logs this once, :func:`hint`, when the process would benefit).
-
 Opt out with ECHO_ODE_MALLOC=default. Nothing happens off Linux, on another
 libc or glibc < 2.35, when transparent huge pages are off ("never"), when
 LD_PRELOAD is set (another malloc may be preloaded, e.g. tcmalloc, which keeps
 freed memory mapped and needs none of this; set
 TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=100000000000 with it, or it reports every
 allocation over 1 GB), or when GLIBC_TUNABLES already sets glibc.malloc.hugetlb.
+Other tunables the user set keep their values (ours are added only for keys
+not already there).
 """
 from __future__ import annotations
 
@@ -35,7 +45,12 @@ import sys
 from typing import Mapping
 
 OPT_OUT = "ECHO_ODE_MALLOC"          # "default": leave malloc as the process started with it
-TUNABLE = "glibc.malloc.hugetlb=1"
+HUGETLB = "glibc.malloc.hugetlb=1"
+# Huge pages, and freed memory kept for reuse: one arena (a worker thread's
+# arena would mmap every large buffer anew), no mmap for large requests, and
+# no trimming of the heap's free top (benchmarks/malloc_ab.py, variant glibc_keep).
+TUNABLE = (f"{HUGETLB}:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+           "glibc.malloc.trim_threshold=1099511627776")
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 MALLOC_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES")   # the variables that choose or tune the malloc
 
@@ -83,7 +98,9 @@ def tuned_env(environ: Mapping[str, str], *, system: str | None = None,
   if environ.get("LD_PRELOAD") or "glibc.malloc.hugetlb" in tunables:
     return None
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
+  have = {t.split("=", 1)[0] for t in tunables.split(":") if t}
+  ours = [t for t in TUNABLE.split(":") if t.split("=", 1)[0] not in have]
+  env["GLIBC_TUNABLES"] = ":".join(([tunables] if tunables else []) + ours)
   return env
 
 
@@ -115,7 +132,7 @@ def hint(environ: Mapping[str, str] | None = None, backend: str | None = None,
     return None
   _hinted = True
   msg = (f"XLA:CPU's fit steps fault their large buffers in 4 KiB at a time under glibc's "
-         f"default malloc; start Python with GLIBC_TUNABLES={TUNABLE} for 1.3-1.6x faster "
+         f"default malloc; start Python with GLIBC_TUNABLES={TUNABLE} for 1.5-2x faster "
          f"steps (echo_ode_jax.cpu_malloc; {OPT_OUT}=default silences this)")
   from absl import logging
   logging.warning(msg)
@@ -133,7 +150,8 @@ def reexec_with_huge_pages() -> None:
   if env is None:
     return
   print(f"echo_ode_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages "
-        f"for XLA:CPU's buffers; {OPT_OUT}=default skips this)", file=sys.stderr, flush=True)
+        f"for XLA:CPU's buffers, kept for reuse; {OPT_OUT}=default skips this)",
+        file=sys.stderr, flush=True)
   sys.stdout.flush()
   argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
   os.execve(sys.executable, argv, env)
