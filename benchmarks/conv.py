@@ -45,9 +45,9 @@ def main(_):
                           fit.compiler_options(fit.FitConfig(xla_cpu_ynn=False)))
   impls = (["native"] if native_available() else []) + ["split", "shifted"]
   native = "native" in impls
-  # Passes timed (name -> impl or None for XLA's autodiff): XLA's forward,
-  # input gradient and weight gradient, the native kernel's forward and input
-  # gradient, and every custom weight gradient.
+  # Passes timed, as (kind, impl): XLA's forward, input gradient and weight
+  # gradient, the native kernel's forward and input gradient, and every custom
+  # weight gradient.
   passes = [("fwd", "xla"), ("dx", "xla"), ("dw", "xla")]
   passes += [("fwd", "native"), ("dx", "native")] if native else []
   passes += [("dw", i) for i in impls]

@@ -14,8 +14,9 @@ The restart sets :data:`TUNABLE` (glibc >= 2.35):
     thread allocates from the main heap, large buffers included, and freed
     memory stays mapped, so the next step reuses the pages it already faulted
     in (no faults and almost no kernel time per step after the first: a
-    further 1.13x at 128^2 batch 1 and 1.21x at batch 4; the process's peak
-    RSS did not change). `benchmarks/malloc_ab.py` compares them (BENCHMARKS.md).
+    further 1.13x at 128^2 batch 1 and 1.21x at batch 4). The process keeps
+    its peak heap mapped: the fit-step benchmark's peak RSS went from 3.3 to
+    4.1 GB. `benchmarks/malloc_ab.py` compares them (BENCHMARKS.md).
 The computed results do not change.
 
 glibc reads its tunables once, when the process starts, so a running Python

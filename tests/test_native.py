@@ -1,5 +1,8 @@
 """The native conv kernels (kernels._native: weight gradient and forward pass)
 against float64 numpy sums, and their build and availability handling."""
+import os
+import stat
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,8 +162,6 @@ def test_native_weight_grad_of_an_empty_output_is_zero():
 def test_native_library_is_readable_by_others(tmp_path, monkeypatch):
   """A build in the cache is group/other-readable (as the umask allows; mkstemp
   alone gives 0600), so a shared cache works for every user."""
-  import os
-  import stat
   cxx = _native._compiler()
   if cxx is None:
     pytest.skip("no C++ compiler on this host")

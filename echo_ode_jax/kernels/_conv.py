@@ -134,11 +134,8 @@ def _native_conv_ok(x, kernel, strides, pads) -> bool:
   padding >= 0, at most 64 kernel taps, a non-empty output and at least 2
   output channels (with 1, 15 of 16 vector lanes idle, XLA's conv is faster;
   BENCHMARKS.md)."""
-  (kh, kw), ((pt, pb), (pl, pr)) = kernel.shape[:2], pads
-  ho, wo = x.shape[1] + pt + pb - kh + 1, x.shape[2] + pl + pr - kw + 1
   return (tuple(strides) == (1, 1) and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-          and min(pt, pb, pl, pr) >= 0 and kh * kw <= _native.MAX_TAPS and ho >= 1 and wo >= 1
-          and kernel.shape[-1] >= 2)
+          and _native.conv_shape_ok(x.shape, kernel.shape, pads) and kernel.shape[-1] >= 2)
 
 
 def _forward(x, kernel, strides, pads, impl):

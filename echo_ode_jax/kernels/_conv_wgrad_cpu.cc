@@ -100,6 +100,9 @@ struct Shape {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, pt, pl;
 };
 
+// The forward pass's limit on kh * kw (its tap offset table; _native.MAX_TAPS).
+constexpr int64_t kMaxTaps = 64;
+
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Copies input rows [y0 - pt, y0 - pt + rx) of image `img` into xs, zero-padded
@@ -113,9 +116,9 @@ static void pad_rows(const Shape& s, const float* x, int64_t img, int64_t y0, in
     if (src < 0 || src >= s.h) continue;
     const float* xr = x + ((img * s.h + src) * s.w) * s.ci;
     float* dst = xs.data() + (k * wp + s.pl) * cx;
-    const int64_t cols = std::min(s.w, wp - s.pl);   // = s.w (the handlers reject negative padding)
-    if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * cols * s.ci);
-    else for (int64_t c = 0; c < cols; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
+    // wp - pl >= w: the handlers reject negative padding.
+    if (cx == s.ci) std::memcpy(dst, xr, sizeof(float) * s.w * s.ci);
+    else for (int64_t c = 0; c < s.w; ++c) std::memcpy(dst + c * cx, xr + c * s.ci, sizeof(float) * s.ci);
   }
 }
 
@@ -264,7 +267,7 @@ static void fwd_rows(const Shape& s, const float* x, const float* wk, int64_t co
   const int64_t r = y1 - y0, L = r * wp;
   pad_rows(s, x, img, y0, r + s.kh - 1, wp, s.ci, xs);
   os.resize(L * cop);
-  int64_t off[64];
+  int64_t off[kMaxTaps];
   const int64_t taps = s.kh * s.kw;
   for (int64_t i = 0; i < s.kh; ++i)
     for (int64_t j = 0; j < s.kw; ++j) off[i * s.kw + j] = i * wp + j;
@@ -437,7 +440,7 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("conv_fwd: x, w and y must be 4-D (NHWC, HWIO, NHWC)");
   wgrad::Shape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], pt, pl};
   if (yd[0] != s.n || wd[2] != s.ci || wd[3] != s.co || pt < 0 || pl < 0 ||
-      s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl || s.kh * s.kw > 64)
+      s.ho + s.kh - 1 < s.h + pt || s.wo + s.kw - 1 < s.w + pl || s.kh * s.kw > wgrad::kMaxTaps)
     return ffi::Error::InvalidArgument("conv_fwd: inconsistent shapes or padding");
   if (s.n * s.ho * s.wo * s.co == 0) return ffi::Error::Success();   // an empty result
   if (s.ci * s.kh * s.kw == 0) {                                      // an empty sum

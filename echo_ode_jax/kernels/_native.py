@@ -38,7 +38,7 @@ from jaxtyping import Array, Float
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
 TARGET = "echo_ode_conv_wgrad_f32"
 TARGET_FWD = "echo_ode_conv_fwd_f32"
-MAX_TAPS = 64           # the forward kernel's limit on kh * kw (its tap offset table)
+MAX_TAPS = 64           # the forward kernel's limit on kh * kw (kMaxTaps in the source)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300   # a stuck compiler makes the kernel unavailable, not the import hang
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "echo_ode_jax", "native")
@@ -154,6 +154,17 @@ def supports(x_dtype, kernel_hw, strides) -> bool:
   return jnp.dtype(x_dtype) == jnp.float32 and tuple(strides) == (1, 1)
 
 
+def conv_shape_ok(x_shape, kernel_shape, pads) -> bool:
+  """Whether :func:`conv` computes a stride-1 conv of these shapes and
+  ((top, bottom), (left, right)) zero padding: padding >= 0, matching input
+  channels, a non-empty output and at most MAX_TAPS kernel taps."""
+  (pt, pb), (pl, pr) = pads
+  kh, kw, ci, _ = kernel_shape
+  ho, wo = x_shape[1] + pt + pb - kh + 1, x_shape[2] + pl + pr - kw + 1
+  return (min(pt, pb, pl, pr) >= 0 and x_shape[-1] == ci and ho >= 1 and wo >= 1
+          and kh * kw <= MAX_TAPS)
+
+
 def conv_weight_grad(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
                      kernel_hw: tuple[int, int], pads) -> Float[Array, "kh kw Ci Co"]:
   """dL/dW of a stride-1 NHWC x HWIO float32 conv from its output cotangent g.
@@ -185,10 +196,10 @@ def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   if not available():
     raise RuntimeError(f"kernels: native conv kernel unavailable: {_state['why']}")
   (pt, pb), (pl, pr) = pads
-  kh, kw, ci, co = kernel.shape
+  kh, kw, _, co = kernel.shape
   n, h, w, _ = x.shape
   ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
-  if min(pt, pb, pl, pr) < 0 or x.shape[-1] != ci or ho < 1 or wo < 1 or kh * kw > MAX_TAPS:
+  if not conv_shape_ok(x.shape, kernel.shape, pads):
     raise ValueError(f"conv: x {x.shape}, kernel {kernel.shape} and pads {pads} do not "
                      f"describe a stride-1 conv with non-negative padding, a non-empty "
                      f"output and at most {MAX_TAPS} kernel taps")
