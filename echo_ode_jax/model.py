@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate,
-                                  modulate_gain, upsample2)
+                                  modulate_gain, norm_modulate, upsample2)
 
 
 SPADE_TIME = ("hidden", "gain")   # ModelConfig.spade_time choices
@@ -72,6 +72,9 @@ class ModelConfig:
   row_sums: bool = True         # biases, broadcasts, instance norm and SPADE's modulation with
                                 # the VJPs of kernels.add / instance_norm / modulate(_gain)
                                 # (same function; faster on XLA:CPU)
+  fused_norm: bool = True       # with conv_impl "native" (and row_sums, spade_time "hidden"):
+                                # SPADE's instance norm, modulation and activation as the one
+                                # native kernel kernels.norm_modulate (same function)
 
   def __post_init__(self):
     if self.spade_time not in SPADE_TIME:
@@ -195,6 +198,7 @@ class SpadeTime(nn.Module):
   split_gamma_beta: bool = True
   row_sums: bool = True
   time: str = "hidden"
+  fused_norm: bool = True
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
@@ -218,6 +222,9 @@ class SpadeTime(nn.Module):
       gb = conv(2 * self.channels, kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
       gamma, beta = jnp.split(gb, 2, axis=-1)
     # Parameter-free instance normalisation (per knot, per channel), as SPADE.
+    if (self.fused_norm and self.impl == "native" and self.row_sums
+        and (pe is None or self.time == "hidden") and gamma.shape == f.shape):
+      return norm_modulate(f, gamma, beta, LEAKY_SLOPE, 1e-5, impl="native")
     if self.row_sums:
       f = instance_norm(f, 1e-5)
     else:
@@ -279,7 +286,8 @@ class VelocityUNet(nn.Module):
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
                       split_gamma_beta=cfg.split_gamma_beta, row_sums=cfg.row_sums,
-                      time=cfg.spade_time, name=f"spade{i}")(
+                      time=cfg.spade_time, fused_norm=cfg.fused_norm,
+                      name=f"spade{i}")(
             x, m0_n, pe if cfg.use_pe else None)      # activated
       else:
         x = act(x)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax import model
+from echo_ode_jax import kernels, model
 from echo_ode_jax.model import ModelConfig, VelocityUNet
 
 
@@ -93,14 +93,19 @@ def _conv3x3_same(x, k, b):
   return out
 
 
-@pytest.mark.parametrize("time", ["hidden", "gain"])
-def test_spade_time_is_the_documented_formula(time):
+@pytest.mark.parametrize("time,impl", [("hidden", None), ("gain", None), ("hidden", "native"),
+                                       ("gain", "native")])
+def test_spade_time_is_the_documented_formula(time, impl):
   """SpadeTime against its docstring in float64 numpy:
   hidden: gamma, beta = gamma_beta(relu(shared(m_0) + time(PE(t)))), per knot;
   gain:   gamma, beta = gamma_beta(relu(shared(m_0))) * (1 + time(PE(t))), per channel;
-  out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2)."""
+  out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2).
+  impl="native" runs the native convs and, for "hidden", the fused
+  kernels.norm_modulate."""
+  if impl == "native" and not kernels.native_available():
+    pytest.skip("native kernels unavailable")
   k, h, w, c, hidden, pe_dim = 3, 6, 5, 4, 3, 8
-  spade = model.SpadeTime(c, hidden, row_sums=True, time=time)
+  spade = model.SpadeTime(c, hidden, row_sums=True, time=time, impl=impl)
   rng = np.random.default_rng(0)
   f = rng.normal(2.0, 1.5, size=(k, h, w, c)).astype(np.float32)
   m0 = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=(h, w))]
@@ -150,3 +155,36 @@ def test_spade_time_gain_runs_the_gamma_beta_conv_once_per_sequence():
 def test_bad_spade_time_is_rejected():
   with pytest.raises(ValueError, match="spade_time"):
     ModelConfig(spade_time="film")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.native_available(),
+                    reason="native kernels unavailable (CPU with a C++ compiler)")
+def test_fused_norm_is_the_same_network():
+  """fused_norm (kernels.norm_modulate in every SPADE) changes neither the
+  velocity nor its parameter gradients beyond float32 rounding, and the fused
+  program has the native kernel in it."""
+  kw = dict(enc_channels=(8, 16), dec_channels=(16, 16, 8), pe_dim=8, spade_hidden=4,
+            conv_impl="native")
+  cfg_on, cfg_off = ModelConfig(fused_norm=True, **kw), ModelConfig(fused_norm=False, **kw)
+  params = _perturbed(cfg_on)
+  rng = np.random.default_rng(3)
+  imgs = jnp.asarray(rng.uniform(size=(3, 32, 32, 1)), jnp.float32)
+  m0 = jax.nn.one_hot(jnp.asarray(rng.integers(0, 4, (32, 32))), 4)
+  t = jnp.array([0.0, 0.4, 0.9])
+  r = jnp.asarray(rng.normal(size=(3, 32, 32, 2)), jnp.float32)
+
+  def loss(cfg):
+    return lambda p: jnp.sum(VelocityUNet(cfg).apply({"params": p}, imgs, m0, t) * r)
+
+  hlo = jax.jit(jax.grad(loss(cfg_on))).lower(params).as_text()
+  assert "echo_ode_norm_modulate_f32" in hlo and "echo_ode_norm_modulate_bwd_f32" in hlo
+  v_on, g_on = jax.jit(jax.value_and_grad(loss(cfg_on)))(params)
+  v_off, g_off = jax.jit(jax.value_and_grad(loss(cfg_off)))(params)
+  assert abs(float(v_off)) > 1.0
+  np.testing.assert_allclose(v_on, v_off, rtol=1e-5)
+  # The scale is the largest gradient entry: a conv bias right before an
+  # instance norm has a zero gradient, and both sides are float32 noise there.
+  leaves_off = jax.tree_util.tree_leaves(g_off)
+  scale = max(float(np.max(np.abs(b))) for b in leaves_off)
+  for a, b in zip(jax.tree_util.tree_leaves(g_on), leaves_off):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

@@ -20,6 +20,7 @@
 // accumulators are added in a fixed order (deterministic).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -478,3 +479,264 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvFwd, ConvFwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));
+
+// ---------------------------------------------------------------------------
+// SPADE's normalisation and modulation with the decoder's activation, fused:
+//
+//   y = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)   (per image and channel,
+//                                                          over the H x W pixels)
+//   out = leaky_relu(y * (1 + gamma) + beta, slope)
+//
+// x, gamma, beta, out: (N, H, W, C) float32; mean, rstd: (N, C). The backward
+// pass takes the output cotangent d and returns dx, dgamma, dbeta:
+//
+//   dz = d where out >= 0, else slope * d;  dgamma = dz * y;  dbeta = dz;
+//   dy = dz * (1 + gamma);  dx = rstd * (dy - mean_hw(dy) - y * mean_hw(dy * y)).
+//
+// Each image is one unit of work; per-channel sums are taken in float over
+// blocks of kSumBlock pixels and added in double, in a fixed order
+// (deterministic).
+namespace normmod {
+
+using wgrad::kLanes;
+using wgrad::load;
+using wgrad::store;
+using wgrad::vf;
+
+constexpr int64_t kSumBlock = 64;
+
+struct Shape {
+  int64_t n, m, c;   // images, pixels per image, channels
+};
+
+// Forward pass of one image. The statistics come from one sweep of x: sums of
+// x - x[0] and of its square per channel (the shift by the first pixel keeps
+// the variance's cancellation small), in float over kSumBlock pixels, then in
+// double.
+static void fwd_image(const Shape& s, int64_t img, const float* x, const float* gamma,
+                      const float* beta, float eps, float slope, float* out, float* mean,
+                      float* rstd, std::vector<float>& part) {
+  const int64_t off = img * s.m * s.c, c = s.c;
+  const float* __restrict xi = x + off;
+  part.assign(3 * c, 0.f);
+  float* __restrict shift = part.data();
+  float* __restrict p1 = shift + c;
+  float* __restrict p2 = p1 + c;
+  std::copy(xi, xi + c, shift);
+  std::vector<double> s1(c, 0.0), s2(c, 0.0);
+  for (int64_t b0 = 0; b0 < s.m; b0 += kSumBlock) {
+    std::fill(p1, p1 + 2 * c, 0.f);
+    const int64_t b1 = std::min(s.m, b0 + kSumBlock);
+    for (int64_t p = b0; p < b1; ++p)
+      for (int64_t k = 0; k < c; ++k) {
+        const float v = xi[p * c + k] - shift[k];
+        p1[k] += v;
+        p2[k] += v * v;
+      }
+    for (int64_t k = 0; k < c; ++k) {
+      s1[k] += p1[k];
+      s2[k] += p2[k];
+    }
+  }
+  float* __restrict mu = mean + img * c;
+  float* __restrict rs = rstd + img * c;
+  for (int64_t k = 0; k < c; ++k) {
+    const double m1 = s1[k] / double(s.m);
+    const double var = std::max(0.0, s2[k] / double(s.m) - m1 * m1);
+    mu[k] = float(double(shift[k]) + m1);
+    rs[k] = float(1.0 / std::sqrt(var + double(eps)));
+  }
+  const float* __restrict gi = gamma + off;
+  const float* __restrict bi = beta + off;
+  float* __restrict oi = out + off;
+  for (int64_t p = 0; p < s.m; ++p)
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t q = p * c + k;
+      const float z = (xi[q] - mu[k]) * rs[k] * (1.f + gi[q]) + bi[q];
+      oi[q] = z >= 0.f ? z : slope * z;
+    }
+}
+
+// Backward pass of one image: one sweep computes dgamma, dbeta and dy (kept in
+// dx) and sums dy and dy * y per channel (float per kSumBlock pixels, then
+// double); a second turns dy into dx.
+static void bwd_image(const Shape& s, int64_t img, const float* d, const float* x,
+                      const float* gamma, const float* out, const float* mean,
+                      const float* rstd, float slope, float* dx, float* dgamma, float* dbeta,
+                      std::vector<float>& part) {
+  const int64_t off = img * s.m * s.c, c = s.c;
+  const float* __restrict di = d + off;
+  const float* __restrict xi = x + off;
+  const float* __restrict gi = gamma + off;
+  const float* __restrict oi = out + off;
+  const float* __restrict mu = mean + img * c;
+  const float* __restrict rs = rstd + img * c;
+  float* __restrict dxi = dx + off;
+  float* __restrict dgi = dgamma + off;
+  float* __restrict dbi = dbeta + off;
+  part.assign(2 * c, 0.f);
+  float* __restrict p1 = part.data();
+  float* __restrict p2 = p1 + c;
+  std::vector<double> s1(c, 0.0), s2(c, 0.0);
+  for (int64_t b0 = 0; b0 < s.m; b0 += kSumBlock) {
+    std::fill(p1, p1 + 2 * c, 0.f);
+    const int64_t b1 = std::min(s.m, b0 + kSumBlock);
+    for (int64_t p = b0; p < b1; ++p) {
+      int64_t k = 0;
+      for (; k + kLanes <= c; k += kLanes) {   // the same, kLanes channels at a time
+        const int64_t q = p * c + k;
+        const vf y = (load(xi + q) - load(mu + k)) * load(rs + k);
+        const vf dd = load(di + q);
+        const vf dz = load(oi + q) >= 0.f ? dd : vf{} + slope * dd;
+        const vf dy = dz * (load(gi + q) + 1.f);
+        store(dgi + q, dz * y);
+        store(dbi + q, dz);
+        store(dxi + q, dy);
+        store(p1 + k, load(p1 + k) + dy);
+        store(p2 + k, load(p2 + k) + dy * y);
+      }
+      for (; k < c; ++k) {
+        const int64_t q = p * c + k;
+        const float y = (xi[q] - mu[k]) * rs[k];
+        const float dd = di[q];
+        const float dz = oi[q] >= 0.f ? dd : slope * dd;
+        const float dy = dz * (1.f + gi[q]);
+        dgi[q] = dz * y;
+        dbi[q] = dz;
+        dxi[q] = dy;
+        p1[k] += dy;
+        p2[k] += dy * y;
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      s1[k] += p1[k];
+      s2[k] += p2[k];
+    }
+  }
+  std::vector<float> m1(c), m2(c);
+  for (int64_t k = 0; k < c; ++k) {
+    m1[k] = float(s1[k] / double(s.m));
+    m2[k] = float(s2[k] / double(s.m));
+  }
+  // dx = rstd * (dy - mean(dy) - y * mean(dy * y)).
+  for (int64_t p = 0; p < s.m; ++p)
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t q = p * c + k;
+      const float y = (xi[q] - mu[k]) * rs[k];
+      dxi[q] = rs[k] * (dxi[q] - m1[k] - y * m2[k]);
+    }
+}
+
+}  // namespace normmod
+
+namespace {
+
+// Runs body(img, scratch) for img < n on the calling thread and up to
+// pool.num_threads() - 1 helpers, one image at a time; returns when all are done.
+template <typename Body>
+void for_images(ffi::ThreadPool& pool, int64_t n, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t active = 0;
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, n, body] {
+    {
+      std::lock_guard<std::mutex> lock(st->mu);
+      ++st->active;
+    }
+    std::vector<float> part;
+    for (int64_t i = st->next.fetch_add(1); i < n; i = st->next.fetch_add(1)) body(i, part);
+    std::lock_guard<std::mutex> lock(st->mu);
+    if (--st->active == 0) st->cv.notify_all();
+  };
+  const int64_t helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
+  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->active == 0 && st->next.load() >= n; });
+}
+
+template <typename A, typename B>
+bool same_dims(const A& a, const B& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+ffi::Error NormModFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
+                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> rstd, float eps, float slope) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || !same_dims(xd, gamma.dimensions()) || !same_dims(xd, beta.dimensions()) ||
+      !same_dims(xd, out->dimensions()) || mean->dimensions().size() != 2 ||
+      mean->dimensions()[0] != xd[0] || mean->dimensions()[1] != xd[3] ||
+      !same_dims(mean->dimensions(), rstd->dimensions()))
+    return ffi::Error::InvalidArgument(
+        "norm_modulate: x, gamma, beta, out must be (N, H, W, C) and mean, rstd (N, C)");
+  const normmod::Shape s{xd[0], xd[1] * xd[2], xd[3]};
+  if (s.n * s.m * s.c == 0) return ffi::Error::InvalidArgument("norm_modulate: empty map");
+  const float *xp = x.typed_data(), *gp = gamma.typed_data(), *bp = beta.typed_data();
+  float *op = out->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+  for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
+    normmod::fwd_image(s, img, xp, gp, bp, eps, slope, op, mp, rp, part);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error NormModBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> out,
+                          ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                          ffi::ResultBuffer<ffi::F32> dbeta, float slope) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || !same_dims(xd, d.dimensions()) || !same_dims(xd, gamma.dimensions()) ||
+      !same_dims(xd, out.dimensions()) || !same_dims(xd, dx->dimensions()) ||
+      !same_dims(xd, dgamma->dimensions()) || !same_dims(xd, dbeta->dimensions()) ||
+      mean.dimensions().size() != 2 || mean.dimensions()[0] != xd[0] ||
+      mean.dimensions()[1] != xd[3] || !same_dims(mean.dimensions(), rstd.dimensions()))
+    return ffi::Error::InvalidArgument(
+        "norm_modulate_bwd: d, x, gamma, out, dx, dgamma, dbeta must be (N, H, W, C) and "
+        "mean, rstd (N, C)");
+  const normmod::Shape s{xd[0], xd[1] * xd[2], xd[3]};
+  if (s.n * s.m * s.c == 0) return ffi::Error::InvalidArgument("norm_modulate_bwd: empty map");
+  const float *dp = d.typed_data(), *xp = x.typed_data(), *gp = gamma.typed_data(),
+              *op = out.typed_data(), *mp = mean.typed_data(), *rp = rstd.typed_data();
+  float *dxp = dx->typed_data(), *dgp = dgamma->typed_data(), *dbp = dbeta->typed_data();
+  for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
+    normmod::bwd_image(s, img, dp, xp, gp, op, mp, rp, slope, dxp, dgp, dbp, part);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeNormModFwd, NormModFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<float>("slope"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeNormModBwd, NormModBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("slope"));

@@ -1,4 +1,4 @@
-"""The conv weight gradient as a native CPU kernel (an XLA FFI custom call).
+"""Native CPU kernels (XLA FFI custom calls): the conv and SPADE's normalisation.
 
 XLA:CPU computes a convolution's weight gradient as a convolution whose
 "kernel" is the whole output map, after transposing both operands; on the
@@ -6,7 +6,10 @@ CPUs measured here that runs at a fifth to a third of the matmul rate, and
 no rewrite in XLA ops is faster (BENCHMARKS.md, "Conv kernels without page
 faults"). ``_conv_wgrad_cpu.cc`` (next to this file) computes it for stride-1
 convs as cache-blocked GEMMs with a register-blocked inner kernel, in XLA's
-intra-op thread pool.
+intra-op thread pool, and the forward conv and input gradient the same way.
+It also holds SPADE's instance normalisation, modulation and activation fused
+into one pass forward and two backward (:func:`norm_modulate`), which XLA:CPU
+spreads over several reductions and elementwise fusions.
 
 The source is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``c++``/``g++``; ``-O3 -march=native``) against the FFI
@@ -38,6 +41,8 @@ from jaxtyping import Array, Float
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
 TARGET = "echo_ode_conv_wgrad_f32"
 TARGET_FWD = "echo_ode_conv_fwd_f32"
+TARGET_NORM_MOD = "echo_ode_norm_modulate_f32"
+TARGET_NORM_MOD_BWD = "echo_ode_norm_modulate_bwd_f32"
 MAX_TAPS = 64           # the forward kernel's limit on kh * kw (kMaxTaps in the source)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300   # a stuck compiler makes the kernel unavailable, not the import hang
@@ -121,6 +126,10 @@ def _load() -> None:
     lib = ctypes.CDLL(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.EchoOdeConvWgrad), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_FWD, jax.ffi.pycapsule(lib.EchoOdeConvFwd), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_NORM_MOD, jax.ffi.pycapsule(lib.EchoOdeNormModFwd),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_NORM_MOD_BWD, jax.ffi.pycapsule(lib.EchoOdeNormModBwd),
+                                platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     _state.update(ok=False, why=str(e))
     return
@@ -207,3 +216,38 @@ def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   call = jax.ffi.ffi_call(TARGET_FWD, out, vmap_method="sequential")
   return call(x.astype(jnp.float32), kernel.astype(jnp.float32), pt=np.int64(pt),
               pl=np.int64(pl))
+
+
+def norm_modulate(x: Float[Array, "N H W C"], gamma: Float[Array, "N H W C"],
+                  beta: Float[Array, "N H W C"], eps: float, slope: float
+                  ) -> tuple[Float[Array, "N H W C"], Float[Array, "N C"], Float[Array, "N C"]]:
+  """(leaky_relu(instance_norm(x) (1 + gamma) + beta, slope), mean, rstd) of
+  float32 maps of one shape; mean and rstd = 1 / sqrt(var + eps) are per image
+  and channel over (H, W). CPU only; raises RuntimeError when the kernels are
+  not :func:`available`."""
+  if not available():
+    raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
+  if x.ndim != 4 or gamma.shape != x.shape or beta.shape != x.shape or x.size == 0:
+    raise ValueError(f"norm_modulate: x {x.shape}, gamma {gamma.shape} and beta {beta.shape} "
+                     f"must be one non-empty (N, H, W, C) shape")
+  n, c = x.shape[0], x.shape[-1]
+  outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+          jax.ShapeDtypeStruct((n, c), jnp.float32), jax.ShapeDtypeStruct((n, c), jnp.float32))
+  call = jax.ffi.ffi_call(TARGET_NORM_MOD, outs, vmap_method="sequential")
+  f32 = lambda a: a.astype(jnp.float32)
+  return call(f32(x), f32(gamma), f32(beta), eps=np.float32(eps), slope=np.float32(slope))
+
+
+def norm_modulate_bwd(d: Float[Array, "N H W C"], x: Float[Array, "N H W C"],
+                      gamma: Float[Array, "N H W C"], out: Float[Array, "N H W C"],
+                      mean: Float[Array, "N C"], rstd: Float[Array, "N C"], slope: float
+                      ) -> tuple[Float[Array, "N H W C"], ...]:
+  """(dx, dgamma, dbeta) of :func:`norm_modulate` from its output cotangent d,
+  its inputs x, gamma, its output and its (mean, rstd)."""
+  if not available():
+    raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
+  outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for _ in range(3))
+  call = jax.ffi.ffi_call(TARGET_NORM_MOD_BWD, outs, vmap_method="sequential")
+  f32 = lambda a: a.astype(jnp.float32)
+  return call(f32(d), f32(x), f32(gamma), f32(out), f32(mean), f32(rstd),
+              slope=np.float32(slope))

@@ -1,0 +1,125 @@
+"""kernels.norm_modulate (SPADE's instance norm, modulation and activation; the
+fused native CPU kernel) against float64 numpy, jnp autodiff and finite
+differences."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from echo_ode_jax.kernels import _native, norm_modulate
+
+needs_native = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not _native.available(),
+    reason=f"native kernels unavailable: {_native.why_unavailable() or 'not CPU'}")
+
+
+def _reference64(x, gamma, beta, slope, eps):
+  """The formula in float64 numpy."""
+  x, gamma, beta = (np.asarray(a, np.float64) for a in (x, gamma, beta))
+  y = (x - x.mean(axis=(1, 2), keepdims=True)) / np.sqrt(x.var(axis=(1, 2), keepdims=True) + eps)
+  z = y * (1 + gamma) + beta
+  return np.where(z >= 0, z, slope * z)
+
+
+def _jnp_formula(x, gamma, beta, slope, eps):
+  """The formula in plain jnp (its autodiff is the reference gradient)."""
+  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  var = jnp.var(x, axis=(1, 2), keepdims=True)
+  z = (x - mean) * jax.lax.rsqrt(var + eps) * (1 + gamma) + beta
+  return jnp.where(z >= 0, z, slope * z)
+
+
+def _inputs(shape, seed, offset=3.0):
+  rng = np.random.default_rng(seed)
+  # An offset mean and a per-channel scale: the variance must not cancel.
+  x = offset + rng.normal(size=shape) * rng.uniform(0.5, 4.0, size=shape[-1])
+  gamma, beta = rng.normal(0, 0.5, size=shape), rng.normal(0, 0.5, size=shape)
+  return tuple(jnp.asarray(a, jnp.float32) for a in (x, gamma, beta))
+
+
+# Channels below, at and between the vector widths (8, 16, 32 floats), the
+# decoder's 16 and 32; images from one pixel row to the 64^2 block boundaries.
+@needs_native
+@pytest.mark.parametrize("shape", [(3, 5, 7, 3), (2, 9, 13, 16), (1, 33, 17, 32), (2, 8, 8, 40),
+                                   (10, 64, 64, 16), (1, 1, 70, 1), (4, 16, 12, 48)])
+def test_native_matches_float64_formula_and_jnp_autodiff(shape):
+  x, gamma, beta = _inputs(shape, seed=sum(shape))
+  got = jax.jit(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"))(x, gamma, beta)
+  want = _reference64(x, gamma, beta, 0.2, 1e-5)
+  assert np.mean(want < 0) > 0.2                        # both branches of the activation
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"), x, gamma, beta)
+  _, vjp_ref = jax.vjp(lambda *a: _jnp_formula(*a, 0.2, 1e-5), x, gamma, beta)
+  for name, g, w in zip(("dx", "dgamma", "dbeta"), jax.jit(vjp)(cot), vjp_ref(cot)):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
+
+
+@needs_native
+def test_native_gradient_against_finite_differences():
+  """d/dx of sum(w * norm_modulate(x, gamma, beta)) by central differences of the
+  float64 formula: the instance norm's gradient through mean and variance."""
+  shape = (2, 4, 5, 3)
+  x, gamma, beta = _inputs(shape, seed=11, offset=0.5)
+  w = np.random.default_rng(12).normal(size=shape)
+  grads = jax.grad(lambda *a: jnp.sum(norm_modulate(*a, 0.2, 1e-5, impl="native") * w),
+                   argnums=(0, 1, 2))(x, gamma, beta)
+  args = [np.asarray(a, np.float64) for a in (x, gamma, beta)]
+  h = 1e-5
+  for i, g in enumerate(grads):
+    fd = np.zeros(shape)
+    for j in np.ndindex(shape):
+      plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+      plus[i][j] += h
+      minus[i][j] -= h
+      fd[j] = (np.sum(_reference64(*plus, 0.2, 1e-5) * w)
+               - np.sum(_reference64(*minus, 0.2, 1e-5) * w)) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=2e-3, atol=2e-3)
+
+
+@needs_native
+def test_native_is_deterministic_and_uses_the_kernel():
+  x, gamma, beta = _inputs((5, 32, 32, 16), seed=2)
+  f = jax.jit(jax.grad(lambda *a: jnp.sum(norm_modulate(*a, impl="native") ** 2), argnums=(0, 1)))
+  hlo = f.lower(x, gamma, beta).as_text()
+  assert "echo_ode_norm_modulate_f32" in hlo and "echo_ode_norm_modulate_bwd_f32" in hlo
+  a, b = f(x, gamma, beta), f(x, gamma, beta)
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+
+
+@needs_native
+def test_native_under_vmap():
+  """vmap runs the kernel once per batch element (ffi_call's sequential rule)."""
+  x, gamma, beta = _inputs((3, 2, 6, 5, 4), seed=4)
+  got = jax.vmap(lambda *a: norm_modulate(*a, impl="native"))(x, gamma, beta)
+  for b in range(3):
+    np.testing.assert_allclose(got[b], _reference64(x[b], gamma[b], beta[b], 0.2, 1e-5),
+                               rtol=0, atol=1e-4)
+
+
+def test_xla_and_fallbacks_match_the_formula():
+  """impl="xla", and "native" where the kernel does not apply (a gamma shared by
+  the knots, bfloat16), are the composition instance_norm -> modulate."""
+  x, gamma, beta = _inputs((3, 6, 5, 4), seed=5)
+  want = _reference64(x, gamma, beta, 0.1, 1e-3)
+  got = norm_modulate(x, gamma, beta, 0.1, 1e-3, impl="xla")
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  shared = norm_modulate(x, gamma[:1], beta[:1], 0.1, 1e-3, impl="native")
+  want_shared = _reference64(x, np.broadcast_to(gamma[:1], x.shape),
+                             np.broadcast_to(beta[:1], x.shape), 0.1, 1e-3)
+  np.testing.assert_allclose(shared, want_shared, rtol=0, atol=1e-5 * np.abs(want).max())
+  bf = norm_modulate(*(a.astype(jnp.bfloat16) for a in (x, gamma, beta)), 0.1, 1e-3,
+                     impl="native")
+  assert bf.dtype == jnp.bfloat16
+  np.testing.assert_allclose(bf.astype(np.float32), want, rtol=0, atol=0.05 * np.abs(want).max())
+
+
+def test_bad_impl_and_shapes_are_rejected():
+  x = jnp.zeros((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="impl must be one of"):
+    norm_modulate(x, x, x, impl="cuda")
+  if _native.available():
+    with pytest.raises(ValueError, match="one non-empty"):
+      _native.norm_modulate(x, x[:, :2], x, 1e-5, 0.2)
