@@ -72,9 +72,11 @@ class ModelConfig:
   row_sums: bool = True         # biases, broadcasts, instance norm and SPADE's modulation with
                                 # the VJPs of kernels.add / instance_norm / modulate(_gain)
                                 # (same function; faster on XLA:CPU)
-  fused_norm: bool = True       # with conv_impl "native" (and row_sums, spade_time "hidden"):
-                                # SPADE's instance norm, modulation and activation as the one
-                                # native kernel kernels.norm_modulate (same function)
+  fused_norm: bool = True       # with conv_impl "native", float32, use_pe, row_sums and
+                                # spade_time "hidden": SPADE's gamma_beta bias, instance norm,
+                                # modulation and activation as the one native kernel
+                                # kernels.norm_modulate, and each decoder conv's bias left out
+                                # (the instance norm after it cancels it): the same function
 
   def __post_init__(self):
     if self.spade_time not in SPADE_TIME:
@@ -137,6 +139,8 @@ class Conv(nn.Module):
   row_sums: bool = True         # bias added by kernels.add (its gradient as a row-first sum)
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros
+  add_bias: bool = True         # False: the "bias" parameter exists but is not added (for a
+                                # conv followed by an instance norm, which cancels it)
 
   def _params(self, in_channels: int):
     """("kernel" (kh, kw, in_channels, features), "bias" (features,)), float32."""
@@ -145,6 +149,8 @@ class Conv(nn.Module):
     return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
   def _add_bias(self, y, bias):
+    if not self.add_bias:
+      return y
     return _adder(self.row_sums)(y, bias.astype(self.dtype))
 
   @nn.compact
@@ -183,6 +189,16 @@ class _TwoHalvesConv(Conv):
                  for sl in (slice(None, half), slice(half, None)))
 
 
+class _RawConv(Conv):
+  """Conv's parameters; returns (the conv without its bias, the bias)."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel, bias = self._params(x.shape[-1])
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
+                  impl=self.impl), bias
+
+
 class SpadeTime(nn.Module):
   """leaky_relu(norm(f) (1 + gamma) + beta): one decoder map modulated by
   gamma, beta from m_0 (shared) and PE(t) (per knot), then activated.
@@ -190,6 +206,9 @@ class SpadeTime(nn.Module):
   time="hidden": gamma_beta(relu(shared(m_0) + time(PE(t)))), one conv per knot.
   time="gain": gamma_beta(relu(shared(m_0))) once, times 1 + time(PE(t)) per
   knot and channel (time has 2C outputs: gamma's gains, then beta's).
+  fused (time="hidden" with PE(t)): gamma_beta's output without its bias and
+  the bias go to kernels.norm_modulate (native), which adds the bias,
+  normalises, modulates and activates in one op.
   """
   channels: int
   hidden: int
@@ -198,7 +217,7 @@ class SpadeTime(nn.Module):
   split_gamma_beta: bool = True
   row_sums: bool = True
   time: str = "hidden"
-  fused_norm: bool = True
+  fused: bool = False
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
@@ -209,6 +228,12 @@ class SpadeTime(nn.Module):
     if pe is not None and self.time == "hidden":
       hid = plus(hid, nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :])
     hid = nn.relu(hid)
+    if self.fused:
+      if self.time != "hidden" or pe is None:
+        raise ValueError("SpadeTime: fused needs time='hidden' and PE(t)")
+      gb, gb_bias = _RawConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
+                             kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
+      return norm_modulate(f, gb, gb_bias, LEAKY_SLOPE, 1e-5, impl="native")
     # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
     # or (split_gamma_beta, C >= SPLIT_GAMMA_BETA_MIN) as two convs on its
     # kernel's halves. On XLA:CPU two convs of 32 outputs beat one of 64 (the
@@ -222,9 +247,6 @@ class SpadeTime(nn.Module):
       gb = conv(2 * self.channels, kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
       gamma, beta = jnp.split(gb, 2, axis=-1)
     # Parameter-free instance normalisation (per knot, per channel), as SPADE.
-    if (self.fused_norm and self.impl == "native" and self.row_sums
-        and (pe is None or self.time == "hidden") and gamma.shape == f.shape):
-      return norm_modulate(f, gamma, beta, LEAKY_SLOPE, 1e-5, impl="native")
     if self.row_sums:
       f = instance_norm(f, 1e-5)
     else:
@@ -240,6 +262,13 @@ class SpadeTime(nn.Module):
     if self.row_sums:
       return modulate(f, gamma, beta, LEAKY_SLOPE)
     return _leaky_relu(f * (1.0 + gamma) + beta)
+
+
+def fused_norm(cfg: ModelConfig) -> bool:
+  """Whether the network runs SPADE as kernels.norm_modulate's native kernel
+  (ModelConfig.fused_norm and the settings it needs)."""
+  return (cfg.fused_norm and cfg.use_spade and cfg.use_pe and cfg.spade_time == "hidden"
+          and cfg.row_sums and cfg.conv_impl == "native" and cfg.compute_dtype == "float32")
 
 
 class VelocityUNet(nn.Module):
@@ -262,6 +291,7 @@ class VelocityUNet(nn.Module):
 
     conv = functools.partial(Conv, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums)
     plus = _adder(cfg.row_sums)
+    fused = fused_norm(cfg)
 
     # Encoder: strided convs; keep the input and every level for the skips.
     skips = [x]
@@ -277,17 +307,16 @@ class VelocityUNet(nn.Module):
     skip = None       # set: x is still to be upsampled and concatenated with it
     for i, ch in enumerate(cfg.dec_channels):
       if skip is None:
-        x = conv(ch, name=f"dec{i}")(x)
+        x = conv(ch, add_bias=not fused, name=f"dec{i}")(x)
       else:
         x = UpConcatConv(ch, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums,
-                         name=f"dec{i}")(x, skip)
+                         add_bias=not fused, name=f"dec{i}")(x, skip)
         skip = None
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
         x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
                       split_gamma_beta=cfg.split_gamma_beta, row_sums=cfg.row_sums,
-                      time=cfg.spade_time, fused_norm=cfg.fused_norm,
-                      name=f"spade{i}")(
+                      time=cfg.spade_time, fused=fused, name=f"spade{i}")(
             x, m0_n, pe if cfg.use_pe else None)      # activated
       else:
         x = act(x)

@@ -93,19 +93,18 @@ def _conv3x3_same(x, k, b):
   return out
 
 
-@pytest.mark.parametrize("time,impl", [("hidden", None), ("gain", None), ("hidden", "native"),
-                                       ("gain", "native")])
-def test_spade_time_is_the_documented_formula(time, impl):
+@pytest.mark.parametrize("time,fused", [("hidden", False), ("gain", False), ("hidden", True)])
+def test_spade_time_is_the_documented_formula(time, fused):
   """SpadeTime against its docstring in float64 numpy:
   hidden: gamma, beta = gamma_beta(relu(shared(m_0) + time(PE(t)))), per knot;
   gain:   gamma, beta = gamma_beta(relu(shared(m_0))) * (1 + time(PE(t))), per channel;
   out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2).
-  impl="native" runs the native convs and, for "hidden", the fused
-  kernels.norm_modulate."""
-  if impl == "native" and not kernels.native_available():
+  fused runs the native convs and kernels.norm_modulate."""
+  if fused and not kernels.native_available():
     pytest.skip("native kernels unavailable")
   k, h, w, c, hidden, pe_dim = 3, 6, 5, 4, 3, 8
-  spade = model.SpadeTime(c, hidden, row_sums=True, time=time, impl=impl)
+  spade = model.SpadeTime(c, hidden, row_sums=True, time=time, fused=fused,
+                          impl="native" if fused else None)
   rng = np.random.default_rng(0)
   f = rng.normal(2.0, 1.5, size=(k, h, w, c)).astype(np.float32)
   m0 = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=(h, w))]
@@ -160,9 +159,11 @@ def test_bad_spade_time_is_rejected():
 @pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.native_available(),
                     reason="native kernels unavailable (CPU with a C++ compiler)")
 def test_fused_norm_is_the_same_network():
-  """fused_norm (kernels.norm_modulate in every SPADE) changes neither the
-  velocity nor its parameter gradients beyond float32 rounding, and the fused
-  program has the native kernel in it."""
+  """fused_norm (kernels.norm_modulate in every SPADE, the decoder convs' biases
+  left out before the instance norm that cancels them) changes neither the
+  velocity nor its parameter gradients beyond float32 rounding (those biases'
+  gradients are 0: float32 noise without it), and the fused program has the
+  native kernel in it."""
   kw = dict(enc_channels=(8, 16), dec_channels=(16, 16, 8), pe_dim=8, spade_hidden=4,
             conv_impl="native")
   cfg_on, cfg_off = ModelConfig(fused_norm=True, **kw), ModelConfig(fused_norm=False, **kw)
@@ -184,6 +185,8 @@ def test_fused_norm_is_the_same_network():
   np.testing.assert_allclose(v_on, v_off, rtol=1e-5)
   # The scale is the largest gradient entry: a conv bias right before an
   # instance norm has a zero gradient, and both sides are float32 noise there.
+  for i in range(3):
+    np.testing.assert_array_equal(g_on[f"dec{i}"]["bias"], 0.0)
   leaves_off = jax.tree_util.tree_leaves(g_off)
   scale = max(float(np.max(np.abs(b))) for b in leaves_off)
   for a, b in zip(jax.tree_util.tree_leaves(g_on), leaves_off):

@@ -13,16 +13,20 @@ needs_native = pytest.mark.skipif(
     reason=f"native kernels unavailable: {_native.why_unavailable() or 'not CPU'}")
 
 
-def _reference64(x, gamma, beta, slope, eps):
+def _reference64(x, gb, bias, slope, eps):
   """The formula in float64 numpy."""
-  x, gamma, beta = (np.asarray(a, np.float64) for a in (x, gamma, beta))
+  x, gb, bias = (np.asarray(a, np.float64) for a in (x, gb, bias))
+  c = x.shape[-1]
+  gamma, beta = gb[..., :c] + bias[:c], gb[..., c:] + bias[c:]
   y = (x - x.mean(axis=(1, 2), keepdims=True)) / np.sqrt(x.var(axis=(1, 2), keepdims=True) + eps)
   z = y * (1 + gamma) + beta
   return np.where(z >= 0, z, slope * z)
 
 
-def _jnp_formula(x, gamma, beta, slope, eps):
+def _jnp_formula(x, gb, bias, slope, eps):
   """The formula in plain jnp (its autodiff is the reference gradient)."""
+  c = x.shape[-1]
+  gamma, beta = gb[..., :c] + bias[:c], gb[..., c:] + bias[c:]
   mean = jnp.mean(x, axis=(1, 2), keepdims=True)
   var = jnp.var(x, axis=(1, 2), keepdims=True)
   z = (x - mean) * jax.lax.rsqrt(var + eps) * (1 + gamma) + beta
@@ -33,8 +37,9 @@ def _inputs(shape, seed, offset=3.0):
   rng = np.random.default_rng(seed)
   # An offset mean and a per-channel scale: the variance must not cancel.
   x = offset + rng.normal(size=shape) * rng.uniform(0.5, 4.0, size=shape[-1])
-  gamma, beta = rng.normal(0, 0.5, size=shape), rng.normal(0, 0.5, size=shape)
-  return tuple(jnp.asarray(a, jnp.float32) for a in (x, gamma, beta))
+  gb = rng.normal(0, 0.5, size=shape[:-1] + (2 * shape[-1],))
+  bias = rng.normal(0, 0.3, size=(2 * shape[-1],))
+  return tuple(jnp.asarray(a, jnp.float32) for a in (x, gb, bias))
 
 
 # Channels below, at and between the vector widths (8, 16, 32 floats), the
@@ -51,7 +56,7 @@ def test_native_matches_float64_formula_and_jnp_autodiff(shape):
   cot = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
   _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"), x, gamma, beta)
   _, vjp_ref = jax.vjp(lambda *a: _jnp_formula(*a, 0.2, 1e-5), x, gamma, beta)
-  for name, g, w in zip(("dx", "dgamma", "dbeta"), jax.jit(vjp)(cot), vjp_ref(cot)):
+  for name, g, w in zip(("dx", "dgb", "dbias"), jax.jit(vjp)(cot), vjp_ref(cot)):
     assert g.shape == w.shape, name
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
 
@@ -61,15 +66,15 @@ def test_native_gradient_against_finite_differences():
   """d/dx of sum(w * norm_modulate(x, gamma, beta)) by central differences of the
   float64 formula: the instance norm's gradient through mean and variance."""
   shape = (2, 4, 5, 3)
-  x, gamma, beta = _inputs(shape, seed=11, offset=0.5)
+  x, gb, bias = _inputs(shape, seed=11, offset=0.5)
   w = np.random.default_rng(12).normal(size=shape)
   grads = jax.grad(lambda *a: jnp.sum(norm_modulate(*a, 0.2, 1e-5, impl="native") * w),
-                   argnums=(0, 1, 2))(x, gamma, beta)
-  args = [np.asarray(a, np.float64) for a in (x, gamma, beta)]
+                   argnums=(0, 1, 2))(x, gb, bias)
+  args = [np.asarray(a, np.float64) for a in (x, gb, bias)]
   h = 1e-5
   for i, g in enumerate(grads):
-    fd = np.zeros(shape)
-    for j in np.ndindex(shape):
+    fd = np.zeros(args[i].shape)
+    for j in np.ndindex(args[i].shape):
       plus, minus = [a.copy() for a in args], [a.copy() for a in args]
       plus[i][j] += h
       minus[i][j] -= h
@@ -80,11 +85,12 @@ def test_native_gradient_against_finite_differences():
 
 @needs_native
 def test_native_is_deterministic_and_uses_the_kernel():
-  x, gamma, beta = _inputs((5, 32, 32, 16), seed=2)
-  f = jax.jit(jax.grad(lambda *a: jnp.sum(norm_modulate(*a, impl="native") ** 2), argnums=(0, 1)))
-  hlo = f.lower(x, gamma, beta).as_text()
+  x, gb, bias = _inputs((5, 32, 32, 16), seed=2)
+  f = jax.jit(jax.grad(lambda *a: jnp.sum(norm_modulate(*a, impl="native") ** 2),
+                       argnums=(0, 1, 2)))
+  hlo = f.lower(x, gb, bias).as_text()
   assert "echo_ode_norm_modulate_f32" in hlo and "echo_ode_norm_modulate_bwd_f32" in hlo
-  a, b = f(x, gamma, beta), f(x, gamma, beta)
+  a, b = f(x, gb, bias), f(x, gb, bias)
   for u, v in zip(a, b):
     np.testing.assert_array_equal(u, v)
 
@@ -92,25 +98,28 @@ def test_native_is_deterministic_and_uses_the_kernel():
 @needs_native
 def test_native_under_vmap():
   """vmap runs the kernel once per batch element (ffi_call's sequential rule)."""
-  x, gamma, beta = _inputs((3, 2, 6, 5, 4), seed=4)
-  got = jax.vmap(lambda *a: norm_modulate(*a, impl="native"))(x, gamma, beta)
+  x, gb, _ = _inputs((3, 2, 6, 5, 4), seed=4)
+  bias = jnp.asarray(np.random.default_rng(5).normal(size=(3, 8)), jnp.float32)
+  got = jax.vmap(lambda *a: norm_modulate(*a, impl="native"))(x, gb, bias)
   for b in range(3):
-    np.testing.assert_allclose(got[b], _reference64(x[b], gamma[b], beta[b], 0.2, 1e-5),
+    np.testing.assert_allclose(got[b], _reference64(x[b], gb[b], bias[b], 0.2, 1e-5),
                                rtol=0, atol=1e-4)
 
 
 def test_xla_and_fallbacks_match_the_formula():
-  """impl="xla", and "native" where the kernel does not apply (a gamma shared by
-  the knots, bfloat16), are the composition instance_norm -> modulate."""
-  x, gamma, beta = _inputs((3, 6, 5, 4), seed=5)
-  want = _reference64(x, gamma, beta, 0.1, 1e-3)
-  got = norm_modulate(x, gamma, beta, 0.1, 1e-3, impl="xla")
+  """impl="xla", and "native" where the kernel does not apply (a gb shared by the
+  knots, no bias, bfloat16), are the composition add -> instance_norm -> modulate."""
+  x, gb, bias = _inputs((3, 6, 5, 4), seed=5)
+  want = _reference64(x, gb, bias, 0.1, 1e-3)
+  got = norm_modulate(x, gb, bias, 0.1, 1e-3, impl="xla")
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-  shared = norm_modulate(x, gamma[:1], beta[:1], 0.1, 1e-3, impl="native")
-  want_shared = _reference64(x, np.broadcast_to(gamma[:1], x.shape),
-                             np.broadcast_to(beta[:1], x.shape), 0.1, 1e-3)
+  shared = norm_modulate(x, gb[:1], bias, 0.1, 1e-3, impl="native")
+  want_shared = _reference64(x, np.broadcast_to(gb[:1], gb.shape), bias, 0.1, 1e-3)
   np.testing.assert_allclose(shared, want_shared, rtol=0, atol=1e-5 * np.abs(want).max())
-  bf = norm_modulate(*(a.astype(jnp.bfloat16) for a in (x, gamma, beta)), 0.1, 1e-3,
+  no_bias = norm_modulate(x, gb, None, 0.1, 1e-3, impl="native")
+  np.testing.assert_allclose(no_bias, _reference64(x, gb, np.zeros(8), 0.1, 1e-3), rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+  bf = norm_modulate(*(a.astype(jnp.bfloat16) for a in (x, gb, bias)), 0.1, 1e-3,
                      impl="native")
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf.astype(np.float32), want, rtol=0, atol=0.05 * np.abs(want).max())
@@ -119,7 +128,9 @@ def test_xla_and_fallbacks_match_the_formula():
 def test_bad_impl_and_shapes_are_rejected():
   x = jnp.zeros((1, 4, 4, 2))
   with pytest.raises(ValueError, match="impl must be one of"):
-    norm_modulate(x, x, x, impl="cuda")
+    norm_modulate(x, jnp.zeros((1, 4, 4, 4)), impl="cuda")
+  with pytest.raises(ValueError, match="2 x 2 channels"):
+    norm_modulate(x, x)
   if _native.available():
-    with pytest.raises(ValueError, match="one non-empty"):
-      _native.norm_modulate(x, x[:, :2], x, 1e-5, 0.2)
+    with pytest.raises(ValueError, match="non-empty"):
+      _native.norm_modulate(x, jnp.zeros((1, 4, 2, 4)), jnp.zeros(4), 1e-5, 0.2)

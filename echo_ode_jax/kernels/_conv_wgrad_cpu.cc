@@ -485,17 +485,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvFwd, ConvFwdImpl,
 //
 //   y = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)   (per image and channel,
 //                                                          over the H x W pixels)
+//   gamma = gb[..., :C] + bias[:C],  beta = gb[..., C:] + bias[C:]
 //   out = leaky_relu(y * (1 + gamma) + beta, slope)
 //
-// x, gamma, beta, out: (N, H, W, C) float32; mean, rstd: (N, C). The backward
-// pass takes the output cotangent d and returns dx, dgamma, dbeta:
+// x, out: (N, H, W, C); gb: (N, H, W, 2C), the gamma_beta conv's output before
+// its bias (2C); mean, rstd: (N, C); float32. The backward pass takes the
+// output cotangent d and returns dx, dgb (the cotangent of gb: dgamma, dbeta)
+// and each image's sums of dgamma and dbeta (N, 2C: the bias gradient's terms):
 //
 //   dz = d where out >= 0, else slope * d;  dgamma = dz * y;  dbeta = dz;
 //   dy = dz * (1 + gamma);  dx = rstd * (dy - mean_hw(dy) - y * mean_hw(dy * y)).
 //
 // Each image is one unit of work; per-channel sums are taken in float over
 // blocks of kSumBlock pixels and added in double, in a fixed order
-// (deterministic).
+// (deterministic). The channel loops are written with kLanes-wide vectors and
+// a scalar tail.
 namespace normmod {
 
 using wgrad::kLanes;
@@ -506,18 +510,22 @@ using wgrad::vf;
 constexpr int64_t kSumBlock = 64;
 
 struct Shape {
-  int64_t n, m, c;   // images, pixels per image, channels
+  int64_t n, m, c;   // images, pixels per image, channels of x
 };
+
+static inline vf leaky(vf z, float slope) { return z >= 0.f ? z : slope * z; }
+static inline float leaky(float z, float slope) { return z >= 0.f ? z : slope * z; }
 
 // Forward pass of one image. The statistics come from one sweep of x: sums of
 // x - x[0] and of its square per channel (the shift by the first pixel keeps
-// the variance's cancellation small), in float over kSumBlock pixels, then in
-// double.
-static void fwd_image(const Shape& s, int64_t img, const float* x, const float* gamma,
-                      const float* beta, float eps, float slope, float* out, float* mean,
+// the variance's cancellation small).
+static void fwd_image(const Shape& s, int64_t img, const float* x, const float* gb,
+                      const float* bias, float eps, float slope, float* out, float* mean,
                       float* rstd, std::vector<float>& part) {
-  const int64_t off = img * s.m * s.c, c = s.c;
-  const float* __restrict xi = x + off;
+  const int64_t c = s.c, c2 = 2 * s.c;
+  const float* __restrict xi = x + img * s.m * c;
+  const float* __restrict gi = gb + img * s.m * c2;
+  float* __restrict oi = out + img * s.m * c;
   part.assign(3 * c, 0.f);
   float* __restrict shift = part.data();
   float* __restrict p1 = shift + c;
@@ -527,12 +535,19 @@ static void fwd_image(const Shape& s, int64_t img, const float* x, const float* 
   for (int64_t b0 = 0; b0 < s.m; b0 += kSumBlock) {
     std::fill(p1, p1 + 2 * c, 0.f);
     const int64_t b1 = std::min(s.m, b0 + kSumBlock);
-    for (int64_t p = b0; p < b1; ++p)
-      for (int64_t k = 0; k < c; ++k) {
+    for (int64_t p = b0; p < b1; ++p) {
+      int64_t k = 0;
+      for (; k + kLanes <= c; k += kLanes) {
+        const vf v = load(xi + p * c + k) - load(shift + k);
+        store(p1 + k, load(p1 + k) + v);
+        store(p2 + k, load(p2 + k) + v * v);
+      }
+      for (; k < c; ++k) {
         const float v = xi[p * c + k] - shift[k];
         p1[k] += v;
         p2[k] += v * v;
       }
+    }
     for (int64_t k = 0; k < c; ++k) {
       s1[k] += p1[k];
       s2[k] += p2[k];
@@ -546,85 +561,119 @@ static void fwd_image(const Shape& s, int64_t img, const float* x, const float* 
     mu[k] = float(double(shift[k]) + m1);
     rs[k] = float(1.0 / std::sqrt(var + double(eps)));
   }
-  const float* __restrict gi = gamma + off;
-  const float* __restrict bi = beta + off;
-  float* __restrict oi = out + off;
-  for (int64_t p = 0; p < s.m; ++p)
-    for (int64_t k = 0; k < c; ++k) {
-      const int64_t q = p * c + k;
-      const float z = (xi[q] - mu[k]) * rs[k] * (1.f + gi[q]) + bi[q];
-      oi[q] = z >= 0.f ? z : slope * z;
+  const float* __restrict bg = bias;
+  const float* __restrict bb = bias + c;
+  for (int64_t p = 0; p < s.m; ++p) {
+    const float* __restrict xp = xi + p * c;
+    const float* __restrict gp = gi + p * c2;
+    float* __restrict op = oi + p * c;
+    int64_t k = 0;
+    for (; k + kLanes <= c; k += kLanes) {
+      const vf y = (load(xp + k) - load(mu + k)) * load(rs + k);
+      const vf z = y * (load(gp + k) + load(bg + k) + 1.f) + load(gp + c + k) + load(bb + k);
+      store(op + k, leaky(z, slope));
     }
+    for (; k < c; ++k) {
+      const float y = (xp[k] - mu[k]) * rs[k];
+      op[k] = leaky(y * (gp[k] + bg[k] + 1.f) + gp[c + k] + bb[k], slope);
+    }
+  }
 }
 
-// Backward pass of one image: one sweep computes dgamma, dbeta and dy (kept in
-// dx) and sums dy and dy * y per channel (float per kSumBlock pixels, then
-// double); a second turns dy into dx.
+// Backward pass of one image: one sweep computes dgamma, dbeta (into dgb) and
+// dy (kept in dx) and sums dy, dy * y, dgamma and dbeta per channel; a second
+// turns dy into dx.
 static void bwd_image(const Shape& s, int64_t img, const float* d, const float* x,
-                      const float* gamma, const float* out, const float* mean,
-                      const float* rstd, float slope, float* dx, float* dgamma, float* dbeta,
+                      const float* gb, const float* bias, const float* out, const float* mean,
+                      const float* rstd, float slope, float* dx, float* dgb, float* dbias,
                       std::vector<float>& part) {
-  const int64_t off = img * s.m * s.c, c = s.c;
-  const float* __restrict di = d + off;
-  const float* __restrict xi = x + off;
-  const float* __restrict gi = gamma + off;
-  const float* __restrict oi = out + off;
+  const int64_t c = s.c, c2 = 2 * s.c;
+  const float* __restrict di = d + img * s.m * c;
+  const float* __restrict xi = x + img * s.m * c;
+  const float* __restrict gi = gb + img * s.m * c2;
+  const float* __restrict oi = out + img * s.m * c;
   const float* __restrict mu = mean + img * c;
   const float* __restrict rs = rstd + img * c;
-  float* __restrict dxi = dx + off;
-  float* __restrict dgi = dgamma + off;
-  float* __restrict dbi = dbeta + off;
-  part.assign(2 * c, 0.f);
-  float* __restrict p1 = part.data();
-  float* __restrict p2 = p1 + c;
-  std::vector<double> s1(c, 0.0), s2(c, 0.0);
+  const float* __restrict bg = bias;
+  float* __restrict dxi = dx + img * s.m * c;
+  float* __restrict dgi = dgb + img * s.m * c2;
+  part.assign(4 * c, 0.f);
+  float* __restrict p1 = part.data();      // dy
+  float* __restrict p2 = p1 + c;           // dy * y
+  float* __restrict p3 = p2 + c;           // dgamma
+  float* __restrict p4 = p3 + c;           // dbeta
+  std::vector<double> s1(c, 0.0), s2(c, 0.0), s3(c, 0.0), s4(c, 0.0);
   for (int64_t b0 = 0; b0 < s.m; b0 += kSumBlock) {
-    std::fill(p1, p1 + 2 * c, 0.f);
+    std::fill(p1, p1 + 4 * c, 0.f);
     const int64_t b1 = std::min(s.m, b0 + kSumBlock);
     for (int64_t p = b0; p < b1; ++p) {
+      const float* __restrict xp = xi + p * c;
+      const float* __restrict dp = di + p * c;
+      const float* __restrict op = oi + p * c;
+      const float* __restrict gp = gi + p * c2;
+      float* __restrict dxp = dxi + p * c;
+      float* __restrict dgp = dgi + p * c2;
       int64_t k = 0;
-      for (; k + kLanes <= c; k += kLanes) {   // the same, kLanes channels at a time
-        const int64_t q = p * c + k;
-        const vf y = (load(xi + q) - load(mu + k)) * load(rs + k);
-        const vf dd = load(di + q);
-        const vf dz = load(oi + q) >= 0.f ? dd : vf{} + slope * dd;
-        const vf dy = dz * (load(gi + q) + 1.f);
-        store(dgi + q, dz * y);
-        store(dbi + q, dz);
-        store(dxi + q, dy);
+      for (; k + kLanes <= c; k += kLanes) {
+        const vf y = (load(xp + k) - load(mu + k)) * load(rs + k);
+        const vf dd = load(dp + k);
+        const vf dz = load(op + k) >= 0.f ? dd : slope * dd;
+        const vf dy = dz * (load(gp + k) + load(bg + k) + 1.f);
+        const vf dg = dz * y;
+        store(dgp + k, dg);
+        store(dgp + c + k, dz);
+        store(dxp + k, dy);
         store(p1 + k, load(p1 + k) + dy);
         store(p2 + k, load(p2 + k) + dy * y);
+        store(p3 + k, load(p3 + k) + dg);
+        store(p4 + k, load(p4 + k) + dz);
       }
       for (; k < c; ++k) {
-        const int64_t q = p * c + k;
-        const float y = (xi[q] - mu[k]) * rs[k];
-        const float dd = di[q];
-        const float dz = oi[q] >= 0.f ? dd : slope * dd;
-        const float dy = dz * (1.f + gi[q]);
-        dgi[q] = dz * y;
-        dbi[q] = dz;
-        dxi[q] = dy;
+        const float y = (xp[k] - mu[k]) * rs[k];
+        const float dd = dp[k];
+        const float dz = op[k] >= 0.f ? dd : slope * dd;
+        const float dy = dz * (gp[k] + bg[k] + 1.f);
+        const float dg = dz * y;
+        dgp[k] = dg;
+        dgp[c + k] = dz;
+        dxp[k] = dy;
         p1[k] += dy;
         p2[k] += dy * y;
+        p3[k] += dg;
+        p4[k] += dz;
       }
     }
     for (int64_t k = 0; k < c; ++k) {
       s1[k] += p1[k];
       s2[k] += p2[k];
+      s3[k] += p3[k];
+      s4[k] += p4[k];
     }
   }
   std::vector<float> m1(c), m2(c);
   for (int64_t k = 0; k < c; ++k) {
     m1[k] = float(s1[k] / double(s.m));
     m2[k] = float(s2[k] / double(s.m));
+    dbias[img * c2 + k] = float(s3[k]);
+    dbias[img * c2 + c + k] = float(s4[k]);
   }
   // dx = rstd * (dy - mean(dy) - y * mean(dy * y)).
-  for (int64_t p = 0; p < s.m; ++p)
-    for (int64_t k = 0; k < c; ++k) {
-      const int64_t q = p * c + k;
-      const float y = (xi[q] - mu[k]) * rs[k];
-      dxi[q] = rs[k] * (dxi[q] - m1[k] - y * m2[k]);
+  const float* __restrict q1 = m1.data();
+  const float* __restrict q2 = m2.data();
+  for (int64_t p = 0; p < s.m; ++p) {
+    const float* __restrict xp = xi + p * c;
+    float* __restrict dxp = dxi + p * c;
+    int64_t k = 0;
+    for (; k + kLanes <= c; k += kLanes) {
+      const vf r = load(rs + k);
+      const vf y = (load(xp + k) - load(mu + k)) * r;
+      store(dxp + k, r * (load(dxp + k) - load(q1 + k) - y * load(q2 + k)));
     }
+    for (; k < c; ++k) {
+      const float y = (xp[k] - mu[k]) * rs[k];
+      dxp[k] = rs[k] * (dxp[k] - q1[k] - y * q2[k]);
+    }
+  }
 }
 
 }  // namespace normmod
@@ -667,20 +716,28 @@ bool same_dims(const A& a, const B& b) {
   return true;
 }
 
-ffi::Error NormModFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
-                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> mean,
-                          ffi::ResultBuffer<ffi::F32> rstd, float eps, float slope) {
+// x (N, H, W, C), gb (N, H, W, 2C), bias (2C), per-image (N, C or 2C) shapes.
+template <typename X, typename G, typename B, typename S>
+bool normmod_shapes(const X& xd, const G& gd, const B& bd, const S& sd, int64_t scols) {
+  return xd.size() == 4 && gd.size() == 4 && gd[0] == xd[0] && gd[1] == xd[1] &&
+         gd[2] == xd[2] && gd[3] == 2 * xd[3] && bd.size() == 1 && bd[0] == 2 * xd[3] &&
+         sd.size() == 2 && sd[0] == xd[0] && sd[1] == scols;
+}
+
+ffi::Error NormModFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gb,
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                          float eps, float slope) {
   const auto xd = x.dimensions();
-  if (xd.size() != 4 || !same_dims(xd, gamma.dimensions()) || !same_dims(xd, beta.dimensions()) ||
-      !same_dims(xd, out->dimensions()) || mean->dimensions().size() != 2 ||
-      mean->dimensions()[0] != xd[0] || mean->dimensions()[1] != xd[3] ||
-      !same_dims(mean->dimensions(), rstd->dimensions()))
+  if (!normmod_shapes(xd, gb.dimensions(), bias.dimensions(), mean->dimensions(),
+                      xd.size() == 4 ? xd[3] : 0) ||
+      !same_dims(xd, out->dimensions()) || !same_dims(mean->dimensions(), rstd->dimensions()))
     return ffi::Error::InvalidArgument(
-        "norm_modulate: x, gamma, beta, out must be (N, H, W, C) and mean, rstd (N, C)");
+        "norm_modulate: x, out must be (N, H, W, C), gb (N, H, W, 2C), bias (2C), mean and "
+        "rstd (N, C)");
   const normmod::Shape s{xd[0], xd[1] * xd[2], xd[3]};
   if (s.n * s.m * s.c == 0) return ffi::Error::InvalidArgument("norm_modulate: empty map");
-  const float *xp = x.typed_data(), *gp = gamma.typed_data(), *bp = beta.typed_data();
+  const float *xp = x.typed_data(), *gp = gb.typed_data(), *bp = bias.typed_data();
   float *op = out->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
   for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
     normmod::fwd_image(s, img, xp, gp, bp, eps, slope, op, mp, rp, part);
@@ -689,26 +746,28 @@ ffi::Error NormModFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 ffi::Error NormModBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> out,
-                          ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
-                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
-                          ffi::ResultBuffer<ffi::F32> dbeta, float slope) {
+                          ffi::Buffer<ffi::F32> gb, ffi::Buffer<ffi::F32> bias,
+                          ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> mean,
+                          ffi::Buffer<ffi::F32> rstd, ffi::ResultBuffer<ffi::F32> dx,
+                          ffi::ResultBuffer<ffi::F32> dgb, ffi::ResultBuffer<ffi::F32> dbias,
+                          float slope) {
   const auto xd = x.dimensions();
-  if (xd.size() != 4 || !same_dims(xd, d.dimensions()) || !same_dims(xd, gamma.dimensions()) ||
-      !same_dims(xd, out.dimensions()) || !same_dims(xd, dx->dimensions()) ||
-      !same_dims(xd, dgamma->dimensions()) || !same_dims(xd, dbeta->dimensions()) ||
-      mean.dimensions().size() != 2 || mean.dimensions()[0] != xd[0] ||
-      mean.dimensions()[1] != xd[3] || !same_dims(mean.dimensions(), rstd.dimensions()))
+  const int64_t c = xd.size() == 4 ? xd[3] : 0;
+  if (!normmod_shapes(xd, gb.dimensions(), bias.dimensions(), mean.dimensions(), c) ||
+      !normmod_shapes(xd, dgb->dimensions(), bias.dimensions(), dbias->dimensions(), 2 * c) ||
+      !same_dims(xd, d.dimensions()) || !same_dims(xd, out.dimensions()) ||
+      !same_dims(xd, dx->dimensions()) || !same_dims(mean.dimensions(), rstd.dimensions()))
     return ffi::Error::InvalidArgument(
-        "norm_modulate_bwd: d, x, gamma, out, dx, dgamma, dbeta must be (N, H, W, C) and "
-        "mean, rstd (N, C)");
+        "norm_modulate_bwd: d, x, out, dx must be (N, H, W, C), gb, dgb (N, H, W, 2C), "
+        "bias (2C), mean, rstd (N, C) and dbias (N, 2C)");
   const normmod::Shape s{xd[0], xd[1] * xd[2], xd[3]};
   if (s.n * s.m * s.c == 0) return ffi::Error::InvalidArgument("norm_modulate_bwd: empty map");
-  const float *dp = d.typed_data(), *xp = x.typed_data(), *gp = gamma.typed_data(),
-              *op = out.typed_data(), *mp = mean.typed_data(), *rp = rstd.typed_data();
-  float *dxp = dx->typed_data(), *dgp = dgamma->typed_data(), *dbp = dbeta->typed_data();
+  const float *dp = d.typed_data(), *xp = x.typed_data(), *gp = gb.typed_data(),
+              *bp = bias.typed_data(), *op = out.typed_data(), *mp = mean.typed_data(),
+              *rp = rstd.typed_data();
+  float *dxp = dx->typed_data(), *dgp = dgb->typed_data(), *dbp = dbias->typed_data();
   for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
-    normmod::bwd_image(s, img, dp, xp, gp, op, mp, rp, slope, dxp, dgp, dbp, part);
+    normmod::bwd_image(s, img, dp, xp, gp, bp, op, mp, rp, slope, dxp, dgp, dbp, part);
   });
   return ffi::Error::Success();
 }
@@ -730,6 +789,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeNormModFwd, NormModFwdImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeNormModBwd, NormModBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

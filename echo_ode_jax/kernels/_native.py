@@ -218,36 +218,40 @@ def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
               pl=np.int64(pl))
 
 
-def norm_modulate(x: Float[Array, "N H W C"], gamma: Float[Array, "N H W C"],
-                  beta: Float[Array, "N H W C"], eps: float, slope: float
+
+def norm_modulate(x: Float[Array, "N H W C"], gb: Float[Array, "N H W 2C"],
+                  bias: Float[Array, "2C"], eps: float, slope: float
                   ) -> tuple[Float[Array, "N H W C"], Float[Array, "N C"], Float[Array, "N C"]]:
-  """(leaky_relu(instance_norm(x) (1 + gamma) + beta, slope), mean, rstd) of
-  float32 maps of one shape; mean and rstd = 1 / sqrt(var + eps) are per image
-  and channel over (H, W). CPU only; raises RuntimeError when the kernels are
-  not :func:`available`."""
+  """(leaky_relu(instance_norm(x) (1 + gamma) + beta, slope), mean, rstd) with
+  (gamma, beta) = the channel halves of gb + bias, float32; mean and
+  rstd = 1 / sqrt(var + eps) are per image and channel over (H, W). CPU only;
+  raises RuntimeError when the kernels are not :func:`available`."""
   if not available():
     raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
-  if x.ndim != 4 or gamma.shape != x.shape or beta.shape != x.shape or x.size == 0:
-    raise ValueError(f"norm_modulate: x {x.shape}, gamma {gamma.shape} and beta {beta.shape} "
-                     f"must be one non-empty (N, H, W, C) shape")
-  n, c = x.shape[0], x.shape[-1]
+  n, h, w, c = x.shape if x.ndim == 4 else (0, 0, 0, 0)
+  if x.size == 0 or gb.shape != (n, h, w, 2 * c) or bias.shape != (2 * c,):
+    raise ValueError(f"norm_modulate: x {x.shape}, gb {gb.shape} and bias {bias.shape} must "
+                     f"be a non-empty (N, H, W, C), (N, H, W, 2C) and (2C,)")
   outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
           jax.ShapeDtypeStruct((n, c), jnp.float32), jax.ShapeDtypeStruct((n, c), jnp.float32))
   call = jax.ffi.ffi_call(TARGET_NORM_MOD, outs, vmap_method="sequential")
   f32 = lambda a: a.astype(jnp.float32)
-  return call(f32(x), f32(gamma), f32(beta), eps=np.float32(eps), slope=np.float32(slope))
+  return call(f32(x), f32(gb), f32(bias), eps=np.float32(eps), slope=np.float32(slope))
 
 
 def norm_modulate_bwd(d: Float[Array, "N H W C"], x: Float[Array, "N H W C"],
-                      gamma: Float[Array, "N H W C"], out: Float[Array, "N H W C"],
-                      mean: Float[Array, "N C"], rstd: Float[Array, "N C"], slope: float
-                      ) -> tuple[Float[Array, "N H W C"], ...]:
-  """(dx, dgamma, dbeta) of :func:`norm_modulate` from its output cotangent d,
-  its inputs x, gamma, its output and its (mean, rstd)."""
+                      gb: Float[Array, "N H W 2C"], bias: Float[Array, "2C"],
+                      out: Float[Array, "N H W C"], mean: Float[Array, "N C"],
+                      rstd: Float[Array, "N C"], slope: float
+                      ) -> tuple[Float[Array, "N H W C"], Float[Array, "N H W 2C"],
+                                 Float[Array, "N 2C"]]:
+  """(dx, dgb, per-image sums of dgb over (H, W)) of :func:`norm_modulate` from
+  its output cotangent d, its inputs, its output and its (mean, rstd)."""
   if not available():
     raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
-  outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for _ in range(3))
+  outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(gb.shape, jnp.float32),
+          jax.ShapeDtypeStruct((x.shape[0], gb.shape[-1]), jnp.float32))
   call = jax.ffi.ffi_call(TARGET_NORM_MOD_BWD, outs, vmap_method="sequential")
   f32 = lambda a: a.astype(jnp.float32)
-  return call(f32(d), f32(x), f32(gamma), f32(out), f32(mean), f32(rstd),
+  return call(f32(d), f32(x), f32(gb), f32(bias), f32(out), f32(mean), f32(rstd),
               slope=np.float32(slope))

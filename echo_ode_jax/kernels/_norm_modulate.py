@@ -1,14 +1,17 @@
 """SPADE's instance normalisation, modulation and activation as one op.
 
-  norm_modulate(x, gamma, beta) = leaky_relu(instance_norm(x) (1 + gamma) + beta)
+  norm_modulate(x, gb, bias) = leaky_relu(instance_norm(x) (1 + gamma) + beta)
+  with (gamma, beta) = the channel halves of gb + bias
 
-(model.SpadeTime, time="hidden"). On XLA:CPU the composition of
-:func:`instance_norm` and :func:`modulate` runs as four spatial reductions
-and about six elementwise passes over the (K, H, W, C) maps forward and
-backward, ~20% of the 128^2 fit step (BENCHMARKS.md); impl="native" computes
-the forward pass in one sweep per image (two sums, one write) and the
-backward pass in two, with the native kernels of :mod:`._native`. Values and
-gradients equal the composition's up to float32 summation order.
+(model.SpadeTime, time="hidden": gb is the gamma_beta conv's output before its
+bias). On XLA:CPU the composition (bias add, channel split, :func:`instance_norm`,
+:func:`modulate`) runs as four spatial reductions and about eight elementwise
+passes over the maps forward and backward; impl="native" computes the forward
+pass in one sweep per image for the statistics and one for the output, and the
+backward pass in two (the bias gradient's sums in the first), with the native
+kernels of :mod:`._native` (``python benchmarks/step_profile.py
+--grid="model.fused_norm=true,false"``, BENCHMARKS.md). Values and gradients
+equal the composition's up to float32 summation order.
 """
 from __future__ import annotations
 
@@ -19,43 +22,46 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from echo_ode_jax.kernels import _native
-from echo_ode_jax.kernels._reduce import instance_norm, modulate
+from echo_ode_jax.kernels._reduce import add, instance_norm, modulate
 
 NORM_MODULATE_IMPLS = ("native", "xla")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _native_op(x, gamma, beta, slope, eps):
-  return _native.norm_modulate(x, gamma, beta, eps, slope)[0]
+def _native_op(x, gb, bias, slope, eps):
+  return _native.norm_modulate(x, gb, bias, eps, slope)[0]
 
 
-def _native_fwd(x, gamma, beta, slope, eps):
-  out, mean, rstd = _native.norm_modulate(x, gamma, beta, eps, slope)
-  return out, (x, gamma, out, mean, rstd)
+def _native_fwd(x, gb, bias, slope, eps):
+  out, mean, rstd = _native.norm_modulate(x, gb, bias, eps, slope)
+  return out, (x, gb, bias, out, mean, rstd)
 
 
 def _native_bwd(slope, eps, res, d):
   del eps
-  x, gamma, out, mean, rstd = res
-  return _native.norm_modulate_bwd(d, x, gamma, out, mean, rstd, slope)
+  x, gb, bias, out, mean, rstd = res
+  dx, dgb, dbias = _native.norm_modulate_bwd(d, x, gb, bias, out, mean, rstd, slope)
+  return dx, dgb, jnp.sum(dbias, axis=0)
 
 
 _native_op.defvjp(_native_fwd, _native_bwd)
 
 
-def native_ok(x, gamma, beta) -> bool:
+def native_ok(x, gb, bias) -> bool:
   """Whether impl="native" runs the native kernel on these operands: the CPU
-  backend, the kernels built, float32 maps of one non-empty rank-4 shape."""
+  backend, the kernels built, float32 x (N, H, W, C), gb (N, H, W, 2C), bias (2C,)."""
   return (jax.default_backend() == "cpu" and x.ndim == 4 and x.size > 0
-          and gamma.shape == x.shape and beta.shape == x.shape
-          and all(a.dtype == jnp.float32 for a in (x, gamma, beta)) and _native.available())
+          and gb.shape == x.shape[:3] + (2 * x.shape[3],) and bias.shape == (2 * x.shape[3],)
+          and all(a.dtype == jnp.float32 for a in (x, gb, bias)) and _native.available())
 
 
-def norm_modulate(x: Float[Array, "K H W C"], gamma: Float[Array, "K H W C"],
-                  beta: Float[Array, "K H W C"], slope: float = 0.2, eps: float = 1e-5,
-                  impl: str | None = None) -> Float[Array, "K H W C"]:
+def norm_modulate(x: Float[Array, "K H W C"], gb: Float[Array, "K H W 2C"],
+                  bias: Float[Array, "2C"] | None = None, slope: float = 0.2,
+                  eps: float = 1e-5, impl: str | None = None) -> Float[Array, "K H W C"]:
   """leaky_relu((x - mean) / sqrt(var + eps) (1 + gamma) + beta, slope), mean
-  and (biased) var over (H, W) per image and channel.
+  and (biased) var over (H, W) per image and channel, gamma = gb[..., :C] +
+  bias[:C], beta = gb[..., C:] + bias[C:] (bias None: zeros). gb may also be
+  (1, H, W, 2C), shared by the K images (the composition then runs).
 
   impl: "native" (the fused CPU kernel where :func:`native_ok`, else the
   composition), "xla" (``modulate(instance_norm(x, eps), gamma, beta, slope)``),
@@ -66,6 +72,13 @@ def norm_modulate(x: Float[Array, "K H W C"], gamma: Float[Array, "K H W C"],
   if impl not in NORM_MODULATE_IMPLS:
     raise ValueError(f"norm_modulate: impl must be one of {NORM_MODULATE_IMPLS} or None, "
                      f"got {impl!r}")
-  if impl == "native" and native_ok(x, gamma, beta):
-    return _native_op(x, gamma, beta, float(slope), float(eps))
-  return modulate(instance_norm(x, eps), gamma, beta, slope)
+  c = x.shape[-1]
+  if gb.shape[-1] != 2 * c or (bias is not None and bias.shape != (2 * c,)):
+    raise ValueError(f"norm_modulate: gb {gb.shape} and bias "
+                     f"{None if bias is None else bias.shape} must have 2 x {c} channels")
+  if bias is None:
+    bias = jnp.zeros((2 * c,), gb.dtype)
+  if impl == "native" and native_ok(x, gb, bias):
+    return _native_op(x, gb, bias, float(slope), float(eps))
+  gb = add(gb, bias.astype(gb.dtype))
+  return modulate(instance_norm(x, eps), gb[..., :c], gb[..., c:], slope)
