@@ -300,43 +300,45 @@ static void fwd_rows(const Shape& s, const float* x, const float* wk, int64_t co
 
 namespace {
 
+// Runs body(i, scratch) for i < n on the calling thread and up to
+// pool.num_threads() - 1 of XLA's intra-op threads, each index once, taken in
+// order by whichever thread is free; `scratch` is one Scratch per thread.
+// Returns when every index is done (a helper that starts later finds none).
+template <typename Scratch, typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t active = 0;
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, n, body] {
+    {
+      std::lock_guard<std::mutex> lock(st->mu);
+      ++st->active;
+    }
+    Scratch scratch;
+    for (int64_t i = st->next.fetch_add(1); i < n; i = st->next.fetch_add(1)) body(i, scratch);
+    std::lock_guard<std::mutex> lock(st->mu);
+    if (--st->active == 0) st->cv.notify_all();
+  };
+  const int64_t helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
+  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->active == 0 && st->next.load() >= n; });
+}
+
+struct TwoBuffers {   // per-thread scratch of the conv kernels
+  std::vector<float> a, b;
+};
+
 // The row blocks are split into kRanges fixed, contiguous ranges, each summed
 // into its own accumulator, and the accumulators are added in range order:
 // the result does not depend on which thread ran which range, or on how many
 // threads there are (bit-for-bit reproducible).
 constexpr int64_t kRanges = 16;
-
-struct Shared {
-  wgrad::Shape s;
-  const float* x;
-  const float* g;
-  bool swap;
-  int64_t rb, blocks_per_image, units, ranges, acc_size;
-  std::atomic<int64_t> next{0};
-  std::vector<std::vector<float>> acc;   // one per range
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t active = 0;
-};
-
-void participate(const std::shared_ptr<Shared>& sh) {
-  {
-    std::lock_guard<std::mutex> lock(sh->mu);
-    ++sh->active;
-  }
-  std::vector<float> xs, gs;
-  for (int64_t r = sh->next.fetch_add(1); r < sh->ranges; r = sh->next.fetch_add(1)) {
-    float* acc = sh->acc[r].data();
-    for (int64_t u = r * sh->units / sh->ranges; u < (r + 1) * sh->units / sh->ranges; ++u) {
-      const int64_t img = u / sh->blocks_per_image;
-      const int64_t y0 = (u % sh->blocks_per_image) * sh->rb;
-      wgrad::rows(sh->s, sh->x, sh->g, img, y0, std::min(sh->s.ho, y0 + sh->rb), sh->swap,
-                  acc, xs, gs);
-    }
-  }
-  std::lock_guard<std::mutex> lock(sh->mu);
-  if (--sh->active == 0) sh->cv.notify_all();
-}
 
 double lane_use(int64_t c) { return double(c) / double(wgrad::round_up(c, wgrad::kLanes)); }
 
@@ -354,38 +356,37 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(dw->typed_data(), dw->typed_data() + s.kh * s.kw * s.ci * s.co, 0.f);
     return ffi::Error::Success();
   }
-  auto sh = std::make_shared<Shared>();
-  sh->s = s;
-  sh->x = x.typed_data();
-  sh->g = g.typed_data();
   // The vector side: the one that wastes fewer lanes; on a tie the wider one
   // (two or more vectors per row need fewer broadcasts per multiply-add).
-  sh->swap = lane_use(s.ci) > lane_use(s.co) || (lane_use(s.ci) == lane_use(s.co) && s.ci > s.co);
+  const bool swap =
+      lane_use(s.ci) > lane_use(s.co) || (lane_use(s.ci) == lane_use(s.co) && s.ci > s.co);
   const int64_t wp = s.wo + s.kw - 1;
-  sh->rb = std::max<int64_t>(1, 2048 / wp);
-  sh->blocks_per_image = (s.ho + sh->rb - 1) / sh->rb;
-  sh->units = s.n * sh->blocks_per_image;
-  const int64_t a = sh->swap ? s.co : s.ci;
-  const int64_t bp = wgrad::round_up(sh->swap ? s.ci : s.co, wgrad::kLanes);
-  sh->acc_size = s.kh * s.kw * a * bp;
-  sh->ranges = std::min(sh->units, kRanges);
-  sh->acc.assign(sh->ranges, std::vector<float>(sh->acc_size, 0.f));
-  const int64_t helpers = std::min<int64_t>(sh->ranges, pool.num_threads()) - 1;
-  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([sh] { participate(sh); });
-  participate(sh);
-  {
-    std::unique_lock<std::mutex> lock(sh->mu);
-    sh->cv.wait(lock, [&] { return sh->active == 0; });
-  }
+  const int64_t rb = std::max<int64_t>(1, 2048 / wp);
+  const int64_t blocks_per_image = (s.ho + rb - 1) / rb;
+  const int64_t units = s.n * blocks_per_image;
+  const int64_t a = swap ? s.co : s.ci;
+  const int64_t bp = wgrad::round_up(swap ? s.ci : s.co, wgrad::kLanes);
+  const int64_t ranges = std::min(units, kRanges);
+  std::vector<std::vector<float>> accs(ranges, std::vector<float>(s.kh * s.kw * a * bp, 0.f));
+  const float *xp = x.typed_data(), *gp = g.typed_data();
+  std::vector<float>* acc0 = accs.data();
+  parallel_for<TwoBuffers>(pool, ranges, [=](int64_t r, TwoBuffers& sc) {
+    float* acc = acc0[r].data();
+    for (int64_t u = r * units / ranges; u < (r + 1) * units / ranges; ++u) {
+      const int64_t img = u / blocks_per_image;
+      const int64_t y0 = (u % blocks_per_image) * rb;
+      wgrad::rows(s, xp, gp, img, y0, std::min(s.ho, y0 + rb), swap, acc, sc.a, sc.b);
+    }
+  });
   float* out = dw->typed_data();
   std::fill(out, out + s.kh * s.kw * s.ci * s.co, 0.f);
-  for (int64_t r = 0; r < sh->ranges; ++r) {
-    const float* acc = sh->acc[r].data();
+  for (int64_t r = 0; r < ranges; ++r) {
+    const float* acc = accs[r].data();
     for (int64_t t = 0; t < s.kh * s.kw; ++t)
       for (int64_t i = 0; i < s.ci; ++i)
         for (int64_t o = 0; o < s.co; ++o)
           out[(t * s.ci + i) * s.co + o] +=
-              sh->swap ? acc[(t * a + o) * bp + i] : acc[(t * a + i) * bp + o];
+              swap ? acc[(t * a + o) * bp + i] : acc[(t * a + i) * bp + o];
   }
   return ffi::Error::Success();
 }
@@ -402,34 +403,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EchoOdeConvWgrad, ConvWgradImpl,
                                   .Attr<int64_t>("pl"));
 
 namespace {
-
-struct FwdShared {
-  wgrad::Shape s;
-  const float* x;
-  std::vector<float> wk;
-  int64_t cop, rb, blocks_per_image, units;
-  float* y;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t active = 0;
-};
-
-void fwd_participate(const std::shared_ptr<FwdShared>& sh) {
-  {
-    std::lock_guard<std::mutex> lock(sh->mu);
-    ++sh->active;
-  }
-  std::vector<float> xs, os;
-  for (int64_t u = sh->next.fetch_add(1); u < sh->units; u = sh->next.fetch_add(1)) {
-    const int64_t img = u / sh->blocks_per_image;
-    const int64_t y0 = (u % sh->blocks_per_image) * sh->rb;
-    wgrad::fwd_rows(sh->s, sh->x, sh->wk.data(), sh->cop, img, y0,
-                    std::min(sh->s.ho, y0 + sh->rb), sh->y, xs, os);
-  }
-  std::lock_guard<std::mutex> lock(sh->mu);
-  if (--sh->active == 0) sh->cv.notify_all();
-}
 
 // y = conv(x, w): stride 1, x zero-padded by pt rows on top and pl columns on
 // the left (bottom and right padding follow from y's shape). Each block of
@@ -448,24 +421,21 @@ ffi::Error ConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     std::fill(y->typed_data(), y->typed_data() + s.n * s.ho * s.wo * s.co, 0.f);
     return ffi::Error::Success();
   }
-  auto sh = std::make_shared<FwdShared>();
-  sh->s = s;
-  sh->x = x.typed_data();
-  sh->y = y->typed_data();
-  sh->cop = wgrad::round_up(s.co, wgrad::kLanes);
-  sh->wk.assign(s.kh * s.kw * s.ci * sh->cop, 0.f);
+  const int64_t cop = wgrad::round_up(s.co, wgrad::kLanes);
+  std::vector<float> wk(s.kh * s.kw * s.ci * cop, 0.f);
   const float* wsrc = w.typed_data();
   for (int64_t t = 0; t < s.kh * s.kw * s.ci; ++t)
-    std::memcpy(sh->wk.data() + t * sh->cop, wsrc + t * s.co, sizeof(float) * s.co);
+    std::memcpy(wk.data() + t * cop, wsrc + t * s.co, sizeof(float) * s.co);
   const int64_t wp = s.wo + s.kw - 1;
-  sh->rb = std::max<int64_t>(1, 1024 / wp);
-  sh->blocks_per_image = (s.ho + sh->rb - 1) / sh->rb;
-  sh->units = s.n * sh->blocks_per_image;
-  const int64_t helpers = std::min<int64_t>(sh->units, pool.num_threads()) - 1;
-  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([sh] { fwd_participate(sh); });
-  fwd_participate(sh);
-  std::unique_lock<std::mutex> lock(sh->mu);
-  sh->cv.wait(lock, [&] { return sh->active == 0; });
+  const int64_t rb = std::max<int64_t>(1, 1024 / wp);
+  const int64_t blocks_per_image = (s.ho + rb - 1) / rb;
+  const float *xp = x.typed_data(), *wkp = wk.data();
+  float* yp = y->typed_data();
+  parallel_for<TwoBuffers>(pool, s.n * blocks_per_image, [=](int64_t u, TwoBuffers& sc) {
+    const int64_t img = u / blocks_per_image;
+    const int64_t y0 = (u % blocks_per_image) * rb;
+    wgrad::fwd_rows(s, xp, wkp, cop, img, y0, std::min(s.ho, y0 + rb), yp, sc.a, sc.b);
+  });
   return ffi::Error::Success();
 }
 
@@ -680,34 +650,6 @@ static void bwd_image(const Shape& s, int64_t img, const float* d, const float* 
 
 namespace {
 
-// Runs body(img, scratch) for img < n on the calling thread and up to
-// pool.num_threads() - 1 helpers, one image at a time; returns when all are done.
-template <typename Body>
-void for_images(ffi::ThreadPool& pool, int64_t n, Body body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t active = 0;
-  };
-  auto st = std::make_shared<State>();
-  auto work = [st, n, body] {
-    {
-      std::lock_guard<std::mutex> lock(st->mu);
-      ++st->active;
-    }
-    std::vector<float> part;
-    for (int64_t i = st->next.fetch_add(1); i < n; i = st->next.fetch_add(1)) body(i, part);
-    std::lock_guard<std::mutex> lock(st->mu);
-    if (--st->active == 0) st->cv.notify_all();
-  };
-  const int64_t helpers = std::min<int64_t>(n, pool.num_threads()) - 1;
-  for (int64_t p = 0; p < helpers; ++p) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->active == 0 && st->next.load() >= n; });
-}
-
 template <typename A, typename B>
 bool same_dims(const A& a, const B& b) {
   if (a.size() != b.size()) return false;
@@ -739,7 +681,7 @@ ffi::Error NormModFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (s.n * s.m * s.c == 0) return ffi::Error::InvalidArgument("norm_modulate: empty map");
   const float *xp = x.typed_data(), *gp = gb.typed_data(), *bp = bias.typed_data();
   float *op = out->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
-  for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
+  parallel_for<std::vector<float>>(pool, s.n, [=](int64_t img, std::vector<float>& part) {
     normmod::fwd_image(s, img, xp, gp, bp, eps, slope, op, mp, rp, part);
   });
   return ffi::Error::Success();
@@ -766,7 +708,7 @@ ffi::Error NormModBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Bu
               *bp = bias.typed_data(), *op = out.typed_data(), *mp = mean.typed_data(),
               *rp = rstd.typed_data();
   float *dxp = dx->typed_data(), *dgp = dgb->typed_data(), *dbp = dbias->typed_data();
-  for_images(pool, s.n, [=](int64_t img, std::vector<float>& part) {
+  parallel_for<std::vector<float>>(pool, s.n, [=](int64_t img, std::vector<float>& part) {
     normmod::bwd_image(s, img, dp, xp, gp, bp, op, mp, rp, slope, dxp, dgp, dbp, part);
   });
   return ffi::Error::Success();
