@@ -68,7 +68,8 @@ class ModelConfig:
   subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
                                 # function and parameters; False materialises both maps)
   split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the
-                                 # halves of the one gamma_beta kernel (faster on XLA:CPU)
+                                 # halves of the one gamma_beta kernel (faster on XLA:CPU);
+                                 # ignored where fused_norm applies (one conv feeds the kernel)
   row_sums: bool = True         # biases, broadcasts, instance norm and SPADE's modulation with
                                 # the VJPs of kernels.add / instance_norm / modulate(_gain)
                                 # (same function; faster on XLA:CPU)
