@@ -161,7 +161,8 @@ def finished_keys(out: str) -> set[str]:
 # FitConfig fields that change how a fit runs, not what it computes: a resume
 # may change them. Every other setting must match the finished results.
 RESUMABLE_CHANGES = frozenset({"log_every", "xla_cpu_ynn", "scan_steps", "model.conv_impl",
-                               "model.row_sums"})
+                               "model.row_sums", "model.subpixel_up", "model.split_gamma_beta",
+                               "model.fused_norm"})
 _SETTING_ATTRS = ("init", "guide", "data", "segmentation", "size")
 
 

@@ -162,7 +162,9 @@ def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and out in msg and words in msg, msg
   # Settings that change how the fit runs, not its result, may change on a resume.
-  res = runner.fit_file(data_file, out, TINY_CFG.replace(log_every=1, xla_cpu_ynn=True),
+  how = TINY_CFG.model.replace(fused_norm=not TINY_CFG.model.fused_norm,
+                               subpixel_up=not TINY_CFG.model.subpixel_up)
+  res = runner.fit_file(data_file, out, TINY_CFG.replace(log_every=1, xla_cpu_ynn=True, model=how),
                         guide="gt", patients=[first], batch_size=1)
   assert res["fitted"] == [] and len(res["skipped"]) == 1
   with h5py.File(out) as f:
