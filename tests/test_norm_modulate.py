@@ -125,12 +125,59 @@ def test_xla_and_fallbacks_match_the_formula():
   np.testing.assert_allclose(bf.astype(np.float32), want, rtol=0, atol=0.05 * np.abs(want).max())
 
 
+@needs_native
+def test_native_statistics_do_not_depend_on_which_pixel_is_an_outlier():
+  """The variance with one outlier pixel (100 standard deviations) at the start
+  of the image or of a 64-pixel block: float64 accuracy as for any other image
+  (a one-pass sum of squares shifted by the first pixel loses ~1e-4 of it)."""
+  rng = np.random.default_rng(21)
+  shape = (2, 64, 64, 8)
+  x = rng.normal(size=shape)
+  x[0, 0, 0] = 100.0
+  x[1, 1, 0] = -100.0                                    # pixel 64: a block's first
+  gb = rng.normal(0, 0.5, size=shape[:-1] + (16,))
+  bias = rng.normal(0, 0.3, size=(16,))
+  x, gb, bias = (jnp.asarray(a, jnp.float32) for a in (x, gb, bias))
+  got = norm_modulate(x, gb, bias, 0.2, 1e-5, impl="native")
+  want = _reference64(x, gb, bias, 0.2, 1e-5)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+  cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"), x, gb, bias)
+  _, vjp_ref = jax.vjp(lambda *a: _jnp_formula(*a, 0.2, 1e-5), x, gb, bias)
+  for name, g, w in zip(("dx", "dgb", "dbias"), vjp(cot), vjp_ref(cot)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["native", "xla"])
+def test_shared_gb_gradients_are_summed_over_the_images(impl):
+  """gb (1, H, W, 2C) shared by the K images: every gradient equals jnp autodiff
+  of the formula with gb broadcast (gb's summed over the images)."""
+  x, gb, bias = _inputs((3, 6, 5, 4), seed=6)
+  gb1 = gb[:1]
+  cot = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl=impl), x, gb1, bias)
+  _, vjp_ref = jax.vjp(lambda x_, g_, b_: _jnp_formula(x_, jnp.broadcast_to(g_, gb.shape), b_,
+                                                       0.2, 1e-5), x, gb1, bias)
+  for name, g, w in zip(("dx", "dgb", "dbias"), jax.jit(vjp)(cot), vjp_ref(cot)):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
+
+
 def test_bad_impl_and_shapes_are_rejected():
   x = jnp.zeros((1, 4, 4, 2))
   with pytest.raises(ValueError, match="impl must be one of"):
     norm_modulate(x, jnp.zeros((1, 4, 4, 4)), impl="cuda")
   with pytest.raises(ValueError, match="2 x 2 channels"):
     norm_modulate(x, x)
+  with pytest.raises(ValueError, match=r"gb must be \(1 or 1, 4, 4, 4\) for x"):
+    norm_modulate(x, jnp.zeros((1, 4, 5, 4)))
+  with pytest.raises(ValueError, match=r"gb must be \(3 or 1, 4, 4, 4\)"):
+    norm_modulate(jnp.zeros((3, 4, 4, 2)), jnp.zeros((2, 4, 4, 4)))
+  for slope in (0.0, -0.2):
+    with pytest.raises(ValueError, match="norm_modulate: the leaky ReLU's slope must be"):
+      norm_modulate(x, jnp.zeros((1, 4, 4, 4)), slope=slope)
+  with pytest.raises(ValueError, match="eps must be a Python number > 0"):
+    norm_modulate(x, jnp.zeros((1, 4, 4, 4)), eps=0.0)
   if _native.available():
     with pytest.raises(ValueError, match="non-empty"):
       _native.norm_modulate(x, jnp.zeros((1, 4, 2, 4)), jnp.zeros(4), 1e-5, 0.2)

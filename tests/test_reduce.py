@@ -103,12 +103,32 @@ def _check_vjp(f, f_ref, args, key):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_modulate_matches_jnp_and_autodiff():
-  """leaky_relu(y (1 + gamma) + beta) and its VJP (from the saved output)."""
+@pytest.mark.parametrize("gamma_shape,beta_shape", [((3, 8, 6, 5), (3, 8, 6, 5)),
+                                                     ((1, 8, 6, 5), (1, 8, 6, 5)),
+                                                     ((3, 8, 6, 5), (5,))])
+def test_modulate_matches_jnp_and_autodiff(gamma_shape, beta_shape):
+  """leaky_relu(y (1 + gamma) + beta) and its VJP (from the saved output), with
+  gamma and beta of y's shape or broadcast to it (their gradients summed back)."""
   ks = jax.random.split(jax.random.PRNGKey(6), 4)
-  y, gamma, beta = (jax.random.normal(k, (3, 8, 6, 5)) for k in ks[:3])
+  y, gamma, beta = (jax.random.normal(k, s) for k, s in
+                    zip(ks[:3], ((3, 8, 6, 5), gamma_shape, beta_shape)))
   _check_vjp(lambda *a: modulate(*a, 0.2),
              lambda y_, g_, b_: _leaky(y_ * (1 + g_) + b_, 0.2), (y, gamma, beta), ks[3])
+
+
+def test_modulate_rejects_what_its_vjp_cannot_do():
+  """A slope <= 0 (the VJP reads the branch from the output's sign, and -0.0 >= 0)
+  and maps that do not broadcast (modulate_gain: shared maps and per-knot gains)."""
+  y = jnp.ones((2, 4, 4, 3))
+  for slope in (0.0, -0.5):
+    with pytest.raises(ValueError, match="slope must be a Python number > 0"):
+      modulate(y, y, y, slope)
+    with pytest.raises(ValueError, match="slope must be a Python number > 0"):
+      modulate_gain(y, y[:1], y[:1], jnp.ones((2, 3)), jnp.ones((2, 3)), slope)
+  with pytest.raises(ValueError, match="do not broadcast to y's shape"):
+    modulate(y, jnp.ones((2, 4, 5, 3)), y)
+  with pytest.raises(ValueError, match="modulate_gain: y .* needs g and b of shape"):
+    modulate_gain(y, y, y, jnp.ones((2, 3)), jnp.ones((2, 3)))
 
 
 @pytest.mark.parametrize("shape", [(4, 16, 16, 8), (3, 5, 7, 3)])

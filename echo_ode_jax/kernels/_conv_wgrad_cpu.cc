@@ -486,9 +486,12 @@ struct Shape {
 static inline vf leaky(vf z, float slope) { return z >= 0.f ? z : slope * z; }
 static inline float leaky(float z, float slope) { return z >= 0.f ? z : slope * z; }
 
-// Forward pass of one image. The statistics come from one sweep of x: sums of
-// x - x[0] and of its square per channel (the shift by the first pixel keeps
-// the variance's cancellation small).
+// Forward pass of one image. The statistics come from blocks of kSumBlock
+// pixels, each read twice while it is in cache: its mean (float sums of x - the
+// block's first pixel) and its sum of squared deviations from that mean; the
+// blocks are merged in double with Chan et al.'s pairwise update. So no pixel's
+// value sets the cancellation (a one-pass sum of squares shifted by one pixel
+// loses the variance when that pixel is an outlier).
 static void fwd_image(const Shape& s, int64_t img, const float* x, const float* gb,
                       const float* bias, float eps, float slope, float* out, float* mean,
                       float* rstd, std::vector<float>& part) {
@@ -497,39 +500,44 @@ static void fwd_image(const Shape& s, int64_t img, const float* x, const float* 
   const float* __restrict gi = gb + img * s.m * c2;
   float* __restrict oi = out + img * s.m * c;
   part.assign(3 * c, 0.f);
-  float* __restrict shift = part.data();
-  float* __restrict p1 = shift + c;
+  float* __restrict bm = part.data();   // the block's mean
+  float* __restrict p1 = bm + c;
   float* __restrict p2 = p1 + c;
-  std::copy(xi, xi + c, shift);
-  std::vector<double> s1(c, 0.0), s2(c, 0.0);
+  std::vector<double> mean_acc(c, 0.0), m2(c, 0.0);
   for (int64_t b0 = 0; b0 < s.m; b0 += kSumBlock) {
     std::fill(p1, p1 + 2 * c, 0.f);
-    const int64_t b1 = std::min(s.m, b0 + kSumBlock);
+    const int64_t b1 = std::min(s.m, b0 + kSumBlock), nb = b1 - b0;
+    const float* __restrict x0 = xi + b0 * c;
+    for (int64_t p = b0; p < b1; ++p) {
+      int64_t k = 0;
+      for (; k + kLanes <= c; k += kLanes)
+        store(p1 + k, load(p1 + k) + (load(xi + p * c + k) - load(x0 + k)));
+      for (; k < c; ++k) p1[k] += xi[p * c + k] - x0[k];
+    }
+    for (int64_t k = 0; k < c; ++k) bm[k] = x0[k] + p1[k] / float(nb);
     for (int64_t p = b0; p < b1; ++p) {
       int64_t k = 0;
       for (; k + kLanes <= c; k += kLanes) {
-        const vf v = load(xi + p * c + k) - load(shift + k);
-        store(p1 + k, load(p1 + k) + v);
+        const vf v = load(xi + p * c + k) - load(bm + k);
         store(p2 + k, load(p2 + k) + v * v);
       }
       for (; k < c; ++k) {
-        const float v = xi[p * c + k] - shift[k];
-        p1[k] += v;
+        const float v = xi[p * c + k] - bm[k];
         p2[k] += v * v;
       }
     }
+    const double na = double(b0), n = double(b1);
     for (int64_t k = 0; k < c; ++k) {
-      s1[k] += p1[k];
-      s2[k] += p2[k];
+      const double delta = double(bm[k]) - mean_acc[k];
+      mean_acc[k] += delta * double(nb) / n;
+      m2[k] += double(p2[k]) + delta * delta * na * double(nb) / n;
     }
   }
   float* __restrict mu = mean + img * c;
   float* __restrict rs = rstd + img * c;
   for (int64_t k = 0; k < c; ++k) {
-    const double m1 = s1[k] / double(s.m);
-    const double var = std::max(0.0, s2[k] / double(s.m) - m1 * m1);
-    mu[k] = float(double(shift[k]) + m1);
-    rs[k] = float(1.0 / std::sqrt(var + double(eps)));
+    mu[k] = float(mean_acc[k]);
+    rs[k] = float(1.0 / std::sqrt(m2[k] / double(s.m) + double(eps)));
   }
   const float* __restrict bg = bias;
   const float* __restrict bb = bias + c;

@@ -136,24 +136,44 @@ def _leaky_vjp(out, d, slope):
   return jnp.where(out >= 0, d, slope * d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def check_slope(slope, op: str) -> float:
+  """slope as a float, or ValueError: the VJPs here read the activation's branch
+  from the sign of its output, which is the sign of its input only for slope > 0."""
+  if not isinstance(slope, (int, float)) or not slope > 0:
+    raise ValueError(f"{op}: the leaky ReLU's slope must be a Python number > 0 "
+                     f"(the VJP reads the branch from the output's sign), got {slope!r}")
+  return float(slope)
+
+
 def modulate_gain(y: Float[Array, "K H W C"], g: Float[Array, "1 H W C"],
                   b: Float[Array, "1 H W C"], s_g: Float[Array, "K C"],
                   s_b: Float[Array, "K C"], slope: float = 0.2) -> Float[Array, "K H W C"]:
   """leaky_relu(y (1 + g s_g) + b s_b, slope): SPADE's modulation with maps g, b
   shared by the K knots and per-knot, per-channel gains s_g, s_b, and the
-  decoder's activation (model.SpadeTime, time="gain").
+  decoder's activation (model.SpadeTime, time="gain"); slope > 0.
 
   Its VJP reads the activation's slope from the saved output instead of
   recomputing the modulation, sums over the knots with :func:`sum_leading` and
   over (H, W) with :func:`sum_spatial`; values and gradients equal the jnp
   expression up to float32 summation order.
   """
+  slope = check_slope(slope, "modulate_gain")
+  k, h, w, c = jnp.shape(y)
+  if (jnp.shape(g) != (1, h, w, c) or jnp.shape(b) != (1, h, w, c)
+      or jnp.shape(s_g) != (k, c) or jnp.shape(s_b) != (k, c)):
+    raise ValueError(f"modulate_gain: y {jnp.shape(y)} needs g and b of shape {(1, h, w, c)} "
+                     f"and s_g, s_b of {(k, c)}; got {jnp.shape(g)}, {jnp.shape(b)}, "
+                     f"{jnp.shape(s_g)}, {jnp.shape(s_b)}")
+  return _modulate_gain(y, g, b, s_g, s_b, slope)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _modulate_gain(y, g, b, s_g, s_b, slope):
   return _leaky(y * (1.0 + g * s_g[:, None, None, :]) + b * s_b[:, None, None, :], slope)
 
 
 def _modulate_gain_fwd(y, g, b, s_g, s_b, slope):
-  out = modulate_gain(y, g, b, s_g, s_b, slope)
+  out = _modulate_gain(y, g, b, s_g, s_b, slope)
   return out, (out, y, g, b, s_g, s_b)
 
 
@@ -169,22 +189,37 @@ def _modulate_gain_bwd(slope, res, d):
           sum_spatial(d * b))
 
 
-modulate_gain.defvjp(_modulate_gain_fwd, _modulate_gain_bwd)
+_modulate_gain.defvjp(_modulate_gain_fwd, _modulate_gain_bwd)
+
+
+def modulate(y: Float[Array, "K H W C"], gamma: Float[Array, "K H W C"],
+             beta: Float[Array, "K H W C"], slope: float = 0.2) -> Float[Array, "K H W C"]:
+  """leaky_relu(y (1 + gamma) + beta, slope), slope > 0: SPADE's modulation and
+  the decoder's activation (model.SpadeTime, time="hidden"). gamma and beta may
+  broadcast to y's shape (e.g. (1, H, W, C), shared by the K knots; their
+  gradients are then summed back). Its VJP reads the activation's slope from
+  the saved output instead of recomputing the modulation; values and gradients
+  equal the jnp expression.
+  """
+  slope = check_slope(slope, "modulate")
+  shape = jnp.shape(y)
+  try:
+    # broadcast_to's transpose sums the cotangent back to a shared map's shape;
+    # it is a no-op for maps of y's shape (the network's case).
+    gamma, beta = jnp.broadcast_to(gamma, shape), jnp.broadcast_to(beta, shape)
+  except ValueError:
+    raise ValueError(f"modulate: gamma {jnp.shape(gamma)} and beta {jnp.shape(beta)} do not "
+                     f"broadcast to y's shape {shape}") from None
+  return _modulate(y, gamma, beta, slope)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def modulate(y: Float[Array, "K H W C"], gamma: Float[Array, "K H W C"],
-             beta: Float[Array, "K H W C"], slope: float = 0.2) -> Float[Array, "K H W C"]:
-  """leaky_relu(y (1 + gamma) + beta, slope): SPADE's modulation and the
-  decoder's activation (model.SpadeTime, time="hidden"). Its VJP reads the
-  activation's slope from the saved output instead of recomputing the
-  modulation; values and gradients equal the jnp expression.
-  """
+def _modulate(y, gamma, beta, slope):
   return _leaky(y * (1.0 + gamma) + beta, slope)
 
 
 def _modulate_fwd(y, gamma, beta, slope):
-  out = modulate(y, gamma, beta, slope)
+  out = _modulate(y, gamma, beta, slope)
   return out, (out, y, gamma)
 
 
@@ -194,4 +229,4 @@ def _modulate_bwd(slope, res, d):
   return d * (1.0 + gamma), d * y, d
 
 
-modulate.defvjp(_modulate_fwd, _modulate_bwd)
+_modulate.defvjp(_modulate_fwd, _modulate_bwd)
