@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from echo_ode_jax.kernels import _native
-from echo_ode_jax.kernels._reduce import add, check_slope, instance_norm, modulate
+from echo_ode_jax.kernels._reduce import add, check_positive, check_slope, instance_norm, modulate
 
 NORM_MODULATE_IMPLS = ("native", "xla")
 
@@ -76,8 +76,7 @@ def norm_modulate(x: Float[Array, "K H W C"], gb: Float[Array, "K H W 2C"],
     raise ValueError(f"norm_modulate: impl must be one of {NORM_MODULATE_IMPLS} or None, "
                      f"got {impl!r}")
   slope = check_slope(slope, "norm_modulate")
-  if not isinstance(eps, (int, float)) or not eps > 0:
-    raise ValueError(f"norm_modulate: eps must be a Python number > 0, got {eps!r}")
+  eps = check_positive(eps, "eps", "norm_modulate")
   if x.ndim != 4:
     raise ValueError(f"norm_modulate: x must be (K, H, W, C), got shape {x.shape}")
   k, h, w, c = x.shape
@@ -90,6 +89,6 @@ def norm_modulate(x: Float[Array, "K H W C"], gb: Float[Array, "K H W 2C"],
   if bias is None:
     bias = jnp.zeros((2 * c,), gb.dtype)
   if impl == "native" and native_ok(x, gb, bias):
-    return _native_op(x, gb, bias, slope, float(eps))
+    return _native_op(x, gb, bias, slope, eps)
   gb = add(gb, bias.astype(gb.dtype))
   return modulate(instance_norm(x, eps), gb[..., :c], gb[..., c:], slope)

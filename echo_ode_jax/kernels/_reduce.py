@@ -18,6 +18,7 @@ to float32 summation order.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -136,13 +137,19 @@ def _leaky_vjp(out, d, slope):
   return jnp.where(out >= 0, d, slope * d)
 
 
+def check_positive(value, what: str, op: str, why: str = "") -> float:
+  """value as a float, or a one-line ValueError unless it is a concrete number
+  > 0 (a static argument of a custom VJP: not a traced value, not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    raise ValueError(f"{op}: {what} must be a Python number > 0{why}, got {value!r}")
+  return float(value)
+
+
 def check_slope(slope, op: str) -> float:
   """slope as a float, or ValueError: the VJPs here read the activation's branch
   from the sign of its output, which is the sign of its input only for slope > 0."""
-  if not isinstance(slope, (int, float)) or not slope > 0:
-    raise ValueError(f"{op}: the leaky ReLU's slope must be a Python number > 0 "
-                     f"(the VJP reads the branch from the output's sign), got {slope!r}")
-  return float(slope)
+  return check_positive(slope, "the leaky ReLU's slope", op,
+                        " (the VJP reads the branch from the output's sign)")
 
 
 def modulate_gain(y: Float[Array, "K H W C"], g: Float[Array, "1 H W C"],
