@@ -72,6 +72,8 @@ class FitConfig:
   dt: float = 0.1
   sigma: float = 1.0            # Gaussian kernel of L_sim, pixels (at the fitted size)
   lambda_sim: float = 1.0
+  lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
+  ncc_window: int = 9           # its window side, pixels (at the fitted size)
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0

@@ -15,6 +15,8 @@ A prepared sequence (:func:`echo_ode_jax.fit.prepare_sequence`) is a dict of arr
 
 Terms (each has a weight in FitConfig):
   L_sim   mean over frames of MSE(K * (I_0 o phi_t), K * I_t)
+  L_ncc   mean over frames of 1 - local NCC^2(I_0 o phi_t, I_t) in w x w windows
+          (VoxelMorph's windowed cross-correlation; not in the paper)
   L_seg   soft Dice loss between m_0 o phi_ES and m_1 (classes 1..C-1)
   L_EF    |EF(propagated) - EF(guide)|, LV area as the volume proxy
   R_Jdet  mean over t of mean(ReLU(-det D phi_t)^2)
@@ -29,7 +31,7 @@ from echo_ode_jax import flow
 from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
 
 LV = 1
-TERMS = ("sim", "seg", "ef", "jdet", "smt")
+TERMS = ("sim", "ncc", "seg", "ef", "jdet", "smt")
 
 
 def soft_dice_loss(p, g, eps: float = 1.0):
@@ -38,6 +40,31 @@ def soft_dice_loss(p, g, eps: float = 1.0):
   inter = jnp.sum(p * g, axis=(0, 1))
   denom = jnp.sum(p, axis=(0, 1)) + jnp.sum(g, axis=(0, 1))
   return 1.0 - jnp.mean((2.0 * inter + eps) / (denom + eps))
+
+
+def _box_sum(x, window: int):
+  """Sums of (T, H, W) maps over window x window neighbourhoods (zero padding)."""
+  pad = (window - 1) // 2, window // 2
+  cfg = dict(padding=((0, 0), pad, (0, 0)))
+  x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, 1), (1, 1, 1), **cfg)
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, window), (1, 1, 1),
+                               padding=((0, 0), (0, 0), pad))
+
+
+def local_ncc(a, b, window: int = 9, eps: float = 1e-5):
+  """Squared local normalised cross-correlation per frame: (T, H, W) x 2 -> (T,).
+
+  For each pixel, cc = cov(a, b)^2 / (var(a) var(b) + eps) over the window x
+  window neighbourhood (zero padded at the border), as in VoxelMorph's NCC
+  loss; the result is the mean of cc over the frame, in [0, 1].
+  """
+  n = float(window * window)
+  sa, sb = _box_sum(a, window), _box_sum(b, window)
+  saa, sbb, sab = _box_sum(a * a, window), _box_sum(b * b, window), _box_sum(a * b, window)
+  cross = sab - sa * sb / n
+  var_a = jnp.maximum(saa - sa * sa / n, 0.0)
+  var_b = jnp.maximum(sbb - sb * sb / n, 0.0)
+  return jnp.mean(cross * cross / (var_a * var_b + eps), axis=(1, 2))
 
 
 def area_ef(ed, es, eps: float = 1e-6):
@@ -96,11 +123,15 @@ def terms_from_phi(phi, seq, cfg):
   valid = seq["frame_valid"]
   nvalid = jnp.maximum(jnp.sum(valid), 1.0)
   i0 = seq["images"][0][..., None]
-  warped = jax.vmap(warp_data, (None, 0))(i0, phi)[..., 0]           # (T, H, W)
-  if cfg.sigma > 0:
-    warped = gaussian_blur(warped, cfg.sigma)
+  raw = jax.vmap(warp_data, (None, 0))(i0, phi)[..., 0]              # (T, H, W)
+  warped = gaussian_blur(raw, cfg.sigma) if cfg.sigma > 0 else raw
   sim_t = jnp.mean((warped - seq["images_smooth"]) ** 2, axis=(1, 2))
   sim = jnp.sum(sim_t * valid) / nvalid
+  if cfg.lambda_ncc > 0:
+    ncc_t = 1.0 - local_ncc(raw, seq["images"], cfg.ncc_window)
+    ncc = jnp.sum(ncc_t * valid) / nvalid
+  else:
+    ncc = jnp.zeros((), sim.dtype)
 
   phi_es = jax.lax.dynamic_index_in_dim(phi, seq["es_index"], 0, keepdims=False)
   m_es = warp_data(seq["m0"], phi_es)                                  # (H, W, C)
@@ -110,7 +141,7 @@ def terms_from_phi(phi, seq, cfg):
 
   jdet = jnp.sum(jax.vmap(jdet_penalty)(phi) * valid) / nvalid
   smt = jnp.sum(jax.vmap(smoothness)(phi) * valid) / nvalid
-  return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
+  return {"sim": sim, "ncc": ncc, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
 
 
 def total_loss(terms, cfg):

@@ -40,16 +40,27 @@ def case():
   return s, phi
 
 
+def _np_ncc(a, b, window, eps=1e-5):
+  """Mean squared local NCC of (H, W) maps, from scipy window sums (zero padding)."""
+  n = window * window
+  box = lambda x: ndimage.uniform_filter(x, window, mode="constant") * n
+  sa, sb = box(a), box(b)
+  cross = box(a * b) - sa * sb / n
+  va, vb = box(a * a) - sa ** 2 / n, box(b * b) - sb ** 2 / n
+  return np.mean(cross ** 2 / (va * vb + eps))
+
+
 def _scipy_terms(s, phi, cfg, guided=True):
   """The paper's terms, written independently with scipy and numpy."""
   img = s.img.astype(np.float64)
   sm = ndimage.gaussian_filter(img, (0, cfg.sigma, cfg.sigma), mode="reflect")
-  sim = []
+  sim, ncc = [], []
   for t in range(T_VALID):
-    warped = ndimage.map_coordinates(img[0], np.moveaxis(phi[t], -1, 0), order=1,
-                                     mode="nearest")
-    warped = ndimage.gaussian_filter(warped, cfg.sigma, mode="reflect")
+    raw = ndimage.map_coordinates(img[0], np.moveaxis(phi[t], -1, 0), order=1,
+                                  mode="nearest")
+    warped = ndimage.gaussian_filter(raw, cfg.sigma, mode="reflect")
     sim.append(np.mean((warped - sm[t]) ** 2))
+    ncc.append(1 - _np_ncc(raw, img[t], cfg.ncc_window))
   m0 = np.eye(4)[s.gt[0]]
   m_es = np.stack([ndimage.map_coordinates(m0[..., c], np.moveaxis(phi[T_VALID - 1], -1, 0),
                                            order=1, mode="nearest") for c in range(4)], -1)
@@ -62,23 +73,26 @@ def _scipy_terms(s, phi, cfg, guided=True):
   # u = phi - id are the columns of A - I at every pixel.
   dets = [np.linalg.det(a) for a, _ in _AFFINES]
   grads = [np.sum((np.asarray(a) - np.eye(2)) ** 2) for a, _ in _AFFINES]
-  return {"sim": np.mean(sim),
+  return {"sim": np.mean(sim), "ncc": np.mean(ncc) if cfg.lambda_ncc > 0 else 0.0,
           "seg": (1 - np.mean(dices)) if guided else 0.0,
           "ef": abs(ef_prop - ef_guide) if guided else 0.0,
           "jdet": np.mean([max(-d, 0.0) ** 2 for d in dets]),
           "smt": np.mean(grads)}
 
 
-def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case):
+@pytest.mark.parametrize("lambda_ncc", [0.0, 1.0])
+def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case, lambda_ncc):
   s, phi = case
-  cfg = fit.FitConfig()
+  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5)
   seq = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
   assert seq["frame_valid"].tolist() == [1] * T_VALID + [0] * (T_PAD - T_VALID)
   got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)
   want = _scipy_terms(s, phi, cfg)
   assert want["jdet"] > 0 and want["smt"] > 0 and want["seg"] > 0 and want["ef"] > 0
+  assert (want["ncc"] > 0) == (lambda_ncc > 0)
   for k in losses.TERMS:
-    np.testing.assert_allclose(float(got[k]), want[k], rtol=2e-4, atol=1e-7, err_msg=k)
+    tol = 2e-3 if k == "ncc" else 2e-4   # float32 window sums
+    np.testing.assert_allclose(float(got[k]), want[k], rtol=tol, atol=1e-7, err_msg=k)
 
 
 def test_no_guide_zeroes_seg_and_ef_only(case):
@@ -93,11 +107,11 @@ def test_no_guide_zeroes_seg_and_ef_only(case):
 
 
 def test_total_loss_weights_each_term_by_its_lambda():
-  terms = {"sim": 2.0, "seg": 3.0, "ef": 5.0, "jdet": 7.0, "smt": 11.0}
-  cfg = fit.FitConfig(lambda_sim=0.5, lambda_seg=0.25, lambda_ef=2.0, lambda_jdet=10.0,
+  terms = {"sim": 2.0, "ncc": 13.0, "seg": 3.0, "ef": 5.0, "jdet": 7.0, "smt": 11.0}
+  cfg = fit.FitConfig(lambda_sim=0.5, lambda_ncc=0.5, lambda_seg=0.25, lambda_ef=2.0, lambda_jdet=10.0,
                       lambda_smt=0.1)
   assert float(losses.total_loss(terms, cfg)) == pytest.approx(
-      1.0 + 0.75 + 10.0 + 70.0 + 1.1)
+      1.0 + 6.5 + 0.75 + 10.0 + 70.0 + 1.1)
 
 
 def test_frames_at_is_linear_interpolation_over_the_valid_frames():
@@ -116,3 +130,28 @@ def test_frames_at_is_linear_interpolation_over_the_valid_frames():
                     for i in range(4)] for tt in t])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got[2], imgs[1], rtol=1e-6)     # t = 0.25 is frame 1
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_local_ncc_matches_scipy_windows(window):
+  """local_ncc against window sums from scipy's uniform_filter (zero padding)."""
+  rng = np.random.default_rng(window)
+  a = rng.random((2, 20, 17))
+  b = 0.5 * a + 0.3 * rng.random((2, 20, 17))
+  want = [_np_ncc(x, y, window) for x, y in zip(a, b)]
+  got = np.asarray(losses.local_ncc(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                    window))
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+
+def test_local_ncc_is_invariant_to_intensity_scale():
+  """NCC^2 is 1 where b = s * a (s != 0; with zero padding an offset would break it
+  at the border), and small for independent noise."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.random((1, 24, 24)), jnp.float32)
+  for s in (2.0, -0.7):
+    cc = float(losses.local_ncc(a, s * a, 7)[0])
+    assert cc > 0.995
+  # Independent noise correlates weakly.
+  assert float(losses.local_ncc(a, jnp.asarray(rng.random((1, 24, 24)), jnp.float32), 7)[0]) < 0.2
+
