@@ -74,6 +74,7 @@ class FitConfig:
   lambda_sim: float = 1.0
   lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
+  velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0

@@ -155,3 +155,34 @@ def test_local_ncc_is_invariant_to_intensity_scale():
   # Independent noise correlates weakly.
   assert float(losses.local_ncc(a, jnp.asarray(rng.random((1, 24, 24)), jnp.float32), 7)[0]) < 0.2
 
+
+
+def test_velocity_stride_resamples_the_network_analytically():
+  """A stand-in network whose output is its own grid's row/col coordinate: at
+  stride s the full-grid velocity is s * coarse coordinate = x + 0.5 - s / 2
+  (pixel-centre aligned) away from the border, and the network sees inputs of
+  ceil(H / s) x ceil(W / s)."""
+  seen = []
+
+  def apply_fn(variables, images, m0, t, i0):
+    seen.append((images.shape, m0.shape, i0.shape))
+    k, h, w = images.shape[:3]
+    g = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1)
+    return jnp.broadcast_to(jnp.asarray(g, jnp.float32), (k, h, w, 2))
+
+  h, w, s = 24, 16, 2
+  images = jnp.ones((3, h, w, 1))
+  m0 = jnp.ones((h, w, 4))
+  v = np.asarray(losses.velocity({}, images, m0, jnp.zeros(3), images[0],
+                                 fit.FitConfig(velocity_stride=s), apply_fn))
+  assert seen == [((3, 12, 8, 1), (12, 8, 4), (12, 8, 1))]
+  assert v.shape == (3, h, w, 2)
+  rows = np.arange(h)[:, None] + 0.5 - s / 2
+  cols = np.arange(w)[None, :] + 0.5 - s / 2
+  np.testing.assert_allclose(v[1, 1:-1, 1:-1, 0], np.broadcast_to(rows, (h, w))[1:-1, 1:-1],
+                             atol=1e-5)
+  np.testing.assert_allclose(v[1, 1:-1, 1:-1, 1], np.broadcast_to(cols, (h, w))[1:-1, 1:-1],
+                             atol=1e-5)
+  seen.clear()
+  v1 = losses.velocity({}, images, m0, jnp.zeros(3), images[0], fit.FitConfig(), apply_fn)
+  assert seen == [((3, h, w, 1), (h, w, 4), (h, w, 1))] and v1.shape == (3, h, w, 2)
