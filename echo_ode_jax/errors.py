@@ -13,8 +13,19 @@ class InputError(ValueError):
     super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class OutputError(Exception):
+  """An output that cannot be written (a full disk, a read-only folder). ``str(err)``
+  is one line: "<file>: <problem>". Not an InputError: skipping bad inputs
+  (``--skip_bad``) does not skip it."""
+
+  def __init__(self, path: str | os.PathLike | None, problem: str):
+    self.path = None if path is None else os.fspath(path)
+    self.problem = problem
+    super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
 def run_cli(main_fn, huge_pages: bool = False):
-  """Wraps an absl ``main`` so that InputError prints one line and exits 2,
+  """Wraps an absl ``main`` so that InputError and OutputError print one line and exit 2,
   and SIGTERM exits through Python's unwinding (exit status 143).
 
   It also turns on JAX's persistent compilation cache
@@ -37,7 +48,7 @@ def run_cli(main_fn, huge_pages: bool = False):
     jit_cache.enable()
     try:
       return main_fn(argv)
-    except InputError as e:
+    except (InputError, OutputError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 

@@ -328,12 +328,13 @@ def test_a_failed_run_keeps_its_commits_and_a_rerun_adds_the_rest(db, tmp_path):
 
 
 def test_one_converter_per_output(db, tmp_path):
-  from echo_ode_jax.data.convert import _exclusive
+  from echo_ode_jax._atomic import exclusive
   out = tmp_path / "camus.h5"
-  with _exclusive(out):                                      # as another process would
+  with exclusive(out, "converting into"):                    # as another process would
     with pytest.raises(InputError, match="another process is converting"):
       convert_camus(db, out, size=32)
   convert_camus(db, out, size=32)                            # free again
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["camus.h5", "database_nifti"]  # no lock
 
 
 def test_sigterm_in_a_cli_removes_the_temporary_file(tmp_path):

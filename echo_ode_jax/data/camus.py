@@ -111,11 +111,19 @@ def _view_file(folder: Path, view: str, suffix: str) -> Path | None:
   return _find(folder, f"{folder.name}_{view}_{suffix}", _NIFTI_EXT + _MHD_EXT)
 
 
+def _folder_error(d: Path, e: OSError) -> InputError:
+  return InputError(d, f"cannot read patient folder ({e.__class__.__name__}: "
+                    f"{e.strerror or e})")
+
+
 def available_views(patient_dir: str | os.PathLike) -> list[str]:
   """The views (of VIEWS) that have at least one image file in a patient folder."""
   d = Path(patient_dir)
-  return [v for v in VIEWS
-          if any(_view_file(d, v, s) for s in ("half_sequence", "sequence", "ED", "ES"))]
+  try:
+    return [v for v in VIEWS
+            if any(_view_file(d, v, s) for s in ("half_sequence", "sequence", "ED", "ES"))]
+  except OSError as e:
+    raise _folder_error(d, e) from None
 
 
 def _mask_pair_check(d: Path, pid: str, view: str, ed_gt, es_gt) -> None:
@@ -169,6 +177,11 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
   """
   path = Path(path)
   name = path.name.lower()
+  _check_readable(path)
+  if name.endswith(_MHD_EXT):
+    data_file = _mhd_data_file(path)
+    if data_file is not None:
+      _check_readable(data_file)
   try:
     if name.endswith(_NIFTI_EXT):
       import nibabel as nib
@@ -210,6 +223,32 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
   if spacing is None or not all(np.isfinite(spacing)) or min(spacing) <= 0:
     raise InputError(path, f"bad pixel spacing {spacing}")
   return np.ascontiguousarray(arr), spacing
+
+
+def _check_readable(path: Path) -> None:
+  """InputError naming `path` when it cannot be opened (missing, permissions): such
+  a file is unreadable, not "truncated or corrupt"."""
+  try:
+    with open(path, "rb"):
+      pass
+  except OSError as e:
+    raise InputError(path, f"cannot open ({e.__class__.__name__}: {e.strerror or e})") from None
+
+
+def _mhd_data_file(path: Path) -> Path | None:
+  """The data file named by a MetaImage header's ElementDataFile (None if inline/unknown)."""
+  try:
+    with open(path, "rb") as fh:
+      head = fh.read(1 << 16).decode("latin-1")
+  except OSError:
+    return None
+  for line in head.splitlines():
+    k, _, v = line.partition("=")
+    if k.strip() == "ElementDataFile":
+      v = v.strip()
+      if v and v.upper() != "LOCAL" and not v.upper().startswith("LIST") and "%" not in v:
+        return path.parent / v
+  return None
 
 
 def _f32(x) -> float:
@@ -265,6 +304,12 @@ def _ed_es(cfg_path: Path, info: dict) -> tuple[int, int]:
     raise InputError(cfg_path, f"ED/ES are 1-based frame numbers, got ED={ed} ES={es}")
   if es <= ed:
     raise InputError(cfg_path, f"ES={es} is not after ED={ed}")
+  nb = info.get("nbframe")
+  if nb is not None:
+    if not isinstance(nb, int) or nb < 1:
+      raise InputError(cfg_path, f"NbFrame must be a positive integer, got {nb!r}")
+    if es > nb:
+      raise InputError(cfg_path, f"ES={es} exceeds NbFrame={nb}")
   return ed, es
 
 
@@ -279,7 +324,14 @@ def _read_mask(path: Path | None, ref_path: Path, ref: np.ndarray, frames: bool)
   if m.shape != ref.shape:
     raise InputError(path, f"mask shape {m.shape} differs from image "
                      f"{ref_path.name} shape {ref.shape}")
-  return _check_labels(path, m)
+  m = _check_labels(path, m)
+  for t, frame in enumerate(m if m.ndim == 3 else m[None]):
+    where = f"mask frame {t}" if m.ndim == 3 else "mask"
+    if not frame.any():
+      raise InputError(path, f"{where} is empty (all background)")
+    if not (frame == 1).any():
+      raise InputError(path, f"{where} has no LV cavity (label 1)")
+  return m
 
 
 def _read_frame(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
@@ -294,9 +346,17 @@ def read_view(patient_dir: str | os.PathLike, view: str) -> CamusView | None:
   """Reads one view of a patient folder (frames ED -> ES); None if the view is absent.
 
   Prefers the 2023 half sequence, then the 2019 full sequence (sliced to
-  [ED..ES] with the cfg), then the ED/ES frames. Raises InputError on bad input.
+  [ED..ES] with the cfg), then the ED/ES frames. Raises InputError on bad input,
+  an unreadable folder included.
   """
   d = Path(patient_dir)
+  try:
+    return _read_view(d, view)
+  except OSError as e:
+    raise _folder_error(d, e) from None
+
+
+def _read_view(d: Path, view: str) -> CamusView | None:
   if not d.is_dir():
     raise InputError(d, "patient folder does not exist")
   pid = d.name

@@ -6,14 +6,13 @@ nearest neighbour (255 = frame not annotated). The view attributes hold
 voxelspacing (mm per stored pixel, isotropic), ed_index / es_index (0-based
 in the file: 0 and T-1), source_shape, source_voxelspacing, the resampling
 (resample_scale, resample_offset, content_shape, pad, stored_shape; see
-:func:`~echo_ode_jax.data.resample.to_source`), source_kind, and every Info cfg
-field with lower-case keys (so the cfg's 1-based ED / ES stay as `ed` / `es`).
+:func:`~echo_ode_jax.data.resample.to_source`), source_kind, source_folder (the
+patient folder read), and every Info cfg field with lower-case keys (so the
+cfg's 1-based ED / ES stay as `ed` / `es`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -23,27 +22,37 @@ import h5py
 import numpy as np
 from absl import logging
 
-from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax import _atomic
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import camus
-from echo_ode_jax.data.hdf5 import Sequence, set_root_attrs, write_sequence
+from echo_ode_jax.data.hdf5 import (Sequence, attr_value, is_reserved_attr, set_root_attrs,
+                                    write_sequence)
 from echo_ode_jax.data.resample import Resampling, from_source, resample_image
 from echo_ode_jax.errors import InputError
 
 DEFAULT_SIZE = 256
 
-# Attrs the converter sets itself; a cfg field of the same name is not allowed to override them.
-_RESERVED = {"voxelspacing", "source_voxelspacing", "source_shape", "ed_index", "es_index",
-             "resample_scale", "resample_offset", "content_shape", "pad", "stored_shape",
-             "source_kind"}
+
+def _source_folder(v: camus.CamusView) -> str:
+  """The resolved patient folder a view was read from."""
+  return str(Path(v.files[0]).resolve().parent) if v.files else ""
 
 
 def to_sequence(v: camus.CamusView, size: int = DEFAULT_SIZE) -> Sequence:
-  """Resamples one source view into the stored layout (a :class:`Sequence`)."""
+  """Resamples one source view into the stored layout (a :class:`Sequence`).
+
+  Raises InputError naming the cfg when one of its keys is an attribute or
+  dataset name the project sets itself (hdf5.RESERVED_VIEW_ATTRS).
+  """
+  reserved = sorted(k for k in v.info if is_reserved_attr(k))
+  if reserved:
+    cfg = next((f for f in v.files if f.endswith(".cfg")), f"Info_{v.view}.cfg")
+    raise InputError(cfg, f"key(s) {', '.join(reserved)} would overwrite attributes or "
+                     "datasets the project sets itself; rename them")
   res = Resampling.fit(v.img.shape[1:], v.spacing, size)
   img = np.clip(resample_image(camus.normalise_intensity(v.img), res), 0.0, 1.0)
   gt = None if v.gt is None else from_source(v.gt, res)
-  attrs = {k: v_ for k, v_ in v.info.items() if k not in _RESERVED}
+  attrs = dict(v.info)
   attrs.update(res.attrs())
   attrs.update({
       "voxelspacing": np.array([res.spacing, res.spacing]),
@@ -51,6 +60,7 @@ def to_sequence(v: camus.CamusView, size: int = DEFAULT_SIZE) -> Sequence:
       "ed_index": 0,
       "es_index": v.num_frames - 1,
       "source_kind": v.kind,
+      "source_folder": _source_folder(v),
   })
   return Sequence(v.patient, v.view, img.astype(np.float32), gt, attrs)
 
@@ -88,7 +98,8 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
     camus_dir: database_nifti/, training/ or testing/, a folder of patient
       folders, or their parent (see :func:`camus.find_patients`).
     out: the HDF5 file. If it exists, groups already there are kept and only
-      missing patient/views are added (so re-running is idempotent).
+      missing patient/views are added (so re-running is idempotent); a group
+      converted from another patient folder is an error, not kept silently.
     size: stored image side in pixels.
     views: views to convert. None means all of camus.VIEWS, silently skipping
       views a patient lacks; an explicit list makes a view that is missing for
@@ -100,8 +111,10 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
       it whole or not at all.
 
   Returns the report. Raises InputError on bad input (without `skip_bad`), or
-  when another process is converting into `out`; the patients committed before
-  stay in `out`, and a rerun converts only the rest.
+  when another process is converting into `out`; OutputError when `out` cannot
+  be written (a full disk, a read-only folder). The patients committed before
+  stay in `out`, and a rerun converts only the rest; it first removes the
+  temporary files a killed run left beside `out`.
   """
   if size < 8:
     raise InputError(None, f"--size must be >= 8, got {size}")
@@ -114,7 +127,13 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
       raise InputError(camus_dir, f"unknown view {v!r}; choose from {camus.VIEWS}")
   folders = _select(camus.find_patients(camus_dir), patients, camus_dir)
   if explicit:   # checked before converting anything (a listing per patient)
-    present = set().union(*(camus.available_views(d) for d in folders)) if folders else set()
+    present: set[str] = set()
+    for d in folders:
+      try:
+        present.update(camus.available_views(d))
+      except InputError:
+        if not skip_bad:   # with skip_bad, the patient is reported bad when converted
+          raise
     absent = [v for v in views if v not in present]
     if absent:
       raise InputError(camus_dir, f"view(s) {', '.join(absent)} missing for all "
@@ -123,26 +142,22 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
   out = Path(out)
   prog = Progress(len(folders), "convert", "patient")
   todo = list(folders)
-  with _exclusive(out):
+  with _atomic.exclusive(out, "converting into"):
+    for p in _atomic.remove_stale_temporaries(out):
+      logging.warning("removed %s, a temporary file left by an interrupted run", p)
+    if out.exists():
+      _check_existing(out, size)
     while True:
       # One atomic commit per commit_every_s of work: an interrupted or failed
       # run keeps the patients of the commits before, and a rerun adds the rest.
-      with atomic_path(out, copy_existing=True) as tmp:
-        mode = "a" if out.exists() else "w"
-        try:
-          f = h5py.File(tmp, mode)
-        except OSError as e:
-          raise InputError(out, f"existing output is not a readable HDF5 file ({e})") from None
-        with f:
-          if "size" in f.attrs and int(f.attrs["size"]) != size:
-            raise InputError(out, f"existing output has size {int(f.attrs['size'])}, "
-                             f"not the requested {size}")
-          set_root_attrs(f, size)
-          t0 = time.monotonic()
-          while todo:   # at least one patient per commit
-            _convert_patient(f, todo.pop(0), views, size, skip_bad, report, prog)
-            if time.monotonic() - t0 >= commit_every_s:
-              break
+      with _atomic.atomic_h5(out, "a" if out.exists() else "w", copy_existing=True) as f:
+        set_root_attrs(f, size)
+        t0 = time.monotonic()
+        while todo:   # at least one patient per commit
+          _convert_patient(f, out, todo.pop(0), views, size, skip_bad, report, prog)
+          _atomic.check_writes(f)      # a full disk stops the run here
+          if time.monotonic() - t0 >= commit_every_s:
+            break
       if not todo:
         break
   logging.info("converted %d views, kept %d existing, %d missing views, %d bad patients",
@@ -154,9 +169,33 @@ def convert_camus(camus_dir: str | os.PathLike, out: str | os.PathLike,
   return report
 
 
-def _convert_patient(f: h5py.File, d: Path, views, size: int, skip_bad: bool,
+def _check_existing(out: Path, size: int) -> None:
+  """An existing output must be a readable HDF5 file of the same size."""
+  try:
+    with h5py.File(out, "r") as f:
+      have = int(f.attrs["size"]) if "size" in f.attrs else None
+  except OSError as e:
+    raise InputError(out, f"existing output is not a readable HDF5 file ({e}); move it "
+                     "aside or delete it, or choose another --out") from None
+  if have is not None and have != size:
+    raise InputError(out, f"existing output has size {have}, not the requested {size}")
+
+
+def _convert_patient(f: h5py.File, out: Path, d: Path, views, size: int, skip_bad: bool,
                      report: "ConvertReport", prog: Progress) -> None:
-  """Writes patient folder d's views into the open file f (all or none of them)."""
+  """Writes patient folder d's views into the open file f (all or none of them).
+
+  A view already in f is kept, unless it was converted from another folder
+  (InputError: a rerun must not mix two sources under one patient name).
+  """
+  here = str(d.resolve())
+  for v in views:
+    key = f"{d.name}/{v}"
+    if key in f and "source_folder" in f[key].attrs:
+      old = attr_value(f[key].attrs["source_folder"])
+      if old != here:
+        raise InputError(out, f"{key} was converted from {old}, not {here}; write to "
+                         "another --out, or delete this one to convert again")
   try:
     seqs = []
     for v in views:
@@ -181,19 +220,3 @@ def _convert_patient(f: h5py.File, d: Path, views, size: int, skip_bad: bool,
     write_sequence(f, s)
     report.converted.append(s.key)
   prog.update(1, extra=f"{d.name}")
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path):
-  """Holds an exclusive lock on out's hidden lock file: one converter per output."""
-  lock = out.parent / f".{out.name}.lock"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with open(lock, "a") as fh:
-    try:
-      fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      raise InputError(out, "another process is converting into this file") from None
-    try:
-      yield
-    finally:
-      fcntl.flock(fh, fcntl.LOCK_UN)

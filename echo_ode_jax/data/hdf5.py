@@ -18,6 +18,11 @@ content_shape (2,) and pad (2,) (the non-padded stored block), stored_shape
 (2,), source_kind ("half_sequence", "sequence", "ed_es"). The cfg's 1-based
 ED / ES frame numbers stay as `ed` / `es`.
 
+The converter also stores source_folder on <view>: the patient folder it read
+(a rerun into the same output from another folder is refused). Fit results
+(runner.py) add status, reason, config and the other attrs of
+RESERVED_VIEW_ATTRS on their <view> groups.
+
 Synthetic files (synthetic.py) add ef_true on <view> and the dataset
   /<patient>/<view>/flow_true  (T, H, W, 2) float32 true pull-back maps,
                                absolute (row, col) pixels: gt[t](p) = gt[0](flow_true[t, p])
@@ -39,6 +44,30 @@ FORMAT_VERSION = 1
 UNANNOTATED = 255
 LABELS = {0: "background", 1: "lv", 2: "myo", 3: "la"}
 NUM_CLASSES = 4
+
+# View attributes and member names that the project's tools set or read
+# themselves: a source's own fields (a CAMUS Info cfg) may not take these names.
+RESERVED_VIEW_ATTRS = frozenset({
+    # converter
+    "voxelspacing", "source_voxelspacing", "source_shape", "ed_index", "es_index",
+    "resample_scale", "resample_offset", "content_shape", "pad", "stored_shape",
+    "source_kind", "source_folder",
+    # fit results (runner.py) and evaluation (status / reason / error / message)
+    "status", "reason", "error", "message", "config", "init", "guide", "steps", "seconds",
+    "folding_fraction", "num_frames", "fit_size", "best_step", "process_index", "data",
+    "segmentation", "size",
+    # synthetic files
+    "ef_true",
+    # datasets of a view group
+    "img", "gt", "pred", "flow", "flow_true",
+})
+RESERVED_VIEW_ATTR_PREFIXES = ("loss_",)
+
+
+def is_reserved_attr(name: str) -> bool:
+  """Whether a view attribute name is one the project's tools set or read themselves."""
+  name = name.lower()
+  return name in RESERVED_VIEW_ATTRS or name.startswith(RESERVED_VIEW_ATTR_PREFIXES)
 
 
 @dataclasses.dataclass
