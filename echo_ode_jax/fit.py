@@ -87,6 +87,34 @@ class FitConfig:
   seed: int = 0
   model: ModelConfig = ModelConfig()
 
+  def __post_init__(self):
+    """Refuses settings no fit can run with: a one-line ValueError naming the field."""
+    def bad(name, why):
+      raise ValueError(f"FitConfig.{name} must be {why}, got {getattr(self, name)!r}")
+
+    def number(v):
+      return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+              and bool(np.isfinite(v)))
+
+    for name in ("steps", "t_bucket", "log_every", "scan_steps"):
+      v = getattr(self, name)
+      if not (v is None and name == "scan_steps") and (
+          isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+        bad(name, "an integer >= 1")
+    for name in ("lr", "dt"):
+      if not number(getattr(self, name)) or getattr(self, name) <= 0:
+        bad(name, "a finite number > 0")
+    for name in ("lr_final", "sigma", "lambda_sim", "lambda_seg", "lambda_ef", "lambda_jdet",
+                 "lambda_smt"):
+      if not number(getattr(self, name)) or getattr(self, name) < 0:
+        bad(name, "a finite number >= 0")
+    if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
+      bad("clip_norm", "None or a finite number > 0")
+    if self.lr_decay not in ("constant", "cosine"):
+      bad("lr_decay", "'constant' or 'cosine'")
+    if self.solver not in flow.SOLVERS:
+      bad("solver", f"one of {', '.join(flow.SOLVERS)}")
+
   def replace(self, **kw) -> "FitConfig":
     model_kw = {k[6:]: kw.pop(k) for k in list(kw) if k.startswith("model.")}
     cfg = dataclasses.replace(self, **kw)
