@@ -1,0 +1,201 @@
+r"""Table I on semi-synthetic full-cycle sequences (ground truth on every frame).
+
+  python experiments/make_semisynthetic.py --camus_dir=CAMUS/database_nifti \
+      --splits=CAMUS/splits.json --split=valid --size=128 --out=semi_valid.h5
+  python benchmarks/semisynthetic_table.py --data=semi_valid.h5 --out=DIR \
+      [--size=N] [--steps=1000] [--num=N] [--config="lambda_ncc=1"] [--ants] [--quick]
+
+Rows, each scored with every Table I column (consecutive-frame HD, temporal
+inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
+
+  ground truth                the true masks themselves (the HD and temporal
+                              references)
+  copy m_0                    the ED mask on every frame
+  U-Net (2D)                  the committed segmenter on every frame
+  Echo-ODE (U-Net)            m_0 and the ES guide from the U-Net (the paper's setting)
+  Echo-ODE (gt m_0, no guide) the true ED mask, image similarity only
+  ANTs SyNCC per frame        (--ants) ED registered to each frame
+                              independently, the true ED mask pulled through
+
+Stages are resumable (fits through fit_file's resume, ANTs per sequence, the
+evaluations cached). DIR/table.md, summary.json and metrics.csv hold the
+results. --quick is --size=64 --steps=300 --num=12 (flags given explicitly
+win). --num keeps the first N sequences (copied to DIR/data.h5).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import h5py
+import numpy as np
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from echo_ode_jax import experiment, metrics, runner  # noqa: E402
+from echo_ode_jax._atomic import atomic_path  # noqa: E402
+from echo_ode_jax._progress import Progress  # noqa: E402
+from echo_ode_jax.data import hdf5  # noqa: E402
+from echo_ode_jax.errors import run_cli  # noqa: E402
+
+_DATA = flags.DEFINE_string("data", None, "Semi-synthetic HDF5 (make_semisynthetic.py).",
+                            required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_SIZE = flags.DEFINE_integer("size", None, "Fit / registration grid (default: the data's).")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per Echo-ODE fit.")
+_NUM = flags.DEFINE_integer("num", None, "Only the first N sequences.")
+_CONFIG = flags.DEFINE_string("config", "", 'FitConfig overrides, e.g. "lambda_ncc=1" '
+                              "(ablate.py keys).")
+_CHECKPOINTS = flags.DEFINE_string("checkpoints", "experiments/checkpoints",
+                                   "Folder with the segmenter's workdir.")
+_SEGMENTER = flags.DEFINE_string("segmenter", "unet", "Segmenter (workdir name).")
+_ANTS = flags.DEFINE_boolean("ants", False, "Add ANTs SyNCC registered to each frame.")
+_ANTS_TRANSFORM = flags.DEFINE_string("ants_transform", "SyNCC", "ants type_of_transform.")
+_BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
+_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --steps=300 --num=12 unless given.")
+
+QUICK = {"size": 64, "steps": 300, "num": 12}
+
+
+def subset(data: str, num: int | None, path: str) -> str:
+  """`data`, or its first `num` sequences copied to `path`."""
+  keys = hdf5.list_keys(data)
+  if not num or num >= len(keys):
+    return data
+  keys = keys[:num]
+  if os.path.exists(path) and hdf5.list_keys(path) == keys:
+    return path
+  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, h5py.File(data, "r") as src:
+    for k, v in src.attrs.items():
+      f.attrs[k] = v
+    for k in keys:
+      patient, view = k.split("/")
+      src.copy(src[k], f.require_group(patient), name=view)
+  return path
+
+
+def label_file(data: str, path: str, frames_of) -> str:
+  """A prediction file whose pred is frames_of(gt) for every sequence."""
+  if os.path.exists(path):
+    return path
+  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    f.attrs["format_version"] = hdf5.FORMAT_VERSION
+    for seq in hdf5.iter_sequences(data):
+      f.require_group(seq.key).create_dataset("pred", data=frames_of(seq.gt),
+                                              compression="gzip")
+  return path
+
+
+def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> str:
+  """ANTs `transform` from frame 0 to every frame, the gt ED mask pulled
+  through each; resumable per sequence; writes attrs seconds and
+  folding_fraction (mean over frames)."""
+  import _ants
+  _ants.import_ants()
+  keys = hdf5.list_keys(data)
+  done = set(hdf5.list_keys(path)) if os.path.exists(path) else set()
+  todo = [k for k in keys if k not in done]
+  prog = Progress(len(todo), f"ANTs {transform} per frame", "sequence")
+  for k in todo:
+    seq = hdf5.read_sequence(data, k)
+    hw = seq.img.shape[1:]
+    img = runner.resize(seq.img, (size, size), 1) if size else seq.img
+    m0 = runner.resize(seq.gt[0], img.shape[1:], 0)
+    pred, folds, secs = [seq.gt[0]], [], 0.0
+    for t in range(1, img.shape[0]):
+      lab, fold, s = _ants.register_labels(img[t], img[0], m0, transform)
+      pred.append(runner.resize(lab, hw, 0))
+      folds.append(fold)
+      secs += s
+    with atomic_path(path, copy_existing=True) as tmp, h5py.File(tmp, "a") as f:
+      g = f.require_group(k)
+      g.create_dataset("pred", data=np.stack(pred).astype(np.uint8), compression="gzip")
+      g.attrs.update({"status": "ok", "seconds": secs,
+                      "folding_fraction": float(np.mean(folds))})
+    prog.update(1)
+  return path
+
+
+def _num(v, d=3):
+  return f"{v:.{d}f}" if v is not None and math.isfinite(v) else "–"
+
+
+def table_markdown(summaries: dict, folds: dict) -> str:
+  head = ("| Method | mDice | Dice endo | Dice epi | consecutive-frame HD (mm) | "
+          "Temp. Error | EF MAE area (%) | folding (%) | Failed |")
+  lines = [head, "|---|" + ":-:|" * 8]
+  for name, s in summaries.items():
+    fold = folds.get(name, s.get("fold_frac_mean"))
+    lines.append(
+        f"| {name} | {_num(s['mdice'])} | {_num(s['dice_endo'])} | {_num(s['dice_epi'])} | "
+        f"{_num(s['hd_mean'], 2)} ± {_num(s['hd_sd'], 2)} | "
+        f"{s['temporal_errors']} / {s['n_ok']} | "
+        f"{_num(s['ef_area_mae'], 1)} ± {_num(s['ef_area_sd'], 1)} | "
+        f"{_num(100 * fold if fold is not None else math.nan, 3)} | "
+        f"{s['n_failed'] + s['n_missing']} / {s['n_sequences']} |")
+  return "\n".join(lines) + "\n"
+
+
+def _mean_attr(path: str, name: str) -> float:
+  vals = []
+  with h5py.File(path, "r") as f:
+    for k in hdf5.list_keys(path):
+      if name in f[k].attrs:
+        vals.append(float(f[k].attrs[name]))
+  return float(np.mean(vals)) if vals else math.nan
+
+
+def main(argv):
+  del argv
+  for name, v in QUICK.items():
+    if _QUICK.value and not flags.FLAGS[name].present:
+      flags.FLAGS[name].value = v
+  if _ANTS.value:
+    import _ants
+    _ants.import_ants()
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  data = subset(_DATA.value, _NUM.value, os.path.join(out, "data.h5"))
+  size = _SIZE.value
+  cfg = experiment.base_config(_CONFIG.value).replace(steps=_STEPS.value)
+  seg = _SEGMENTER.value
+  preds = {
+      "ground truth": label_file(data, os.path.join(out, "pred_gt.h5"), lambda g: g),
+      "copy m_0": label_file(data, os.path.join(out, "pred_copy.h5"),
+                             lambda g: np.repeat(g[:1], g.shape[0], 0)),
+  }
+  seg_name = experiment.segmenter_label(seg)
+  preds[seg_name] = experiment.predict_stage(data, _CHECKPOINTS.value, seg,
+                                             os.path.join(out, f"pred_{seg}.h5"))
+  preds[experiment.echo_ode_label(seg)] = experiment.fit_stage(
+      data, os.path.join(out, f"echo_{seg}.h5"), cfg, "segmenter", "segmenter",
+      preds[seg_name], _BATCH.value, size, save_flow=True)
+  preds["Echo-ODE (gt m_0, no guide)"] = experiment.fit_stage(
+      data, os.path.join(out, "echo_gt_noguide.h5"), cfg, "gt", "none", None, _BATCH.value,
+      size, save_flow=True)
+  folds = {}
+  if _ANTS.value:
+    name = f"ANTs {_ANTS_TRANSFORM.value} per frame"
+    preds[name] = ants_per_frame(data, os.path.join(out, f"pred_ants_{_ANTS_TRANSFORM.value}.h5"),
+                                 _ANTS_TRANSFORM.value, size)
+    folds[name] = _mean_attr(preds[name], "folding_fraction")
+  results = {n: experiment.evaluate_cached(data, p, p[:-3] + ".eval.json")
+             for n, p in preds.items()}
+  summaries = {n: metrics.summarize(r) for n, r in results.items()}
+  table = (f"{len(hdf5.list_keys(data))} semi-synthetic sequences; grid "
+           f"{size or 'of the data'}; Echo-ODE {cfg.steps} steps, config "
+           f"{_CONFIG.value or 'default'}\n\n" + table_markdown(summaries, folds))
+  extra = {n: {"pred": os.path.relpath(p, out)} for n, p in preds.items()}
+  for n in preds:
+    if n.startswith("Echo-ODE"):
+      extra[n]["config"] = json.loads(cfg.to_json())
+  experiment.write_report(out, results, extra, table)
+  logging.info("report in %s", out)
+  print(table, end="")
+
+
+if __name__ == "__main__":
+  app.run(run_cli(main, huge_pages=True))
