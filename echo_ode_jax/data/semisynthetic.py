@@ -210,8 +210,12 @@ class FittedMap:
   def phi(self, s: float | np.ndarray) -> np.ndarray:
     """Pull-back maps exp(s v): (S, S, 2) for a scalar s, (K, S, S, 2) for (K,) s; float32."""
     s_arr = np.asarray(s, np.float32)
-    out = _exp_batch(self.squarings)(np.asarray(self.v, np.float32), s_arr.reshape(-1))
-    out = np.array(out, np.float32)
+    flat = s_arr.reshape(-1)
+    n = len(flat)
+    padded = np.zeros(-(-n // 8) * 8, np.float32)   # a few shapes, a few compilations
+    padded[:n] = flat
+    out = _exp_batch(self.squarings)(np.asarray(self.v, np.float32), padded)
+    out = np.array(out[:n], np.float32)
     return out[0] if s_arr.ndim == 0 else out
 
 
@@ -337,7 +341,8 @@ def semisynthetic_sequence(
     (seq, phi, report): seq.img (T, S, S) float32 in [0, 1], seq.gt (T, S, S)
     uint8 (all frames annotated), attrs with ed_index 0, es_index T-1, ed 1,
     es T, nbframe T, ef_true (area EF of the synthetic cavity), ef_real_area,
-    es_dice_{endo,epi,myo,la}, jdet_min, time_gamma, semisynthetic 1;
+    es_dice_{endo,epi,myo,la}, jdet_min, time_gamma, time_s (T,) (the s_k of
+    phi[k] = exp(s_k v)), fit_loss, fit_data_loss, seed, semisynthetic 1;
     phi (T, S, S, 2) float32 pull-back maps, phi[0] = identity;
     report: the per-sequence numbers (patient, frames, Dice, EFs, jdet_min, fit loss, seconds).
   """
@@ -377,7 +382,7 @@ def semisynthetic_sequence(
       "ed": 1, "es": t_frames, "nbframe": t_frames,
       "ef_true": area_ef(gt[0], gt[-1]),
       "ef_real_area": area_ef(m_ed, m_es),
-      "time_gamma": g, "seed": int(seed), "jdet_min": jdet_min,
+      "time_gamma": g, "time_s": s.astype(np.float64), "seed": int(seed), "jdet_min": jdet_min,
       "fit_loss": fitted.loss, "fit_data_loss": fitted.data_loss,
       "semisynthetic": 1,
   })
@@ -389,3 +394,177 @@ def semisynthetic_sequence(
             "jdet_min": jdet_min, "fit_data_loss": fitted.data_loss,
             "seconds": time.perf_counter() - t0}
   return seq, phi.astype(np.float32), report
+
+
+# ---------------------------------------------------------------------------
+# Files: CAMUS in, HDF5 (and CAMUS-layout NIfTI) out
+# ---------------------------------------------------------------------------
+
+
+def select_patients(camus_dir: str | os.PathLike, patients: Seq[str] | None = None,
+                    splits: str | os.PathLike | None = None, split: str = "valid",
+                    num: int | None = None) -> list[Path]:
+  """Patient folders under `camus_dir` (camus.find_patients), narrowed down.
+
+  patients: names (patient0001 or 1); splits/split: keep the patients of one list
+  of a splits JSON ({"train": [...], "valid": [...]}); num: the first `num` left.
+  Raises InputError on a missing patient, split or file.
+  """
+  import json
+
+  from echo_ode_jax.data.convert import _select
+  from echo_ode_jax.errors import InputError
+  folders = _select(camus.find_patients(camus_dir), patients, camus_dir)
+  if splits is not None:
+    try:
+      data = json.loads(Path(splits).read_text())
+    except (OSError, ValueError) as e:
+      raise InputError(splits, f"cannot read the splits JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(split), list):
+      raise InputError(splits, f"no list {split!r} (keys: {sorted(data) if isinstance(data, dict) else []})")
+    keep = set(data[split])
+    folders = [d for d in folders if d.name in keep]
+  if num is not None:
+    if num < 1:
+      raise InputError(None, f"--num must be >= 1, got {num}")
+    folders = folders[:num]
+  if not folders:
+    raise InputError(camus_dir, "no patients selected")
+  return folders
+
+
+def write_nifti(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, float]) -> None:
+  """Writes (H, W) or (T, H, W) (rows = depth) as CAMUS NIfTI: (x, y[, t]), spacing (row, col) mm."""
+  import nibabel as nib
+  arr = np.asarray(arr)
+  data = arr.T if arr.ndim == 2 else arr.transpose(2, 1, 0)
+  affine = np.diag([-float(spacing[1]), -float(spacing[0]), 1.0, 1.0])
+  nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), os.fspath(path))
+
+
+def write_camus_view(out_dir: str | os.PathLike, seq: Sequence) -> Path:
+  """Writes one sequence in the CAMUS 2023 layout under out_dir/<patient>/ (replacing it).
+
+  Files: <patient>_<view>_half_sequence[_gt].nii.gz (all frames ED -> ES),
+  <patient>_<view>_{ED,ES}[_gt].nii.gz and Info_<view>.cfg (ED: 1, ES: T,
+  NbFrame: T). Images are uint8 (round(255 img)), masks uint8; the spacing is
+  seq.attrs["voxelspacing"]. Written into a temporary folder, then renamed.
+  """
+  import shutil
+  import tempfile
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  final = out_dir / seq.patient
+  tmp = Path(tempfile.mkdtemp(prefix=f".{seq.patient}.", dir=out_dir))
+  try:
+    sp = tuple(float(x) for x in np.asarray(seq.attrs["voxelspacing"]))
+    img = np.clip(np.round(np.asarray(seq.img) * 255.0), 0, 255).astype(np.uint8)
+    gt = np.asarray(seq.gt, np.uint8)
+    stem = f"{seq.patient}_{seq.view}"
+    write_nifti(tmp / f"{stem}_half_sequence.nii.gz", img, sp)
+    write_nifti(tmp / f"{stem}_half_sequence_gt.nii.gz", gt, sp)
+    for name, i in (("ED", 0), ("ES", -1)):
+      write_nifti(tmp / f"{stem}_{name}.nii.gz", img[i], sp)
+      write_nifti(tmp / f"{stem}_{name}_gt.nii.gz", gt[i], sp)
+    t = seq.num_frames
+    (tmp / f"Info_{seq.view}.cfg").write_text(f"ED: 1\nES: {t}\nNbFrame: {t}\n")
+    if final.exists():
+      shutil.rmtree(final)
+    os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final
+
+
+REPORT_FIELDS = ("patient", "view", "frames", "dice_endo", "dice_epi", "dice_myo", "dice_la",
+                 "ef_real_area", "ef_synth_area", "jdet_min", "fit_data_loss", "seconds")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  """The per-sequence ES Dice report as a Markdown table with a mean row."""
+  cols = REPORT_FIELDS[2:]
+  head = "| patient | " + " | ".join(cols) + " |"
+  lines = [head, "|" + "---|" * (len(cols) + 1)]
+  fmt = lambda k, v: f"{v:d}" if k == "frames" else f"{v:.1f}" if k == "seconds" else f"{v:.3f}"
+  for r in rows:
+    lines.append(f"| {r['patient']} | " + " | ".join(fmt(k, r[k]) for k in cols) + " |")
+  if rows:
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in cols}
+    lines.append(f"| mean ({len(rows)}) | " + " | ".join(
+        f"{mean[k]:.1f}" if k in ("frames", "seconds") else f"{mean[k]:.3f}" for k in cols) + " |")
+  return "\n".join(lines)
+
+
+def report_csv_path(out: str | os.PathLike) -> Path:
+  """The CSV of the per-sequence report beside the HDF5 output: <out stem>_es_dice.csv."""
+  out = Path(out)
+  return out.with_name(out.name[:-len(out.suffix)] + "_es_dice.csv" if out.suffix
+                       else out.name + "_es_dice.csv")
+
+
+def make_dataset(camus_dir: str | os.PathLike, out: str | os.PathLike, size: int = 128,
+                 seed: int = 0, num: int | None = None, patients: Seq[str] | None = None,
+                 splits: str | os.PathLike | None = None, split: str = "valid",
+                 nifti_out: str | os.PathLike | None = None, view: str = "4CH",
+                 num_frames: int | None = None, map_cfg: MapConfig = MapConfig(),
+                 noise_cfg: NoiseConfig = NoiseConfig(), store_flow: bool = True,
+                 progress: bool = True) -> list[dict[str, Any]]:
+  """Semi-synthetic sequences from the real ED/ES pairs of CAMUS patients.
+
+  Reads each selected patient's `view` (camus.read_view), resamples it to
+  size x size like the converter (convert.to_sequence), builds the sequence
+  (semisynthetic_sequence, seeded by `seed` and the patient name) and writes
+  the project's HDF5 layout at `out` (atomically, at the end) with
+  `/<patient>/<view>/flow_true`; with `nifti_out`, also the CAMUS 2023 layout
+  there (write_camus_view). The per-sequence report goes to
+  report_csv_path(out) and, as a table with the mean, to the log.
+
+  Returns the report rows (dicts with REPORT_FIELDS).
+  """
+  import h5py
+  from absl import logging
+
+  from echo_ode_jax._atomic import atomic_path
+  from echo_ode_jax._progress import Progress
+  from echo_ode_jax.data.convert import to_sequence
+  from echo_ode_jax.data.hdf5 import UNANNOTATED, set_root_attrs, write_dataset, write_sequence
+  from echo_ode_jax.errors import InputError
+  if size < 16:
+    raise InputError(None, f"--size must be >= 16, got {size}")
+  if os.path.isdir(out):
+    raise InputError(out, "is a directory; --out must name an HDF5 file")
+  folders = select_patients(camus_dir, patients, splits, split, num)
+  rows: list[dict[str, Any]] = []
+  prog = Progress(len(folders), "semisynthetic", "patient") if progress else None
+  with atomic_path(out) as tmp:
+    with h5py.File(tmp, "w") as f:
+      set_root_attrs(f, size)
+      for d in folders:
+        cv = camus.read_view(d, view)
+        if cv is None:
+          raise InputError(d, f"no {view} view")
+        if cv.gt is None or np.all(cv.gt[0] == UNANNOTATED) or np.all(cv.gt[-1] == UNANNOTATED):
+          raise InputError(d, f"{view}: needs the ED and ES masks")
+        src = to_sequence(cv, size)
+        if src.num_frames > 2:   # a real sequence: keep its ED and ES frames only
+          src = dataclasses.replace(src, img=src.img[[0, -1]], gt=src.gt[[0, -1]])
+        seq, phi, rep = semisynthetic_sequence(src, seed, num_frames, map_cfg, noise_cfg)
+        write_sequence(f, seq)
+        if store_flow:
+          write_dataset(f, seq.key, "flow_true", phi)
+        if nifti_out is not None:
+          write_camus_view(nifti_out, seq)
+        rows.append(rep)
+        if prog:
+          prog.update(1, extra=f"{d.name} ES Dice endo {rep['dice_endo']:.3f} "
+                      f"epi {rep['dice_epi']:.3f}")
+  csv_path = report_csv_path(out)
+  with atomic_path(csv_path) as tmp:
+    with open(tmp, "w", newline="") as fh:
+      w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+      w.writeheader()
+      for r in rows:
+        w.writerow({k: r[k] for k in REPORT_FIELDS})
+  logging.info("synthetic ES mask vs real ES mask (Dice), %s:\n%s", csv_path, format_table(rows))
+  return rows
