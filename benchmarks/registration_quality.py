@@ -2,7 +2,7 @@ r"""Registration quality on real ED/ES pairs: the ground-truth ED mask carried t
 
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR \
       [--splits=F --split=valid] [--num=N] [--size=128] [--steps=1000] \
-      [--config="lambda_smt=0.01;sim=ncc"] [--grid="sim=mse,ncc"] \
+      [--config="lambda_smt=0.01"] [--grid="|lambda_sim=10|lambda_ncc=1"] \
       [--segmentation=PRED.h5 | --segmenter=experiments/checkpoints/unet] [--ants]
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR --quick ...
 
@@ -67,7 +67,9 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per Echo-ODE fit.")
 _CONFIG = flags.DEFINE_string("config", "", 'FitConfig overrides, e.g. "lr=0.005;sim=ncc" '
                               "(ablate.py keys).")
 _GRID = flags.DEFINE_string("grid", "", "Echo-ODE rows: a grid over --config "
-                            '("sim=mse,ncc;lambda_smt=0.01,0.03"); empty: one row.')
+                            '("lambda_sim=1,10;lambda_smt=0.01,0.03"), or several grids '
+                            'joined by "|" for their union ("|lambda_sim=10|lambda_ncc=1": '
+                            "the base, then two single changes); empty: the base only.")
 _SEGMENTATION = flags.DEFINE_string("segmentation", None, "Per-frame predictions of DATA.h5 "
                                     "(PRED.h5); their ES frame is the segmenter row.")
 _SEGMENTER = flags.DEFINE_string("segmenter", "experiments/checkpoints/unet",
@@ -128,6 +130,17 @@ def write_pairs(data: str, keys: list[str], path: str) -> list[str]:
       hdf5.write_sequence(f, hdf5.Sequence(seq.patient, seq.view, seq.img[[ed, es]], gt,
                                            attrs))
   return keys
+
+
+def grid_rows(spec: str) -> list[dict]:
+  """The union of the grids of `spec` ("|"-separated ablate.py grids), in order,
+  without repeats; an empty part is the base row."""
+  rows = []
+  for part in (spec or "").split("|"):
+    for row in experiment.parse_grid(part):
+      if row not in rows:
+        rows.append(row)
+  return rows
 
 
 def pair_scores(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
@@ -326,7 +339,7 @@ def main(argv):
     segmenter_method(pairs, keys, methods[name], data, _SEGMENTATION.value,
                      _SEGMENTER.value, size)
   echo_names = []
-  for row in experiment.parse_grid(_GRID.value):
+  for row in grid_rows(_GRID.value):
     cfg = experiment.apply_overrides(base, row)
     label = experiment.row_label(row)
     name = "Echo-ODE" + ("" if label == "default" else f" {label}")
