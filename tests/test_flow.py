@@ -198,3 +198,26 @@ def test_fixed_step_save_times_match_diffrax_saveat_ts(rng, solver, backward):
         max_steps=10, throw=False).ys
 
   np.testing.assert_allclose(ours(save), theirs(save), rtol=0, atol=1e-5)
+
+
+def test_resample_map_keeps_an_affine_map_of_the_plane():
+  """phi(x) = A x + b on a 12 x 10 grid, resampled to 36 x 25: in big-grid pixels
+  the same map is x_big -> (A x_s + b + 0.5) / s - 0.5 with x_s the small-grid
+  position of x_big (hand-derived), away from the clamped border."""
+  a = np.array([[0.9, 0.1], [-0.05, 1.1]])
+  b = np.array([0.7, -0.4])
+  h, w, big_h, big_w = 12, 10, 36, 25
+  s = np.array([h / big_h, w / big_w])
+  grid = lambda hh, ww: np.stack(np.meshgrid(np.arange(hh, dtype=np.float64),
+                                             np.arange(ww, dtype=np.float64),
+                                             indexing="ij"), -1)
+  phi = grid(h, w) @ a.T + b
+  got = np.asarray(flow.resample_map(jnp.asarray(phi, jnp.float32), (big_h, big_w)))
+  xs = (grid(big_h, big_w) + 0.5) * s - 0.5
+  want = (xs @ a.T + b + 0.5) / s - 0.5
+  inner = (slice(2, -2), slice(2, -2))
+  assert got.shape == (big_h, big_w, 2)
+  np.testing.assert_allclose(got[inner], want[inner], atol=1e-4)
+  # The identity stays the identity.
+  ident = np.asarray(flow.resample_map(jnp.asarray(grid(h, w), jnp.float32), (big_h, big_w)))
+  np.testing.assert_allclose(ident[inner], grid(big_h, big_w)[inner], atol=1e-4)
