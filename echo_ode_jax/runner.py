@@ -17,12 +17,18 @@ most the batch in flight), and the parts are merged into `<out>` atomically at
 the end. A sequence whose loss turns non-finite is recorded as failed with its
 reason while the rest of the batch carries on.
 
+One run per `<out>` (a lock beside it). A rerun removes the temporary files a
+killed run left, moves an unreadable part aside as `*.corrupt` (its sequences
+are fitted again) and stops with one line when `<out>` itself is unreadable.
+A full disk stops the run with one line (OutputError); the finished parts stay.
+
 With jax.distributed (process_count > 1), every process fits its share and
 writes its own parts; process 0 merges once all processes have finished, and
 every process returns once the merge is done.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -38,14 +44,15 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from echo_ode_jax import fit as fit_lib
-from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax import _atomic, fit as fit_lib
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
 
 INITS = ("gt", "segmenter")
 GUIDES = ("segmenter", "gt", "none")
+MIN_SIZE = 16         # the smallest frame side fit.prepare_sequence accepts
+_IMG_TOLERANCE = 1e-3  # img must lie in [0, 1] up to this
 
 
 @dataclasses.dataclass
@@ -81,24 +88,70 @@ def _frame(arr, idx, path, key, what):
   m = arr[idx]
   if np.all(m == hdf5.UNANNOTATED):
     raise InputError(path, f"{key}: {what} frame {idx} has no annotation (255)")
+  if not np.any(m == 1):
+    raise InputError(path, f"{key}: {what} frame {idx} has no LV cavity (label 1)")
   return m
+
+
+def _index_attr(attrs, name: str, default: int, path, key) -> int:
+  v = attrs.get(name, default)
+  if isinstance(v, np.ndarray) and v.size == 1:
+    v = v.reshape(()).item()
+  if isinstance(v, float) and v.is_integer():
+    v = int(v)
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    raise InputError(path, f"{key}: attribute {name} must be an integer, got {v!r}")
+  return int(v)
+
+
+def _check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool) -> None:
+  """Labels 0..3 (and, with `unannotated`, frames that are all 255)."""
+  allowed = set(range(hdf5.NUM_CLASSES)) | ({hdf5.UNANNOTATED} if unannotated else set())
+  bad = sorted(set(np.unique(arr).tolist()) - allowed)
+  if bad:
+    raise InputError(path, f"{key}: {name} has labels outside 0..{hdf5.NUM_CLASSES - 1}"
+                     f"{' and 255' if unannotated else ''}: {bad[:8]}")
+  if unannotated:
+    part = [t for t, f in enumerate(arr) if np.any(f == hdf5.UNANNOTATED) and not np.all(
+        f == hdf5.UNANNOTATED)]
+    if part:
+      raise InputError(path, f"{key}: {name} frame {part[0]} mixes 255 (not annotated) "
+                       "with labels")
 
 
 def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
                 segmentation: str | None = None, size: int | None = None) -> Inputs:
-  """Reads one sequence and its initial / guide masks; raises InputError on bad input."""
+  """Reads one sequence and its initial / guide masks; raises InputError on bad input.
+
+  Checked: img is (T >= 2, H, W), finite, in [0, 1]; ed_index / es_index are
+  integers with 0 = ed < es < T; the fitted frames are at least MIN_SIZE
+  pixels a side; the masks used (gt: labels 0..3, frames all 255 when not
+  annotated; segmentation: labels 0..3) match img's shape, and the initial and
+  guide frames are annotated and hold an LV cavity. Each error names the file
+  it is about.
+  """
   if init not in INITS:
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
   if guide not in GUIDES:
     raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
   seq = hdf5.read_sequence(data, key)
+  if seq.img.ndim != 3:
+    raise InputError(data, f"{key}: img must be (T, H, W), has shape {seq.img.shape}")
   t, h, w = seq.img.shape
   if t < 2:
     raise InputError(data, f"{key}: needs at least 2 frames (ED and ES), has {t}")
   if not np.all(np.isfinite(seq.img)):
     raise InputError(data, f"{key}: img has non-finite values")
-  ed = int(seq.attrs.get("ed_index", 0))
-  es = int(seq.attrs.get("es_index", t - 1))
+  lo, hi = float(seq.img.min()), float(seq.img.max())
+  if lo < -_IMG_TOLERANCE or hi > 1 + _IMG_TOLERANCE:
+    raise InputError(data, f"{key}: img values span [{lo:.4g}, {hi:.4g}]; the layout "
+                     "stores intensities in [0, 1]")
+  fit_hw = (size, size) if size else (h, w)
+  if min(fit_hw) < MIN_SIZE:
+    raise InputError(data, f"{key}: frames of {fit_hw[0]}x{fit_hw[1]} pixels are too small "
+                     f"to fit (at least {MIN_SIZE}x{MIN_SIZE}; see --size)")
+  ed = _index_attr(seq.attrs, "ed_index", 0, data, key)
+  es = _index_attr(seq.attrs, "es_index", t - 1, data, key)
   if not 0 <= ed < es < t:
     raise InputError(data, f"{key}: ed_index={ed}, es_index={es} invalid for {t} frames")
   if ed != 0:
@@ -112,21 +165,20 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
     if pred.shape != seq.img.shape:
       raise InputError(segmentation, f"{key}: pred shape {pred.shape} != img shape "
                        f"{seq.img.shape} in {os.path.basename(data)}")
+    _check_labels(pred, segmentation, key, "pred", unannotated=False)
   if "gt" in (init, guide):
     if seq.gt is None:
       raise InputError(data, f"{key}: no gt mask (needed by init/guide 'gt')")
     if seq.gt.shape != seq.img.shape:
       raise InputError(data, f"{key}: gt shape {seq.gt.shape} != img shape {seq.img.shape}")
+    _check_labels(seq.gt, data, key, "gt", unannotated=True)
   src = {"gt": seq.gt, "segmenter": pred}
-  m0 = _frame(src[init], ed, data if init == "gt" else segmentation, key, "ED")
+  path_of = {"gt": data, "segmenter": segmentation}
+  m0 = _frame(src[init], ed, path_of[init], key, "ED")
   g_es = g_ed = None
   if guide != "none":
-    g_path = data if guide == "gt" else segmentation
-    g_es = _frame(src[guide], es, g_path, key, "ES")
-    g_ed = _frame(src[guide], ed, g_path, key, "ED")
-  for name, m in (("m0", m0), ("guide ES", g_es), ("guide ED", g_ed)):
-    if m is not None and (m.max() >= hdf5.NUM_CLASSES):
-      raise InputError(data, f"{key}: {name} has labels outside 0..3")
+    g_es = _frame(src[guide], es, path_of[guide], key, "ES")
+    g_ed = _frame(src[guide], ed, path_of[guide], key, "ED")
   if size and (h, w) != (size, size):
     images = resize(images, (size, size), 1)
     m0 = resize(m0, (size, size), 0)
@@ -232,7 +284,7 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   os.makedirs(parts_dir(out), exist_ok=True)
   path = os.path.join(parts_dir(out),
                       f"part-p{meta['process_index']}-{uuid.uuid4().hex[:12]}.h5")
-  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+  with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
       pred = resize(res.masks, inp.data_shape, 0)
@@ -252,29 +304,130 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   return path
 
 
+def _check_out_readable(out: str) -> None:
+  """InputError when `out` exists but is not a readable HDF5 file."""
+  if not os.path.exists(out):
+    return
+  try:
+    hdf5.list_keys(out)
+  except InputError as e:
+    raise InputError(out, f"not a readable HDF5 file ({e.problem}); move it aside or delete "
+                     "it (its sequences are then fitted again), or choose another --out"
+                     ) from None
+
+
+def _set_aside(part: str, why: str) -> str:
+  """Renames an unreadable part to <part>.corrupt (its sequences are fitted again)."""
+  dest = part + ".corrupt"
+  os.replace(part, dest)
+  logging.warning("%s: unreadable results part (%s), moved to %s; its sequences will be "
+                  "fitted again", part, why, os.path.basename(dest))
+  return dest
+
+
+def prepare_out(out: str, process_index: int = 0, process_count: int = 1) -> None:
+  """Makes `out` ready for a (re)run; call it holding the run's lock.
+
+  Removes the temporary files a killed run left (this process's parts; the
+  merge's, for process 0), moves this process's unreadable parts aside as
+  ``*.corrupt`` (with a warning: their sequences are fitted again), and raises
+  InputError when `out` itself exists but is not a readable HDF5 file.
+  """
+  removed = _atomic.remove_stale_temporaries(out) if process_index == 0 else []
+  mine = f"part-p{process_index}-" if process_count > 1 else "part-"
+  pdir = parts_dir(out)
+  if os.path.isdir(pdir):
+    for p in glob.glob(os.path.join(glob.escape(pdir), f".{mine}*{_atomic.TMP_SUFFIX}")):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(p)
+        removed.append(p)
+    for p in sorted(glob.glob(os.path.join(glob.escape(pdir), f"{mine}*.h5"))):
+      try:
+        hdf5.list_keys(p)
+      except InputError as e:
+        _set_aside(p, e.problem)
+  for p in removed:
+    logging.warning("removed %s, a temporary file left by an interrupted run", p)
+  _check_out_readable(out)
+
+
 def merge(out: str) -> int:
-  """Merges `<out>.parts/*.h5` into `out` (atomically) and removes the parts."""
-  parts = sorted(glob.glob(os.path.join(parts_dir(out), "*.h5")))
+  """Merges `<out>.parts/*.h5` into `out` (atomically) and removes the parts.
+
+  An unreadable part is moved aside as ``*.corrupt`` with a warning (its
+  sequences stay unfinished, so a rerun fits them); an unreadable `out` is an
+  InputError, a full disk an OutputError, and either leaves `out` and the
+  parts as they were.
+  """
+  parts = []
+  for p in sorted(glob.glob(os.path.join(glob.escape(parts_dir(out)), "*.h5"))):
+    try:
+      parts.append((p, hdf5.list_keys(p)))
+    except InputError as e:
+      _set_aside(p, e.problem)
   if not parts:
     return 0
+  _check_out_readable(out)
   n = 0
-  with atomic_path(out, copy_existing=True) as tmp, h5py.File(tmp, "a") as f:
+  with _atomic.atomic_h5(out, "a" if os.path.exists(out) else "w", copy_existing=True) as f:
     f.attrs["format_version"] = hdf5.FORMAT_VERSION
-    for p in parts:
+    for p, keys in parts:
       with h5py.File(p, "r") as src:
-        for key in hdf5.list_keys(p):
+        for key in keys:
           if key in f:
             del f[key]
           patient = key.split("/")[0]
           src.copy(src[key], f.require_group(patient), name=key.split("/")[1])
           n += 1
-  for p in parts:
+      _atomic.check_writes(f)
+  for p, _ in parts:
     os.remove(p)
   try:
     os.rmdir(parts_dir(out))
   except OSError:
     pass
   return n
+
+
+@contextlib.contextmanager
+def run_lock(out: str, process_index: int = 0, process_count: int = 1):
+  """One fit per `out`: an exclusive lock, or with process_count > 1 a lock
+  shared by the processes of one run plus one per process index; another
+  process asking for it gets a one-line InputError."""
+  if process_count == 1:
+    with _atomic.exclusive(out, "fitting into"):
+      yield
+    return
+  with _atomic.exclusive(out, "fitting into", shared=True), \
+      _atomic.exclusive(out, f"fitting into as process {process_index}",
+                        tag=f"p{process_index}"):
+    yield
+
+
+def check_run_args(init: str = "gt", guide: str = "gt", batch_size: int = 8,
+                   size: int | None = None, process_index: int = 0, process_count: int = 1,
+                   prefix: str = "") -> None:
+  """InputError (one line) for settings of :func:`fit_file` no run can use.
+
+  prefix: put before the argument names (the command line's "--").
+  """
+  def integer(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+  if init not in INITS:
+    raise InputError(None, f"{prefix}init must be one of {', '.join(INITS)}, got {init!r}")
+  if guide not in GUIDES:
+    raise InputError(None, f"{prefix}guide must be one of {', '.join(GUIDES)}, got {guide!r}")
+  if not integer(batch_size) or batch_size < 1:
+    raise InputError(None, f"{prefix}batch_size must be an integer >= 1, got {batch_size!r}")
+  if size is not None and (not integer(size) or (size != 0 and size < MIN_SIZE) or size < 0):
+    raise InputError(None, f"{prefix}size must be >= {MIN_SIZE} (or unset: the data's size), "
+                     f"got {size!r}")
+  if not integer(process_count) or process_count < 1:
+    raise InputError(None, f"process_count must be an integer >= 1, got {process_count!r}")
+  if not integer(process_index) or not 0 <= process_index < process_count:
+    raise InputError(None, f"process_index must be in 0..{process_count - 1}, "
+                     f"got {process_index!r}")
 
 
 # Generous: on a resume one process may have much more left to fit than another.
@@ -336,10 +489,17 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
       initialised: the processes wait for each other before and after process 0
       merges.
 
+  Settings are checked before any work (InputError). One run per `out` (a
+  second gets InputError; see :func:`run_lock`); it first cleans up after a
+  killed run (:func:`prepare_out`). Bad inputs raise InputError naming the
+  file, or with `skip_bad` are listed in "bad"; a full disk or an unwritable
+  folder raises OutputError, keeping the finished parts.
+
   Returns:
     {"fitted", "skipped", "failed", "bad", "seconds"} lists / numbers.
   """
   t_start = time.perf_counter()
+  check_run_args(init, guide, batch_size, size, process_index, process_count)
   if process_count > 1 and merge_results:
     _check_distributed(process_count)
   keys = hdf5.list_keys(data)
@@ -351,6 +511,16 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
     missing = wanted - {k.split("/")[0] for k in keys} - set(keys)
     if missing:
       raise InputError(data, f"patients not found: {', '.join(sorted(missing))}")
+  with run_lock(out, process_index, process_count):
+    prepare_out(out, process_index, process_count)
+    res = _fit_keys(data, out, keys, cfg, init, guide, segmentation, batch_size, size,
+                    save_flow, skip_bad, mesh, process_index, process_count, merge_results)
+  return {**res, "seconds": time.perf_counter() - t_start}
+
+
+def _fit_keys(data, out, keys, cfg, init, guide, segmentation, batch_size, size, save_flow,
+              skip_bad, mesh, process_index, process_count, merge_results) -> dict[str, Any]:
+  """fit_file's work once `out` is locked and prepared."""
   mine = keys[process_index::process_count]
   meta = {**run_meta(init, guide, data, segmentation, size), "process_index": process_index}
   done = check_resume(out, mine, cfg, meta)
@@ -360,7 +530,12 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
   inputs, bad = [], []
   for k in todo:
     try:
-      inputs.append(load_inputs(data, k, init, guide, segmentation, size))
+      inp = load_inputs(data, k, init, guide, segmentation, size)
+      try:   # the fit's own checks, before any compiling
+        fit_lib.prepare_sequence(inp.images, inp.m0, inp.guide_es, inp.guide_ed, cfg)
+      except ValueError as e:
+        raise InputError(data, f"{k}: {e}") from None
+      inputs.append(inp)
     except InputError as e:
       if not skip_bad:
         raise
@@ -390,6 +565,4 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
     if process_count > 1:
       _barrier("merged")          # out is complete wherever fit_file returns
   return {"fitted": fitted, "failed": failed, "bad": bad,
-          "skipped": sorted(set(mine) & done), "seconds": time.perf_counter() - t_start}
-
-
+          "skipped": sorted(set(mine) & done)}

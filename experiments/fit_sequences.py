@@ -17,7 +17,7 @@ Rerunning the same N commands resumes (finished sequences are skipped).
 from absl import app, flags, logging
 
 from echo_ode_jax import fit, flow, model, runner
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax.errors import InputError, run_cli
 
 _DATA = flags.DEFINE_string("data", None, "Input HDF5 (the project layout).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Results HDF5.", required=True)
@@ -56,21 +56,38 @@ _NPROC = flags.DEFINE_integer("num_processes", 1, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 
 
+def _config() -> fit.FitConfig:
+  """The FitConfig of the flags; a bad value is one InputError line naming its flag."""
+  try:
+    return fit.FitConfig(
+        steps=_STEPS.value, lr=_LR.value, lr_decay=_LR_DECAY.value, lr_final=_LR_FINAL.value,
+        clip_norm=_CLIP.value or None, keep_best=_KEEP_BEST.value,
+        solver=_SOLVER.value, dt=_DT.value,
+        sigma=_SIGMA.value, seed=_SEED.value,
+        **{f"lambda_{t}": f.value for t, f in _LAMBDAS.items()},
+    ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value,
+                 "model.spade_time": _SPADE_TIME.value})
+  except ValueError as e:
+    raise InputError(None, str(e).replace("FitConfig.", "--").replace("ModelConfig.", "--")
+                     ) from None
+
+
 def main(argv):
   del argv
+  # Every flag is checked before any work.
+  if _NPROC.value < 1:
+    raise InputError(None, f"--num_processes must be >= 1, got {_NPROC.value}")
+  if not 0 <= _PID.value < _NPROC.value:
+    raise InputError(None, f"--process_id must be in 0..{_NPROC.value - 1}, got {_PID.value}")
   if _NPROC.value > 1 and not _COORD.value:
-    raise app.UsageError("--num_processes > 1 needs --coordinator_address")
+    raise InputError(None, "--num_processes > 1 needs --coordinator_address")
+  runner.check_run_args(_INIT.value, _GUIDE.value, _BATCH.value, _SIZE.value, prefix="--")
+  if _CLIP.value < 0:
+    raise InputError(None, f"--clip_norm must be >= 0 (0: no clipping), got {_CLIP.value}")
+  cfg = _config()
   if _COORD.value:
     import jax
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
-  cfg = fit.FitConfig(
-      steps=_STEPS.value, lr=_LR.value, lr_decay=_LR_DECAY.value, lr_final=_LR_FINAL.value,
-      clip_norm=_CLIP.value or None, keep_best=_KEEP_BEST.value,
-      solver=_SOLVER.value, dt=_DT.value,
-      sigma=_SIGMA.value, seed=_SEED.value,
-      **{f"lambda_{t}": f.value for t, f in _LAMBDAS.items()},
-  ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value,
-               "model.spade_time": _SPADE_TIME.value})
   res = runner.fit_file(
       _DATA.value, _OUT.value, cfg, init=_INIT.value, guide=_GUIDE.value,
       segmentation=_SEG.value, patients=_PATIENTS.value, batch_size=_BATCH.value,

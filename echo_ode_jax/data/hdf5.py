@@ -130,11 +130,18 @@ def read_sequence(path: str | os.PathLike, key: str, dataset: str = "img") -> Se
     if key not in f:
       raise InputError(path, f"no group {key!r}")
     g = f[key]
+    if not isinstance(g, h5py.Group):
+      raise InputError(path, f"{key} is not a group")
     if dataset not in g:
       raise InputError(path, f"{key}: missing dataset {dataset!r}")
-    img = np.asarray(g[dataset][...], np.float32)
-    gt = np.asarray(g["gt"][...], np.uint8) if "gt" in g else None
-    attrs = {k: attr_value(v) for k, v in g.attrs.items()}
+    try:
+      img = np.asarray(g[dataset][...], np.float32)
+      gt = _labels(g["gt"], path, key, "gt") if "gt" in g else None
+      attrs = {k: attr_value(v) for k, v in g.attrs.items()}
+    except (OSError, TypeError, ValueError) as e:
+      if isinstance(e, InputError):
+        raise
+      raise InputError(path, f"{key}: cannot read ({e.__class__.__name__}: {e})") from None
   patient, view = key.split("/", 1)
   return Sequence(patient, view, img, gt, attrs)
 
@@ -146,12 +153,33 @@ def iter_sequences(path: str | os.PathLike, keys: list[str] | None = None
     yield read_sequence(path, k)
 
 
+def _labels(d: h5py.Dataset, path, key: str, name: str) -> np.ndarray:
+  """A label dataset as uint8; InputError when its values are not labels (a
+  float or negative value, or one over 255, would change when cast)."""
+  a = d[...]
+  if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
+    raise InputError(path, f"{key}: {name} has dtype {a.dtype}, expected integer labels")
+  if a.size and (a.min() < 0 or a.max() > 255):
+    raise InputError(path, f"{key}: {name} has values outside 0..255 "
+                     f"({a.min()}..{a.max()})")
+  return np.asarray(a, np.uint8)
+
+
 def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.ndarray:
-  """Reads a (T, H, W) uint8 label dataset ("pred" or "gt") of one group."""
+  """Reads a (T, H, W) uint8 label dataset ("pred" or "gt") of one group.
+
+  InputError when it is missing or unreadable, or holds values that are not
+  integer labels (floats, negative numbers or values over 255)."""
   with open_h5(path) as f:
     if key not in f or dataset not in f[key]:
       raise InputError(path, f"no dataset {key}/{dataset}")
-    return np.asarray(f[key][dataset][...], np.uint8)
+    try:
+      return _labels(f[key][dataset], path, key, dataset)
+    except (OSError, TypeError, ValueError) as e:
+      if isinstance(e, InputError):
+        raise
+      raise InputError(path, f"{key}: cannot read {dataset} ({e.__class__.__name__}: "
+                       f"{e})") from None
 
 
 def write_sequence(f: h5py.File, seq: Sequence, compression: str | None = "gzip") -> None:
