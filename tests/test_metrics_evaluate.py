@@ -114,8 +114,11 @@ def test_evaluate_files_counts_failed_and_missing(tmp_path):
   assert s["ef_area_mae"] == 0.0 and s["mdice"] == 1.0
   table = metrics.table_markdown({"Echo-ODE": s})
   lines = table.strip().splitlines()
-  assert len(lines) == 3 and "HD (mm)" in lines[0] and "Temp. Error" in lines[0]
+  assert len(lines) == 6 and "HD (mm)" in lines[0] and "Temp. Error" in lines[0]
   assert lines[2].startswith("| Echo-ODE |") and lines[2].rstrip().endswith("| 2 / 3 |")
+  # Below the table: which sequences failed or are missing, and why.
+  assert lines[3:] == ["", "Failed or missing sequences:",
+                       "- Echo-ODE: p2/4CH (failed: nan loss); p3/4CH (missing: no pred group)"]
   only = metrics.evaluate_files(data, pred, keys=["p1/4CH"])
   assert len(only) == 1 and only[0]["status"] == "ok"
 
@@ -148,11 +151,12 @@ def test_summarize_hand_computed():
   assert s["hd_mean"] == pytest.approx(2.0) and s["hd_sd"] == pytest.approx(1.0)
   assert s["hd_n"] == 3 and s["hd_nonfinite"] == 1
   assert s["ef_area_mae"] == pytest.approx(2.0) and s["ef_area_sd"] == pytest.approx(math.sqrt(2))
-  assert s["ef_area_n"] == 2
+  assert s["ef_area_n"] == 2 and s["ef_area_undefined"] == 2   # c: nan, d: none
   assert s["temporal_errors"] == 2 and s["n_failed"] == 1 and s["n_ok"] == 4
   assert s["mdice"] == pytest.approx(0.8)
   row = metrics.table_markdown({"m": s}).splitlines()[2]
   assert "2.0 ± 1.0 (1 inf)" in row and "2 / 4" in row and "0.800" in row
+  assert "| 2.0 ± 1.4 (2 n/a) |" in row                 # EF left out, and said so
 
 
 def test_evaluate_sequence_on_synthetic_ground_truth():

@@ -136,7 +136,7 @@ def read_sequence(path: str | os.PathLike, key: str, dataset: str = "img") -> Se
       raise InputError(path, f"{key}: missing dataset {dataset!r}")
     try:
       img = np.asarray(g[dataset][...], np.float32)
-      gt = _labels(g["gt"], path, key, "gt") if "gt" in g else None
+      gt = label_values(g["gt"], path, key, "gt") if "gt" in g else None
       attrs = {k: attr_value(v) for k, v in g.attrs.items()}
     except (OSError, TypeError, ValueError) as e:
       if isinstance(e, InputError):
@@ -153,7 +153,7 @@ def iter_sequences(path: str | os.PathLike, keys: list[str] | None = None
     yield read_sequence(path, k)
 
 
-def _labels(d: h5py.Dataset, path, key: str, name: str) -> np.ndarray:
+def label_values(d: h5py.Dataset, path, key: str, name: str) -> np.ndarray:
   """A label dataset as uint8; InputError when its values are not labels (a
   float or negative value, or one over 255, would change when cast)."""
   a = d[...]
@@ -174,7 +174,7 @@ def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.
     if key not in f or dataset not in f[key]:
       raise InputError(path, f"no dataset {key}/{dataset}")
     try:
-      return _labels(f[key][dataset], path, key, dataset)
+      return label_values(f[key][dataset], path, key, dataset)
     except (OSError, TypeError, ValueError) as e:
       if isinstance(e, InputError):
         raise

@@ -165,12 +165,14 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
   Returns:
     One row per key, in order: {"key", "status", ...}. status "ok" rows carry
     the metrics of `evaluate_sequence`; "failed" (the group's `status` attr
-    is "failed"; "reason" holds its reason/error attr) and "missing" (no pred
-    group or dataset) rows carry no metrics.
+    is "failed", or the pred has no LV cavity in any frame; "reason" says
+    which) and "missing" (no pred group or dataset) rows carry no metrics.
 
   Raises:
-    InputError: unreadable file, a key absent from `data_h5`, or a pred that
-      does not match its data (shape, attributes).
+    InputError: unreadable file, a key absent from `data_h5`, a pred that
+      does not match its data (shape, attributes), a pred that is not integer
+      labels 0..3, or a gt with other labels, half-annotated frames or an
+      annotated frame without LV cavity.
   """
   rows = []
   with hdf5.open_h5(data_h5) as df, hdf5.open_h5(pred_h5) as pf:
@@ -190,8 +192,11 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
         continue
       dg = df[key]
       attrs = {k: hdf5.attr_value(v) for k, v in dg.attrs.items()}
-      gt = np.asarray(dg["gt"][...], np.uint8) if "gt" in dg else None
-      pred = np.asarray(pg["pred"][...], np.uint8)
+      gt = hdf5.label_values(dg["gt"], data_h5, key, "gt") if "gt" in dg else None
+      pred = hdf5.label_values(pg["pred"], pred_h5, key, "pred")
+      _check_labels(pred, pred_h5, key, "pred", unannotated=False)
+      if gt is not None:
+        _check_labels(gt, data_h5, key, "gt", unannotated=True)
       flow = np.asarray(pg["flow"][...], np.float32) if "flow" in pg else None
       img_shape = dg["img"].shape if "img" in dg else None
       n_data = img_shape[0] if img_shape else (gt.shape[0] if gt is not None else None)
@@ -206,8 +211,36 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
         row = evaluate_sequence(pred, gt, attrs, flow)
       except ValueError as e:
         raise InputError(pred_h5, f"{key}: {e}") from None
+      empty = _empty_pred(pred)
+      if empty:   # scores it would get are meaningless (HD 0), not just undefined
+        row = {"status": "failed", "reason": empty}
       rows.append({"key": key, **row})
   return rows
+
+
+def _check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool) -> None:
+  """InputError unless `arr` holds labels 0..3 (gt: frames all 255 when not
+  annotated, and an LV cavity in every annotated frame)."""
+  allowed = set(range(hdf5.NUM_CLASSES)) | ({hdf5.UNANNOTATED} if unannotated else set())
+  bad = sorted(set(np.unique(arr).tolist()) - allowed)
+  if bad:
+    raise InputError(path, f"{key}: {name} has labels outside 0..{hdf5.NUM_CLASSES - 1}"
+                     f"{' and 255 (not annotated)' if unannotated else ''}: {bad[:8]}")
+  if unannotated:
+    for t, frame in enumerate(arr):
+      unann = frame == hdf5.UNANNOTATED
+      if unann.any() and not unann.all():
+        raise InputError(path, f"{key}: {name} frame {t} mixes 255 (not annotated) with labels")
+      if not unann.any() and not (frame == 1).any():
+        raise InputError(path, f"{key}: {name} frame {t} has no LV cavity (label 1)")
+
+
+def _empty_pred(pred: np.ndarray) -> str:
+  """The reason a prediction cannot be scored ("" if it can): no LV cavity in
+  any frame (its frame-to-frame HD would be 0 and its EF undefined)."""
+  if pred.ndim == 3 and pred.shape[0] and not (pred == 1).any():
+    return "pred has no LV cavity (label 1) in any frame"
+  return ""
 
 
 def _mean_sd(values: Iterable[Any]) -> tuple[float, float, int]:
@@ -229,12 +262,14 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
   Returns:
     {"n_sequences", "n_ok", "n_failed", "n_missing", "failed_keys" (failed and
-    missing keys); "hd_mean", "hd_sd", "hd_n", "hd_nonfinite", "hd_endo_mean",
+    missing keys), "failed_reasons" ({key: "status: reason"}); "hd_mean", "hd_sd", "hd_n", "hd_nonfinite", "hd_endo_mean",
     "hd_epi_mean", "gt_hd_mean", "gt_hd_sd"; "temporal_errors" (count of ok
     sequences with a temporal error), "gt_temporal_errors", "tc_<attribute>"
     (mean share of flagged frames); "mdice", "dice_endo", "dice_epi",
     "dice_myo" (means) and their "_sd"; "ef_area_mae", "ef_area_sd",
-    "ef_area_n", "ef_simpson_mae", "ef_simpson_sd", "ef_simpson_n";
+    "ef_area_n", "ef_simpson_mae", "ef_simpson_sd", "ef_simpson_n",
+    "ef_area_undefined", "ef_simpson_undefined" (ok sequences left out of the
+    EF means: EF undefined, e.g. an empty LV at ED or ES);
     "fold_frac_mean", "jdet_min" (min over sequences), "jdet_mean_mean",
     "flow_n"}.
   """
@@ -245,6 +280,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
       "n_failed": sum(r.get("status") == "failed" for r in rows),
       "n_missing": sum(r.get("status") == "missing" for r in rows),
       "failed_keys": [r.get("key") for r in bad],
+      "failed_reasons": {str(r.get("key")): f"{r.get('status')}: {r.get('reason') or '?'}"
+                         for r in bad},
   }
   col = lambda name: [r.get(name) for r in ok]
   s["hd_mean"], s["hd_sd"], s["hd_n"] = _mean_sd(col("hd"))
@@ -260,6 +297,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     s[name], s[f"{name}_sd"], _ = _mean_sd(col(name))
   for m in ("area", "simpson"):
     s[f"ef_{m}_mae"], s[f"ef_{m}_sd"], s[f"ef_{m}_n"] = _mean_sd(col(f"ef_{m}_err"))
+    s[f"ef_{m}_undefined"] = sum(1 for v in col(f"ef_{m}_err")
+                                 if v is None or not math.isfinite(v))
   s["fold_frac_mean"], _, s["flow_n"] = _mean_sd(col("fold_frac"))
   mins = [v for v in col("jdet_min") if v is not None and math.isfinite(v)]
   s["jdet_min"] = min(mins) if mins else NAN
@@ -282,8 +321,10 @@ def table_markdown(summaries: dict[str, dict[str, Any]]) -> str:
 
   Columns: HD (mm, mean ± sd; "k inf" notes sequences left out), Temp. Error
   (sequences with a temporal error / sequences evaluated), mDice, Dice endo,
-  Dice epi, EF MAE (area and Simpson, percentage points, mean ± sd), and
-  Failed (failed or missing sequences / all).
+  Dice epi, EF MAE (area and Simpson, percentage points, mean ± sd; "k n/a"
+  notes sequences left out, their EF undefined), and Failed (failed or missing
+  sequences / all). Below the table, one line per method with failed or
+  missing sequences lists them with their reasons.
   """
   head = ["Method", "HD (mm)", "Temp. Error", "mDice", "Dice endo", "Dice epi",
           "EF MAE area (%)", "EF MAE Simpson (%)", "Failed"]
@@ -295,9 +336,18 @@ def table_markdown(summaries: dict[str, dict[str, Any]]) -> str:
     cells = [
         str(name), hd, f"{s.get('temporal_errors', 0)} / {s.get('n_ok', 0)}",
         _num(s.get("mdice")), _num(s.get("dice_endo")), _num(s.get("dice_epi")),
-        _pm(s.get("ef_area_mae"), s.get("ef_area_sd")),
-        _pm(s.get("ef_simpson_mae"), s.get("ef_simpson_sd")),
+        _pm(s.get("ef_area_mae"), s.get("ef_area_sd")) + _left_out(s, "ef_area_undefined"),
+        _pm(s.get("ef_simpson_mae"), s.get("ef_simpson_sd"))
+        + _left_out(s, "ef_simpson_undefined"),
         f"{s.get('n_failed', 0) + s.get('n_missing', 0)} / {s.get('n_sequences', 0)}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
+  notes = [f"- {name}: " + "; ".join(f"{k} ({why})" for k, why in s["failed_reasons"].items())
+           for name, s in summaries.items() if s.get("failed_reasons")]
+  if notes:
+    lines += ["", "Failed or missing sequences:"] + notes
   return "\n".join(lines) + "\n"
+
+
+def _left_out(s: dict[str, Any], name: str) -> str:
+  return f" ({s[name]} n/a)" if s.get(name) else ""
