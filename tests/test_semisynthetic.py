@@ -54,8 +54,32 @@ def test_frames_are_ed_pulled_back_by_flow_true(made):
     np.testing.assert_array_equal(seq.gt[t][clear], ref[clear])
     ref_img = ndimage.map_coordinates(pair.img[0].astype(np.float64), coords_all[t],
                                       order=1, mode="nearest")
-    np.testing.assert_allclose(seq.img[t][inside], ref_img[inside], atol=1e-5)
+    # Where phi(p) samples only pixels of the fan (all 4 bilinear corners inside it).
+    r0 = np.clip(np.floor(phi[t][..., 0]).astype(int), 0, SIZE - 2)
+    c0 = np.clip(np.floor(phi[t][..., 1]).astype(int), 0, SIZE - 2)
+    corners = inside[r0, c0] & inside[r0 + 1, c0] & inside[r0, c0 + 1] & inside[r0 + 1, c0 + 1]
+    ok = inside & corners
+    assert ok.sum() > 0.5 * inside.sum()
+    np.testing.assert_allclose(seq.img[t][ok], ref_img[ok], atol=1e-5)
   assert np.all(seq.img[:, synthetic.sector_mask(SIZE) == 0] == 0)   # outside the fan: 0
+
+
+def test_sector_edge_is_not_pulled_inside():
+  """A map that samples beyond the fan's edge gives the nearest fan values, not black."""
+  img = np.zeros((SIZE, SIZE), np.float32)
+  img[:, :30] = 0.6                      # the "fan": columns 0..29, 0.6 everywhere
+  ed = np.zeros((SIZE, SIZE), np.uint8)
+  ed[10:30, 12:27] = 1
+  es = np.zeros((SIZE, SIZE), np.uint8)
+  es[10:30, 4:19] = 1                    # moved left: the map samples to the right
+  pair = hdf5.Sequence("p", "4CH", np.stack([img, img]), np.stack([ed, es]),
+                       {"voxelspacing": np.array([1.0, 1.0])})
+  seq, phi, _ = ss.semisynthetic_sequence(pair, num_frames=3, map_cfg=CFG, noise_cfg=QUIET)
+  fan = np.zeros((SIZE, SIZE), bool)
+  fan[:, :30] = True
+  assert phi[-1][fan][:, 1].max() > 30.5        # some fan pixels sample beyond its edge
+  np.testing.assert_allclose(seq.img[:, fan], 0.6, atol=1e-6)
+  assert np.all(seq.img[:, ~fan] == 0)
 
 
 def test_noise_is_fresh_per_frame_and_keeps_the_sector(made):

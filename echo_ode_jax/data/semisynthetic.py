@@ -26,7 +26,8 @@ s_k = synthetic.time_profile(k / (T - 1), gamma), monotone from 0 (ED) to 1
   img[k](p) = sector(p) * clip(I_ED(phi_k(p)) * speckle_k(p) + noise_k(p), 0, 1)
   gt[k](p)  = argmax_c onehot(m_ED)_c(phi_k(p))       (bilinear one-hot, argmax)
 
-with fresh multiplicative speckle (normalised Rayleigh amplitude of a slightly
+(I_ED extended beyond the fan by its nearest values first, fill_outside) with
+fresh multiplicative speckle (normalised Rayleigh amplitude of a slightly
 smoothed complex Gaussian field, as in synthetic.py) and additive Gaussian
 noise per frame; sector = the real ED image's field of view, so pixels outside
 it stay 0. phi_0 = identity, so gt[0] = m_ED and, without noise, img[0] = I_ED.
@@ -70,17 +71,21 @@ class MapConfig:
   grid: control grid side G (v is G x G x 2, upsampled to S x S).
   steps: Adam steps; lr: peak learning rate (pixels per step, cosine decay to lr/10).
   squarings: N of scaling and squaring (u = v / 2^N).
-  clip: signed distances are clipped at clip * S / 128 pixels.
+  clip: signed distances are clipped at max(clip * S / 128, 2) pixels (small: the
+    data term concentrates on the boundaries).
   smooth: weight of the mean squared first differences of v (pixels^2).
   magnitude: weight of the mean |v|^2 (pixels^2 at S = 128).
+  bending: weight of the mean squared second differences of v (bending energy,
+    pixels^2 per pixel^2 at S = 128; affine motion is free of it).
   """
   grid: int = 16
   steps: int = 300
   lr: float = 0.5
   squarings: int = 7
-  clip: float = 12.0
+  clip: float = 4.0
   smooth: float = 0.05
   magnitude: float = 1e-4
+  bending: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +162,10 @@ def _sdm_stack(labels: np.ndarray, clip: float) -> np.ndarray:
   return np.stack([signed_distance(np.isin(labels, s), clip) for s in FIT_STRUCTURES], -1)
 
 
+def _clip_px(cfg: MapConfig, size: int) -> float:
+  return max(cfg.clip * size / 128.0, 2.0)
+
+
 @functools.lru_cache(maxsize=8)
 def _fit_fn(size: int, cfg: MapConfig):
   import jax
@@ -167,7 +176,7 @@ def _fit_fn(size: int, cfg: MapConfig):
   up = jnp.asarray(upsample_matrix(cfg.grid, size))
   sched = optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
   opt = optax.adam(sched)
-  clip = cfg.clip * size / 128.0
+  clip = _clip_px(cfg, size)
 
   def loss_fn(v_c, sdm_ed, sdm_es, weight):
     v = velocity_full(v_c, up)
@@ -176,7 +185,11 @@ def _fit_fn(size: int, cfg: MapConfig):
     data = jnp.mean(weight * jnp.mean(((warped - sdm_es) / clip) ** 2, axis=(0, 1)))
     smooth = (jnp.mean((v[1:] - v[:-1]) ** 2) + jnp.mean((v[:, 1:] - v[:, :-1]) ** 2))
     mag = jnp.mean(v ** 2)
-    return data + cfg.smooth * smooth + cfg.magnitude * mag * (128.0 / size) ** 2, data
+    bend = (jnp.mean((v[2:] - 2 * v[1:-1] + v[:-2]) ** 2)
+            + jnp.mean((v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]) ** 2)
+            + 2 * jnp.mean((v[1:, 1:] - v[1:, :-1] - v[:-1, 1:] + v[:-1, :-1]) ** 2))
+    return (data + cfg.smooth * smooth + cfg.bending * bend * (size / 128.0) ** 2
+            + cfg.magnitude * mag * (128.0 / size) ** 2), data
 
   def fit(sdm_ed, sdm_es, weight):
     v0 = jnp.zeros((cfg.grid, cfg.grid, 2), jnp.float32)
@@ -239,7 +252,7 @@ def fit_map(m_ed: np.ndarray, m_es: np.ndarray, cfg: MapConfig = MapConfig()) ->
   if m_ed.shape != m_es.shape or m_ed.ndim != 2 or m_ed.shape[0] != m_ed.shape[1]:
     raise ValueError(f"fit_map: need two (S, S) masks, got {m_ed.shape} and {m_es.shape}")
   size = m_ed.shape[0]
-  clip = cfg.clip * size / 128.0
+  clip = _clip_px(cfg, size)
   weight = np.array([float(np.isin(m_ed, s).any() and np.isin(m_es, s).any())
                      for s in FIT_STRUCTURES], np.float32)
   v_c, loss, data, losses = _fit_fn(size, cfg)(_sdm_stack(m_ed, clip), _sdm_stack(m_es, clip),
@@ -285,6 +298,19 @@ def sector_of(img: np.ndarray) -> np.ndarray:
   m = np.asarray(img) > 0
   m = ndimage.binary_closing(m, iterations=2, border_value=0) | m
   return ndimage.binary_fill_holes(m)
+
+
+def fill_outside(img: np.ndarray, sector: np.ndarray) -> np.ndarray:
+  """(S, S) image with each pixel outside `sector` set to its nearest pixel inside.
+
+  Warping the filled image keeps the black outside of the fan from being pulled
+  into it where the map samples just beyond the fan's edge.
+  """
+  img = np.asarray(img)
+  if sector.all() or not sector.any():
+    return img.copy()
+  _, (ri, ci) = ndimage.distance_transform_edt(~sector, return_indices=True)
+  return img[ri, ci]
 
 
 def frame_noise(rng: np.random.Generator, shape: tuple[int, int],
@@ -367,8 +393,8 @@ def semisynthetic_sequence(
   phi = fitted.phi(s)
   phi[0] = identity_grid(size)                    # exp(0) is the identity exactly
   gt = pull_back_labels(m_ed, phi)
-  clean = pull_back_image(img0[0], phi)
   sector = sector_of(img0[0])
+  clean = pull_back_image(fill_outside(img0[0], sector), phi)
   img = np.empty_like(clean)
   for k in range(t_frames):
     mult, add = frame_noise(rng, (size, size), noise_cfg)
