@@ -409,6 +409,27 @@ def _final_fn(cfg: FitConfig, batched: bool):
   return jax.jit(jax.vmap(final) if batched else final, compiler_options=compiler_options(cfg))
 
 
+@jax.jit
+def _propagate(phi, m0):
+  big = flow.resample_map(phi, m0.shape)
+  soft = jax.vmap(lambda c: kernels.warp_labels(m0, c, NUM_CLASSES))(big)
+  return hard_labels(soft).astype(jnp.uint8)
+
+
+def propagate_labels(phi: np.ndarray, m0: np.ndarray) -> np.ndarray:
+  """m_0 o phi_t on m_0's own grid: (T, h, w, 2) maps of a fit grid, (H, W) labels
+  -> (T, H, W) uint8.
+
+  The maps are resampled to the H x W grid (:func:`flow.resample_map`) and
+  the one-hot m_0 is warped bilinearly there, so the contours are as fine as
+  m_0's grid rather than nearest-upsampled fit-grid masks.
+  """
+  m0 = np.asarray(m0)
+  if m0.ndim != 2:
+    raise ValueError(f"m0: expected (H, W) labels, got shape {m0.shape}")
+  return np.asarray(_propagate(jnp.asarray(phi, jnp.float32), jnp.asarray(m0, jnp.int32)))
+
+
 def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
   """Runs `steps` Adam steps of each (state, seq) pair, interleaved.
 

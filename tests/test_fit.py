@@ -298,3 +298,31 @@ def test_compiler_options_keep_the_function(small_seqs):
   b = jax.jit(grad(cfg.model))(params)     # XLA's defaults, conv2d's own impl choice
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
+
+
+def test_propagate_labels_warps_m0_on_its_own_grid():
+  """An affine map fitted on a 16^2 grid, applied to a 48^2 m_0: the labels equal
+  scipy's bilinear warp of the one-hot m_0 at the hand-derived 48^2 map (argmax),
+  away from the border."""
+  from scipy import ndimage
+  h, big = 16, 48
+  a, b = np.array([[0.85, 0.1], [-0.05, 0.9]]), np.array([1.0, 0.5])
+  g = lambda n: np.stack(np.meshgrid(np.arange(n, dtype=np.float64),
+                                     np.arange(n, dtype=np.float64), indexing="ij"), -1)
+  phi = np.stack([g(h), g(h) @ a.T + b])
+  yy, xx = np.mgrid[:big, :big]
+  m0 = ((yy - 24) ** 2 / 14 ** 2 + (xx - 22) ** 2 / 9 ** 2 < 1).astype(np.uint8)
+  m0[(yy - 24) ** 2 / 8 ** 2 + (xx - 22) ** 2 / 5 ** 2 < 1] = 2
+  got = fit.propagate_labels(phi, m0)
+  assert got.shape == (2, big, big) and got.dtype == np.uint8
+  s = h / big
+  xs = (g(big) + 0.5) * s - 0.5
+  coords = (xs @ a.T + b + 0.5) / s - 0.5
+  onehot = np.eye(4)[m0]
+  soft = np.stack([ndimage.map_coordinates(onehot[..., c], np.moveaxis(coords, -1, 0),
+                                           order=1, mode="nearest") for c in range(4)], -1)
+  want = np.argmax(soft, -1)
+  inner = (slice(3, -3), slice(3, -3))
+  ties = np.sort(soft, -1)[..., -1] - np.sort(soft, -1)[..., -2] < 1e-4
+  assert np.all((got[1] == want)[inner] | ties[inner])
+  np.testing.assert_array_equal(got[0][inner], m0[inner])
