@@ -39,7 +39,6 @@ says how to install it); run the script with that environment's python.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -52,7 +51,6 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from echo_ode_jax import experiment, metrics, runner  # noqa: E402
-from echo_ode_jax import fit as fit_lib  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
 from echo_ode_jax.data import hdf5  # noqa: E402
@@ -146,16 +144,11 @@ def grid_rows(spec: str) -> list[dict]:
 
 
 def row_file(out: str, row: dict, cfg) -> str:
-  """The results file of an Echo-ODE row: named by its overrides and a hash of
-  the settings that differ from FitConfig()'s defaults, so that a new
-  FitConfig field left at its default keeps finished rows (fit_file's resume
-  check still refuses a file fitted with other settings)."""
-  flat = lambda c: runner._flat(json.loads(c.to_json()))
-  ref = flat(fit_lib.FitConfig())
-  diff = {k: v for k, v in flat(cfg).items() if ref.get(k, object()) != v}
-  digest = hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:8]
+  """The results file of an Echo-ODE row: its overrides and
+  experiment.config_digest (so a new FitConfig field left at its default keeps
+  finished rows; fit_file's resume check refuses a file of other settings)."""
   slug = experiment.row_id(row, cfg).rsplit("_", 1)[0]
-  return os.path.join(out, f"pred_echo_{slug}_{digest}.h5")
+  return os.path.join(out, f"pred_echo_{slug}_{experiment.config_digest(cfg)}.h5")
 
 
 def pair_scores(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:

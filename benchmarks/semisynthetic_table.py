@@ -162,6 +162,7 @@ def main(argv):
   size = _SIZE.value
   cfg = experiment.base_config(_CONFIG.value).replace(steps=_STEPS.value)
   seg = _SEGMENTER.value
+  digest = experiment.config_digest(cfg)   # fits of other settings go to other files
   preds = {
       "ground truth": label_file(data, os.path.join(out, "pred_gt.h5"), lambda g: g),
       "copy m_0": label_file(data, os.path.join(out, "pred_copy.h5"),
@@ -171,10 +172,10 @@ def main(argv):
   preds[seg_name] = experiment.predict_stage(data, _CHECKPOINTS.value, seg,
                                              os.path.join(out, f"pred_{seg}.h5"))
   preds[experiment.echo_ode_label(seg)] = experiment.fit_stage(
-      data, os.path.join(out, f"echo_{seg}.h5"), cfg, "segmenter", "segmenter",
+      data, os.path.join(out, f"echo_{seg}_{digest}.h5"), cfg, "segmenter", "segmenter",
       preds[seg_name], _BATCH.value, size, save_flow=True)
   preds["Echo-ODE (gt m_0, no guide)"] = experiment.fit_stage(
-      data, os.path.join(out, "echo_gt_noguide.h5"), cfg, "gt", "none", None, _BATCH.value,
+      data, os.path.join(out, f"echo_gt_noguide_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
       size, save_flow=True)
   folds = {}
   if _ANTS.value:

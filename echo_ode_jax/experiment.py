@@ -243,6 +243,25 @@ def config_hash(cfg: FitConfig) -> str:
   return hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
 
 
+def config_digest(cfg: FitConfig) -> str:
+  """8 hex digits identifying the settings of `cfg` that differ from FitConfig()'s
+  defaults: a new field left at its default keeps the digest of older configs."""
+  flat = lambda c: _flatten(json.loads(c.to_json()))
+  ref = flat(FitConfig())
+  diff = {k: v for k, v in flat(cfg).items() if k not in ref or ref[k] != v}
+  return hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def row_id(overrides: Mapping[str, Any], cfg: FitConfig) -> str:
   """A folder name for a grid row: its overrides plus the hash of the full config.
 
@@ -780,7 +799,7 @@ def write_figures(data: str, preds: Mapping[str, str], out_dir: str, key: str | 
 
 __all__ = [
     "GRID_ALIASES", "SEGMENTER_NAMES", "ablation_markdown", "all_keys_done",
-    "apply_overrides", "base_config", "canonical_key", "config_hash", "echo_ode_label",
+    "apply_overrides", "base_config", "canonical_key", "config_digest", "config_hash", "echo_ode_label",
     "evaluate_cached", "fit_stage", "grid_keys", "mean_fit_seconds", "method_names",
     "parse_grid", "parse_value", "pick_key", "predict_stage", "read_json", "read_summaries",
     "row_id", "row_label", "run_ablation", "run_table", "segmenter_label", "stage",

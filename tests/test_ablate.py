@@ -262,3 +262,15 @@ def test_ablate_cli_rejects_an_unknown_key_in_one_line(data, tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith("error: --grid: unknown key 'colour'")
   assert not (tmp_path / "rows").exists()
+
+
+def test_config_digest_hashes_only_the_settings_that_differ_from_the_defaults():
+  import hashlib
+  import json as _json
+  from echo_ode_jax import fit as _fit
+  want = lambda d: hashlib.sha1(_json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+  assert experiment.config_digest(_fit.FitConfig()) == want({})
+  assert experiment.config_digest(_fit.FitConfig(lr=0.02, steps=300)) == want(
+      {"lr": 0.02, "steps": 300})
+  cfg = _fit.FitConfig().replace(**{"model.use_pe": False})
+  assert experiment.config_digest(cfg) == want({"model.use_pe": False})
