@@ -49,8 +49,10 @@ def describe_os_error(e: OSError) -> str:
 
 def _write_error(path: str, e: OSError) -> OutputError:
   if e.errno in NO_SPACE:
+    fix = ("raise the file-size limit (ulimit -f)" if e.errno == errno.EFBIG
+           else "free some space")
     return OutputError(path, f"cannot write: {describe_os_error(e)}; nothing was written to "
-                       "it and its temporary file was removed: free some space and rerun")
+                       f"it and its temporary file was removed: {fix} and rerun")
   return OutputError(path, f"cannot write: {describe_os_error(e)}")
 
 
@@ -100,6 +102,7 @@ def atomic_path(path: str | os.PathLike, copy_existing: bool = False) -> Iterato
     try:
       if copy_existing and os.path.exists(path):
         shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
       else:
         os.remove(tmp)  # let the writer create it fresh (h5py mode "w-" etc.)
     except OSError as e:
@@ -131,7 +134,7 @@ class GuardedFile:
 
   def __init__(self, path: str, create: bool):
     flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-    self._fd = os.open(path, flags, 0o644)
+    self._fd = os.open(path, flags, 0o666)
     self._pos = 0
     self.error: OSError | None = None
     self._disk_size = os.fstat(self._fd).st_size

@@ -372,13 +372,17 @@ def merge(out: str) -> int:
   with _atomic.atomic_h5(out, "a" if os.path.exists(out) else "w", copy_existing=True) as f:
     f.attrs["format_version"] = hdf5.FORMAT_VERSION
     for p, keys in parts:
-      with h5py.File(p, "r") as src:
-        for key in keys:
-          if key in f:
-            del f[key]
-          patient = key.split("/")[0]
-          src.copy(src[key], f.require_group(patient), name=key.split("/")[1])
-          n += 1
+      try:
+        with h5py.File(p, "r") as src:
+          for key in keys:
+            if key in f:
+              del f[key]
+            patient = key.split("/")[0]
+            src.copy(src[key], f.require_group(patient), name=key.split("/")[1])
+            n += 1
+      except (OSError, KeyError, RuntimeError) as e:   # a part damaged inside
+        raise InputError(p, f"cannot be merged ({e.__class__.__name__}: {e}); move it aside "
+                         "or delete it to fit its sequences again") from None
       _atomic.check_writes(f)
   for p, _ in parts:
     os.remove(p)

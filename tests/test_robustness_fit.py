@@ -105,6 +105,22 @@ def test_merge_sets_a_corrupt_part_aside_instead_of_crashing(data, tmp_path, cal
   assert (parts[1].parent / (parts[1].name + ".corrupt")).exists()
 
 
+def test_a_part_damaged_inside_is_one_line_at_merge(data, tmp_path, calls, monkeypatch):
+  out = str(tmp_path / "r.h5")
+  runner.fit_file(data, out, TINY_CFG, guide="gt", batch_size=3, merge_results=False)
+  part = next(Path(runner.parts_dir(out)).glob("*.h5"))
+
+  def damaged(self, *a, **kw):
+    raise OSError("Can't read data (inflate() failed)")
+
+  monkeypatch.setattr(h5py.Group, "copy", damaged)
+  with pytest.raises(InputError) as e:
+    runner.merge(out)
+  _one_line(e, part, "cannot be merged", "inflate() failed")
+  assert not Path(out).exists() and part.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5", "r.h5.parts"]
+
+
 def _no_space_after(monkeypatch, folder, limit):
   real = os.pwrite
   written = [0]
