@@ -119,11 +119,11 @@ def flow_inloop(params, seq, cfg, apply_fn):
   i0 = seq["images"][0][..., None]
   h, w = seq["images"].shape[1:]
 
-  def velocity(t):
+  def velocity_at(t):
     img_t = frames_at(seq["images"], seq["frame_times"], seq["es_index"], t[None])
     return velocity(params, img_t[..., None], seq["m0"], t[None], i0, cfg, apply_fn)[0]
 
-  return flow.integrate_flow_inloop(velocity, (h, w), seq["frame_times"], cfg.solver,
+  return flow.integrate_flow_inloop(velocity_at, (h, w), seq["frame_times"], cfg.solver,
                                     cfg.dt, t1=1.0)
 
 
