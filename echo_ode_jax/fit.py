@@ -75,6 +75,8 @@ class FitConfig:
   lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
   velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
+  data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
+                                # maps (propagate_labels); False: fit-grid masks, nearest-resized
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0
@@ -96,7 +98,8 @@ class FitConfig:
       return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
               and bool(np.isfinite(v)))
 
-    for name in ("steps", "t_bucket", "log_every", "scan_steps"):
+    for name in ("steps", "t_bucket", "log_every", "scan_steps", "ncc_window",
+                 "velocity_stride"):
       v = getattr(self, name)
       if not (v is None and name == "scan_steps") and (
           isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
@@ -104,7 +107,7 @@ class FitConfig:
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "lambda_sim", "lambda_seg", "lambda_ef", "lambda_jdet",
+    for name in ("lr_final", "sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
                  "lambda_smt"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")

@@ -65,6 +65,7 @@ class Inputs:
   guide_ed: np.ndarray | None
   data_shape: tuple[int, int]  # (H, W) of DATA.h5's img
   attrs: dict[str, Any]
+  m0_data: np.ndarray | None = None  # (H, W) m0 on DATA.h5's grid
 
 
 def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
@@ -179,12 +180,13 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
   if guide != "none":
     g_es = _frame(src[guide], es, path_of[guide], key, "ES")
     g_ed = _frame(src[guide], ed, path_of[guide], key, "ED")
+  m0_data = m0
   if size and (h, w) != (size, size):
     images = resize(images, (size, size), 1)
     m0 = resize(m0, (size, size), 0)
     g_es = None if g_es is None else resize(g_es, (size, size), 0)
     g_ed = None if g_ed is None else resize(g_ed, (size, size), 0)
-  return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs)
+  return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs, m0_data)
 
 
 def parts_dir(out: str) -> str:
@@ -287,7 +289,11 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
-      pred = resize(res.masks, inp.data_shape, 0)
+      if cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
+          inp.data_shape):
+        pred = fit_lib.propagate_labels(res.phi, inp.m0_data)
+      else:
+        pred = resize(res.masks, inp.data_shape, 0)
       g = f.require_group(inp.key)
       g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
       if save_flow:

@@ -4,7 +4,8 @@
       [--init=gt|segmenter] [--guide=segmenter|gt|none] [--segmentation=PRED.h5] \
       [--steps=1000] [--batch_size=8] [--size=N] [--patients=a,b] [--solver=euler] \
       [--dt=0.1] [--save_flow] [--seed=0] [--lr=0.01] [--lr_decay=constant|cosine] \
-      [--clip_norm=N] [--[no]keep_best] [--spade_time=hidden|gain]
+      [--clip_norm=N] [--[no]keep_best] [--spade_time=hidden|gain] \
+      [--lambda_ncc=W] [--config="ncc_window=9;velocity_stride=2"]
 
 Several processes (e.g. one per machine): start N processes with the same flags plus
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (I = 0..N-1; HOST:PORT
@@ -16,7 +17,7 @@ Rerunning the same N commands resumes (finished sequences are skipped).
 """
 from absl import app, flags, logging
 
-from echo_ode_jax import fit, flow, model, runner
+from echo_ode_jax import experiment, fit, flow, model, runner
 from echo_ode_jax.errors import InputError, run_cli
 
 _DATA = flags.DEFINE_string("data", None, "Input HDF5 (the project layout).", required=True)
@@ -42,7 +43,7 @@ _DT = flags.DEFINE_float("dt", 0.1, "ODE step size.")
 _SIGMA = flags.DEFINE_float("sigma", 1.0, "Gaussian sigma of L_sim (pixels).")
 _LAMBDAS = {t: flags.DEFINE_float(f"lambda_{t}", getattr(fit.FitConfig, f"lambda_{t}"),
                                   f"Weight of the {t} term.")
-            for t in ("sim", "seg", "ef", "jdet", "smt")}
+            for t in ("sim", "ncc", "seg", "ef", "jdet", "smt")}
 _SPADE = flags.DEFINE_boolean("spade", True, "Temporal SPADE in the decoder.")
 _SPADE_TIME = flags.DEFINE_enum("spade_time", "hidden", list(model.SPADE_TIME),
                                 "How PE(t) enters SPADE: hidden (PE in its hidden layer) or "
@@ -54,12 +55,15 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", 1, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_CONFIG = flags.DEFINE_string("config", "", "Any other FitConfig / ModelConfig settings, "
+                              'applied after the flags, e.g. "ncc_window=9;velocity_stride=2" '
+                              "(ablate.py keys).")
 
 
 def _config() -> fit.FitConfig:
   """The FitConfig of the flags; a bad value is one InputError line naming its flag."""
   try:
-    return fit.FitConfig(
+    cfg = fit.FitConfig(
         steps=_STEPS.value, lr=_LR.value, lr_decay=_LR_DECAY.value, lr_final=_LR_FINAL.value,
         clip_norm=_CLIP.value or None, keep_best=_KEEP_BEST.value,
         solver=_SOLVER.value, dt=_DT.value,
@@ -67,6 +71,10 @@ def _config() -> fit.FitConfig:
         **{f"lambda_{t}": f.value for t, f in _LAMBDAS.items()},
     ).replace(**{"model.use_spade": _SPADE.value, "model.use_pe": _PE.value,
                  "model.spade_time": _SPADE_TIME.value})
+    return experiment.base_config(_CONFIG.value, cfg)
+  except InputError as e:
+    raise InputError(None, e.problem.replace("--grid", "--config").replace("--base", "--config")
+                     ) from None
   except ValueError as e:
     raise InputError(None, str(e).replace("FitConfig.", "--").replace("ModelConfig.", "--")
                      ) from None

@@ -113,12 +113,17 @@ def test_load_inputs_takes_each_mask_from_its_source(seg_files):
   assert up.images.shape == (5, 64, 64) and up.data_shape == (32, 32)
 
 
-def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path):
+@pytest.mark.parametrize("data_grid_masks", [True, False])
+def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path,
+                                                          data_grid_masks):
   """--size=16 on 32^2 data, ES before the last frame: pred has the ED..ES frames
-  on the data grid, flow stays on the fitted grid, and phi_0 is the identity."""
+  on the data grid, flow stays on the fitted grid, and phi_0 is the identity:
+  pred[0] is the data's own ED mask when m_0 is warped on the data grid, the
+  nearest-upsampled 16^2 mask otherwise."""
   data, _, s, _ = seg_files
   out = str(tmp_path / "res.h5")
-  res = runner.fit_file(data, out, TINY_CFG, guide="gt", size=16, save_flow=True)
+  cfg = TINY_CFG.replace(data_grid_masks=data_grid_masks)
+  res = runner.fit_file(data, out, cfg, guide="gt", size=16, save_flow=True)
   assert res["fitted"] == ["p/4CH"]
   m0_16 = runner.load_inputs(data, "p/4CH", size=16).m0
   with h5py.File(out) as f:
@@ -128,7 +133,9 @@ def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path):
     assert list(g.attrs["fit_size"]) == [16, 16]
     grid = np.stack(np.meshgrid(np.arange(16.0), np.arange(16.0), indexing="ij"), -1)
     np.testing.assert_allclose(g["flow"][0], grid, atol=1e-5)
-    np.testing.assert_array_equal(g["pred"][0], np.repeat(np.repeat(m0_16, 2, 0), 2, 1))
+    want = s.gt[0] if data_grid_masks else np.repeat(np.repeat(m0_16, 2, 0), 2, 1)
+    np.testing.assert_array_equal(g["pred"][0], want)
+    assert not np.array_equal(s.gt[0], np.repeat(np.repeat(m0_16, 2, 0), 2, 1))
   # Evaluation compares the ED..ES frames (the data has one more).
   row = metrics.evaluate_files(data, out)[0]
   assert row["status"] == "ok" and row["n_frames"] == 5
