@@ -1,0 +1,127 @@
+"""benchmarks/registration_quality.py and semisynthetic_table.py: their scoring,
+pair extraction, grids and files, on small synthetic data (no fit, no ANTs)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from absl import flags
+
+from echo_ode_jax import metrics
+from echo_ode_jax.data import hdf5, synthetic
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+  """Imports a benchmark script; its absl flags are dropped again (the two
+  scripts define flags of the same names, and only their functions are tested)."""
+  sys.path.insert(0, str(BENCH))
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for n in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, n)
+  return mod
+
+
+rq = _load("registration_quality")
+st = _load("semisynthetic_table")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """Three 6-frame synthetic sequences, ES at frame 4 (frame 5 after ES)."""
+  path = tmp_path_factory.mktemp("rq") / "data.h5"
+  with h5py.File(path, "w") as f:
+    hdf5.set_root_attrs(f, 32)
+    for i in range(3):
+      s = synthetic.make_sequence(i, size=32, num_frames=6)[0]
+      s.attrs["es_index"] = 4
+      hdf5.write_sequence(f, s)
+  return str(path)
+
+
+def test_pairs_hold_the_ed_and_es_frames_of_the_selected_split(data, tmp_path):
+  keys = hdf5.list_keys(data)
+  splits = tmp_path / "splits.json"
+  splits.write_text(json.dumps({"valid": [keys[2].split("/")[0], keys[0].split("/")[0]],
+                                "train": [keys[1].split("/")[0]]}))
+  sel = rq.select_keys(data, str(splits), "valid", None)
+  assert sel == sorted([keys[0], keys[2]])
+  assert rq.select_keys(data, None, "valid", 2) == keys[:2]
+  pairs = str(tmp_path / "pairs.h5")
+  rq.write_pairs(data, sel, pairs)
+  for k in sel:
+    src, p = hdf5.read_sequence(data, k), hdf5.read_sequence(pairs, k)
+    np.testing.assert_array_equal(p.img, src.img[[0, 4]])
+    np.testing.assert_array_equal(p.gt, src.gt[[0, 4]])
+    assert p.attrs["ed_index"] == 0 and p.attrs["es_index"] == 1
+    assert list(p.attrs["pair_source_frames"]) == [0, 4]
+
+
+def test_pair_scores_against_hand_computed_masks():
+  """Two squares: Dice, HD and area EF worked out by hand."""
+  gt = np.zeros((2, 20, 20), np.uint8)
+  gt[0, 2:12, 2:12] = 1          # ED: 10 x 10
+  gt[1, 2:10, 2:12] = 1          # ES: 8 x 10 -> area EF 20 %
+  pred = gt.copy()
+  pred[1] = 0
+  pred[1, 2:8, 2:12] = 1         # 6 x 10 -> area EF 40 %
+  s = rq.pair_scores(pred, gt, (0.5, 0.5))
+  assert s["dice_endo"] == pytest.approx(2 * 60 / (60 + 80))
+  assert s["dice_epi"] == pytest.approx(2 * 60 / (60 + 80))     # no myocardium: epi = endo
+  assert s["hd_endo"] == pytest.approx(2 * 0.5)                   # boundary rows 7 vs 9
+  assert s["gt_ef_area"] == pytest.approx(20.0)
+  assert s["ef_area"] == pytest.approx(40.0) and s["ef_err"] == pytest.approx(20.0)
+  same = rq.pair_scores(gt, gt, (1.0, 1.0))
+  assert same["dice_endo"] == 1 and same["hd_endo"] == 0 and same["ef_err"] == 0
+
+
+def test_grid_rows_are_the_union_of_the_grids():
+  rows = rq.grid_rows("|lambda_sim=1,10|lambda_ncc=1;ncc_window=5|lambda_sim=10")
+  assert rows == [{}, {"lambda_sim": 1.0}, {"lambda_sim": 10.0},
+                  {"lambda_ncc": 1.0, "ncc_window": 5}]
+  assert rq.grid_rows("") == [{}]
+
+
+def test_copy_rows_files_and_figure(data, tmp_path):
+  """The copy-m_0 row scored from its file equals Dice of gt ED vs gt ES computed
+  directly; the table and the worst-patients figure are written."""
+  keys = hdf5.list_keys(data)
+  pairs = str(tmp_path / "pairs.h5")
+  rq.write_pairs(data, keys, pairs)
+  path = str(tmp_path / "pred_copy.h5")
+  rq.copy_method(pairs, keys, path)
+  rq.copy_method(pairs, keys, path)            # resumable: nothing left to do
+  rows = rq.score(pairs, keys, "copy", path)
+  for r, k in zip(rows, keys):
+    gt = hdf5.read_sequence(data, k).gt
+    assert r["status"] == "ok"
+    assert r["dice_endo"] == pytest.approx(metrics.dice(gt[0] == 1, gt[4] == 1))
+  s = rq.summarize(rows)
+  assert s["n"] == 3 and s["failed"] == 0
+  assert s["dice_endo"][0] == pytest.approx(np.mean([r["dice_endo"] for r in rows]))
+  assert "| copy |" in rq.table_markdown({"copy": s})
+  png = rq.worst_figure(pairs, {"copy": path}, rows, "copy", 2, str(tmp_path / "w.png"))
+  assert Path(png).stat().st_size > 1000
+
+
+def test_semisynthetic_table_label_files_and_subset(data, tmp_path):
+  sub = st.subset(data, 2, str(tmp_path / "sub.h5"))
+  assert hdf5.list_keys(sub) == hdf5.list_keys(data)[:2]
+  assert st.subset(data, None, str(tmp_path / "x.h5")) == data
+  gt_file = st.label_file(sub, str(tmp_path / "gt.h5"), lambda g: g)
+  copy = st.label_file(sub, str(tmp_path / "copy.h5"),
+                       lambda g: np.repeat(g[:1], g.shape[0], 0))
+  rows_gt = metrics.evaluate_files(sub, gt_file)
+  rows_copy = metrics.evaluate_files(sub, copy)
+  assert all(r["mdice"] == 1.0 for r in rows_gt)
+  for r, k in zip(rows_copy, hdf5.list_keys(sub)):
+    gt = hdf5.read_sequence(sub, k).gt
+    want = np.mean([metrics.dice(gt[0] == 1, g == 1) for g in gt])
+    assert r["dice_endo"] == pytest.approx(want)
