@@ -33,26 +33,40 @@ def import_ants():
 
 
 def register_labels(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray,
-                    transform: str, seed: int = 0) -> tuple[np.ndarray, float, float]:
+                    transform: str, seed: int = 0, fixed_full: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, float, float]:
   """Registers `moving` onto `fixed` with ANTs and pulls `labels` through the map.
 
   Args:
-    fixed, moving: (H, W) float images (pixel spacing 1).
-    labels: (H, W) integer labels on `moving`'s grid.
+    fixed, moving: (h, w) float images, the registration grid.
+    labels: (H, W) integer labels on `moving`'s field of view, at any grid
+      size; H x W may be finer than h x w (e.g. the data grid).
     transform: an ants.registration type_of_transform ("SyN", "SyNCC", ...).
+    fixed_full: `fixed` on the labels' H x W grid (default: `fixed` itself,
+      then labels must be h x w).
+
+  The small grid is placed in the big grid's physical space (spacing H / h,
+  pixel centres aligned), so the labels are warped on their own grid.
 
   Returns:
-    (labels on `fixed`'s grid (H, W) uint8, share of pixels where the
-    deformable part's Jacobian determinant is <= 0, seconds of registration).
+    (labels on the H x W grid of `fixed` (uint8), share of registration-grid
+    pixels where the deformable part's Jacobian determinant is <= 0, seconds
+    of registration).
   """
   ants = import_ants()
-  f = ants.from_numpy(np.ascontiguousarray(fixed, np.float32))
-  m = ants.from_numpy(np.ascontiguousarray(moving, np.float32))
+  h, w = fixed.shape
+  big = fixed if fixed_full is None else fixed_full
+  sp = (big.shape[0] / h, big.shape[1] / w)
+  origin = (0.5 * sp[0] - 0.5, 0.5 * sp[1] - 0.5)
+  small = lambda a: ants.from_numpy(np.ascontiguousarray(a, np.float32), origin=origin,
+                                    spacing=sp)
+  f, m = small(fixed), small(moving)
   t0 = time.perf_counter()
   reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
   seconds = time.perf_counter() - t0
+  f_big = ants.from_numpy(np.ascontiguousarray(big, np.float32))
   lab = ants.from_numpy(np.ascontiguousarray(labels, np.float32))
-  warped = ants.apply_transforms(fixed=f, moving=lab, transformlist=reg["fwdtransforms"],
+  warped = ants.apply_transforms(fixed=f_big, moving=lab, transformlist=reg["fwdtransforms"],
                                  interpolator="genericLabel")
   warps = [t for t in reg["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
   fold = 0.0

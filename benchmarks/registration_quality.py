@@ -19,10 +19,14 @@ by each method, and scored against the ES ground truth:
 
 Per patient and as means: Dice at ES (endo, epi), Hausdorff at ES (mm, endo and
 epi), area-EF error (points, against the ground truth's), folding (% of pixels
-with det D phi <= 0, Echo-ODE and ANTs) and seconds per pair. Written to DIR:
+with det D phi <= 0, Echo-ODE and ANTs) and seconds per pair (Echo-ODE: its
+batch's wall time over the batch size, compilation included; ANTs: one ITK
+thread). Every method's masks are on DATA.h5's grid: Echo-ODE and ANTs warp
+the ED mask there through their --size maps. A "k HD inf" note counts ES
+masks that lost a structure (left out of the HD means). Written to DIR:
 
   pairs.h5              the 2-frame (ED, ES) sequences fitted
-  pred_<method>.h5      each method's masks (/<patient>/<view>/pred, (2, H, W),
+  pred_<method>_<size>.h5  each method's masks (/<patient>/<view>/pred, (2, H, W),
                         on DATA.h5's grid whatever --size the fit ran at)
   results.csv           one row per (method, patient)
   table.md, summary.json  the means (+- sd) per method
@@ -143,12 +147,12 @@ def grid_rows(spec: str) -> list[dict]:
   return rows
 
 
-def row_file(out: str, row: dict, cfg) -> str:
+def row_file(out: str, row: dict, cfg, size: int) -> str:
   """The results file of an Echo-ODE row: its overrides and
   experiment.config_digest (so a new FitConfig field left at its default keeps
   finished rows; fit_file's resume check refuses a file of other settings)."""
   slug = experiment.row_id(row, cfg).rsplit("_", 1)[0]
-  return os.path.join(out, f"pred_echo_{slug}_{experiment.config_digest(cfg)}.h5")
+  return os.path.join(out, f"pred_echo_{slug}_{size}_{experiment.config_digest(cfg)}.h5")
 
 
 def pair_scores(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
@@ -211,7 +215,8 @@ def segmenter_method(pairs: str, keys: list[str], path: str, data: str,
 
 
 def ants_method(pairs: str, keys: list[str], path: str, transform: str, size: int) -> None:
-  """ANTs `transform` of ED onto ES at size x size; per-patient resumable."""
+  """ANTs `transform` of ED onto ES at size x size, the ED mask warped on the
+  data grid; per-patient resumable."""
   import _ants
   _ants.import_ants()
   todo = [k for k in keys if k not in _done(path)]
@@ -219,9 +224,8 @@ def ants_method(pairs: str, keys: list[str], path: str, transform: str, size: in
   for k in todo:
     seq = hdf5.read_sequence(pairs, k)
     img = runner.resize(seq.img, (size, size), 1)
-    m0 = runner.resize(seq.gt[0], (size, size), 0)
-    es, fold, secs = _ants.register_labels(img[1], img[0], m0, transform)
-    es = runner.resize(es, seq.img.shape[1:], 0)
+    es, fold, secs = _ants.register_labels(img[1], img[0], seq.gt[0], transform,
+                                           fixed_full=seq.img[1])
     _write_preds(path, {k: np.stack([seq.gt[0], es])},
                  {k: {"seconds": secs, "folding_fraction": fold, "status": "ok"}})
     prog.update(1)
@@ -258,7 +262,9 @@ def score(pairs: str, keys: list[str], method: str, path: str) -> list[dict]:
 
 def summarize(rows: list[dict]) -> dict:
   ok = [r for r in rows if r.get("status") == "ok"]
-  out = {"n": len(rows), "failed": len(rows) - len(ok)}
+  out = {"n": len(rows), "failed": len(rows) - len(ok),
+         "hd_inf": sum(not math.isfinite(r.get(c, math.nan)) for r in ok
+                       for c in ("hd_endo", "hd_epi"))}
   for c in COLUMNS:
     v = np.asarray([r.get(c, math.nan) for r in ok], np.float64)
     v = v[np.isfinite(v)]
@@ -343,7 +349,8 @@ def main(argv):
   if _SEGMENTATION.value or _SEGMENTER.value:
     name = "segmenter ES" if _SEGMENTATION.value else (
         f"{os.path.basename(os.path.normpath(_SEGMENTER.value))} ES")
-    methods[name] = os.path.join(out, f"pred_{slug(name)}.h5")
+    methods[name] = os.path.join(out, f"pred_{slug(name)}" + (
+        ".h5" if _SEGMENTATION.value else f"_{size}.h5"))
     segmenter_method(pairs, keys, methods[name], data, _SEGMENTATION.value,
                      _SEGMENTER.value, size)
   echo_names = []
@@ -351,7 +358,7 @@ def main(argv):
     cfg = experiment.apply_overrides(base, row)
     label = experiment.row_label(row)
     name = "Echo-ODE" + ("" if label == "default" else f" {label}")
-    path = row_file(out, row, cfg)
+    path = row_file(out, row, cfg, size)
     logging.info("%s -> %s", name, path)
     echo_ode_method(pairs, keys, path, cfg, size, _BATCH.value)
     methods[name] = path
@@ -360,7 +367,7 @@ def main(argv):
   if _ANTS.value:
     for t in _ANTS_TRANSFORMS.value:
       name = f"ANTs {t}"
-      methods[name] = os.path.join(out, f"pred_ants_{slug(t)}.h5")
+      methods[name] = os.path.join(out, f"pred_ants_{slug(t)}_{size}.h5")
       ants_method(pairs, keys, methods[name], t, size)
   rows = [r for name, p in methods.items() for r in score(pairs, keys, name, p)]
   experiment.write_csv(os.path.join(out, "results.csv"), rows)

@@ -90,8 +90,9 @@ def label_file(data: str, path: str, frames_of) -> str:
 
 
 def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> str:
-  """ANTs `transform` from frame 0 to every frame, the gt ED mask pulled
-  through each; resumable per sequence; writes attrs seconds and
+  """ANTs `transform` from frame 0 to every frame at size x size, the gt ED
+  mask pulled through each on the data grid; resumable per sequence; writes
+  attrs seconds and
   folding_fraction (mean over frames)."""
   import _ants
   _ants.import_ants()
@@ -101,13 +102,12 @@ def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> st
   prog = Progress(len(todo), f"ANTs {transform} per frame", "sequence")
   for k in todo:
     seq = hdf5.read_sequence(data, k)
-    hw = seq.img.shape[1:]
     img = runner.resize(seq.img, (size, size), 1) if size else seq.img
-    m0 = runner.resize(seq.gt[0], img.shape[1:], 0)
     pred, folds, secs = [seq.gt[0]], [], 0.0
     for t in range(1, img.shape[0]):
-      lab, fold, s = _ants.register_labels(img[t], img[0], m0, transform)
-      pred.append(runner.resize(lab, hw, 0))
+      lab, fold, s = _ants.register_labels(img[t], img[0], seq.gt[0], transform,
+                                           fixed_full=seq.img[t])
+      pred.append(lab)
       folds.append(fold)
       secs += s
     with atomic_path(path, copy_existing=True) as tmp, h5py.File(tmp, "a") as f:
@@ -172,16 +172,16 @@ def main(argv):
   preds[seg_name] = experiment.predict_stage(data, _CHECKPOINTS.value, seg,
                                              os.path.join(out, f"pred_{seg}.h5"))
   preds[experiment.echo_ode_label(seg)] = experiment.fit_stage(
-      data, os.path.join(out, f"echo_{seg}_{digest}.h5"), cfg, "segmenter", "segmenter",
+      data, os.path.join(out, f"echo_{seg}_{size or 'data'}_{digest}.h5"), cfg, "segmenter", "segmenter",
       preds[seg_name], _BATCH.value, size, save_flow=True)
   preds["Echo-ODE (gt m_0, no guide)"] = experiment.fit_stage(
-      data, os.path.join(out, f"echo_gt_noguide_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
+      data, os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
       size, save_flow=True)
   folds = {}
   if _ANTS.value:
     name = f"ANTs {_ANTS_TRANSFORM.value} per frame"
-    preds[name] = ants_per_frame(data, os.path.join(out, f"pred_ants_{_ANTS_TRANSFORM.value}.h5"),
-                                 _ANTS_TRANSFORM.value, size)
+    path = os.path.join(out, f"pred_ants_{_ANTS_TRANSFORM.value}_{size or 'data'}.h5")
+    preds[name] = ants_per_frame(data, path, _ANTS_TRANSFORM.value, size)
     folds[name] = _mean_attr(preds[name], "folding_fraction")
   results = {n: experiment.evaluate_cached(data, p, p[:-3] + ".eval.json")
              for n, p in preds.items()}

@@ -111,6 +111,8 @@ class FitConfig:
                  "lambda_smt"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")
+    if self.ncc_window < 3 or self.ncc_window % 2 == 0:
+      bad("ncc_window", "an odd integer >= 3")
     if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
       bad("clip_norm", "None or a finite number > 0")
     if self.lr_decay not in ("constant", "cosine"):

@@ -254,14 +254,15 @@ def resample_map(phi: Float[Array, "... h w 2"], shape_hw) -> Float[Array, "... 
   """An absolute map on an h x w grid expressed on an H x W grid of the same field of view.
 
   Pixel centres are aligned (x_small = (x_big + 0.5) s - 0.5 with s = h / H per
-  axis); the map is interpolated bilinearly at the big grid's pixel centres and
-  its values converted to big-grid pixels. An affine map stays the same affine
-  map of the plane, except within half a small pixel of the border (clamped).
+  axis). The displacement phi - id is interpolated bilinearly at the big
+  grid's pixel centres (clamped at the border) and scaled to big-grid pixels,
+  so the identity stays the identity everywhere and an affine map stays the
+  same affine map of the plane away from the border.
   """
   h, w = phi.shape[-3:-1]
   big_h, big_w = (int(s) for s in shape_hw)
   if (h, w) == (big_h, big_w):
     return phi
-  out = jax.image.resize(phi, phi.shape[:-3] + (big_h, big_w, 2), "linear")
+  u = jax.image.resize(displacement(phi), phi.shape[:-3] + (big_h, big_w, 2), "linear")
   scale = jnp.asarray([big_h / h, big_w / w], phi.dtype)
-  return (out + 0.5) * scale - 0.5
+  return identity_grid(big_h, big_w, phi.dtype) + u * scale

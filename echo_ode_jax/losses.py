@@ -55,10 +55,12 @@ def local_ncc(a, b, window: int = 9, eps: float = 1e-5):
   """Squared local normalised cross-correlation per frame: (T, H, W) x 2 -> (T,).
 
   For each pixel, cc = cov(a, b)^2 / (var(a) var(b) + eps) over the window x
-  window neighbourhood (zero padded at the border), as in VoxelMorph's NCC
-  loss; the result is the mean of cc over the frame, in [0, 1].
+  window neighbourhood inside the frame (VoxelMorph's NCC loss, with the
+  window's true pixel count at the border instead of zero padding, which
+  would make any bright edge correlate); the result is the mean of cc over
+  the frame, in [0, 1].
   """
-  n = float(window * window)
+  n = _box_sum(jnp.ones((1,) + a.shape[1:], a.dtype), window)
   sa, sb = _box_sum(a, window), _box_sum(b, window)
   saa, sbb, sab = _box_sum(a * a, window), _box_sum(b * b, window), _box_sum(a * b, window)
   cross = sab - sa * sb / n

@@ -217,6 +217,9 @@ def finished_keys(out: str) -> set[str]:
 RESUMABLE_CHANGES = frozenset({"log_every", "xla_cpu_ynn", "scan_steps", "model.conv_impl",
                                "model.row_sums", "model.subpixel_up", "model.split_gamma_beta",
                                "model.fused_norm"})
+# Settings added after results were first written whose old behaviour differs
+# from their default: a result that does not record them had these values.
+LEGACY_DEFAULTS = {"data_grid_masks": False}
 _SETTING_ATTRS = ("init", "guide", "data", "segmentation", "size")
 
 
@@ -233,11 +236,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[str]:
   """How a finished result's attrs differ from this run's settings, as
   "name=old (now new)" strings; settings the result does not record (results of
-  an older version) are not compared."""
+  an older version) are not compared, except those in LEGACY_DEFAULTS, which
+  take the value that version had."""
   diff = []
   if "config" in attrs:
-    diff += dict_diff(_flat(json.loads(attrs["config"])), _flat(json.loads(cfg.to_json())),
-                      RESUMABLE_CHANGES)
+    old = {**LEGACY_DEFAULTS, **_flat(json.loads(attrs["config"]))}
+    diff += dict_diff(old, _flat(json.loads(cfg.to_json())), RESUMABLE_CHANGES)
   stored = {}
   for k in _SETTING_ATTRS:
     if k in attrs:

@@ -41,9 +41,10 @@ def case():
 
 
 def _np_ncc(a, b, window, eps=1e-5):
-  """Mean squared local NCC of (H, W) maps, from scipy window sums (zero padding)."""
-  n = window * window
-  box = lambda x: ndimage.uniform_filter(x, window, mode="constant") * n
+  """Mean squared local NCC of (H, W) maps, from scipy window sums over the
+  pixels inside the frame."""
+  box = lambda x: ndimage.uniform_filter(x, window, mode="constant") * window * window
+  n = box(np.ones_like(a))
   sa, sb = box(a), box(b)
   cross = box(a * b) - sa * sb / n
   va, vb = box(a * a) - sa ** 2 / n, box(b * b) - sb ** 2 / n
@@ -144,16 +145,19 @@ def test_local_ncc_matches_scipy_windows(window):
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
 
 
-def test_local_ncc_is_invariant_to_intensity_scale():
-  """NCC^2 is 1 where b = s * a (s != 0; with zero padding an offset would break it
-  at the border), and small for independent noise."""
+def test_local_ncc_is_invariant_to_intensity_scale_and_offset():
+  """NCC^2 is 1 where b = s * a + c (s != 0), the border included, and small for
+  independent noise; a bright constant edge does not correlate with noise."""
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.random((1, 24, 24)), jnp.float32)
-  for s in (2.0, -0.7):
-    cc = float(losses.local_ncc(a, s * a, 7)[0])
+  for s, c in ((2.0, 0.0), (-0.7, 0.9)):
+    cc = float(losses.local_ncc(a, s * a + c, 7)[0])
     assert cc > 0.995
   # Independent noise correlates weakly.
   assert float(losses.local_ncc(a, jnp.asarray(rng.random((1, 24, 24)), jnp.float32), 7)[0]) < 0.2
+  flat = jnp.full((1, 24, 24), 0.7)
+  noisy = flat + 1e-3 * jnp.asarray(rng.standard_normal((1, 24, 24)), jnp.float32)
+  assert float(losses.local_ncc(flat, noisy, 7)[0]) < 1e-3
 
 
 

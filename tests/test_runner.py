@@ -187,3 +187,16 @@ def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
   experiment.fit_stage(one, out2, TINY_CFG, "gt", "gt", None, batch_size=1)   # done: no error
   with pytest.raises(InputError, match="steps=3 \\(now 4\\)"):
     experiment.fit_stage(one, out2, TINY_CFG.replace(steps=4), "gt", "gt", None, batch_size=1)
+
+
+def test_results_from_before_data_grid_masks_count_as_nearest_resized():
+  """A result whose config does not record data_grid_masks was written with
+  fit-grid masks nearest-resized: a rerun with the default (data-grid masks)
+  must not reuse it, one without must."""
+  import json as _json
+  cfg = fit.FitConfig()
+  old = _json.loads(cfg.to_json())
+  del old["data_grid_masks"]
+  attrs = {"config": _json.dumps(old)}
+  assert runner.settings_diff(attrs, cfg, {}) == ["data_grid_masks=False (now True)"]
+  assert runner.settings_diff(attrs, cfg.replace(data_grid_masks=False), {}) == []
