@@ -246,20 +246,11 @@ def config_hash(cfg: FitConfig) -> str:
 def config_digest(cfg: FitConfig) -> str:
   """8 hex digits identifying the settings of `cfg` that differ from FitConfig()'s
   defaults: a new field left at its default keeps the digest of older configs."""
-  flat = lambda c: _flatten(json.loads(c.to_json()))
+  from echo_ode_jax.runner import flatten
+  flat = lambda c: flatten(json.loads(c.to_json()))
   ref = flat(FitConfig())
   diff = {k: v for k, v in flat(cfg).items() if k not in ref or ref[k] != v}
   return hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def row_id(overrides: Mapping[str, Any], cfg: FitConfig) -> str:

@@ -223,11 +223,12 @@ LEGACY_DEFAULTS = {"data_grid_masks": False}
 _SETTING_ATTRS = ("init", "guide", "data", "segmentation", "size")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested dict (a FitConfig's JSON) with dotted keys: {"model.use_pe": ...}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -240,8 +241,8 @@ def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[s
   take the value that version had."""
   diff = []
   if "config" in attrs:
-    old = {**LEGACY_DEFAULTS, **_flat(json.loads(attrs["config"]))}
-    diff += dict_diff(old, _flat(json.loads(cfg.to_json())), RESUMABLE_CHANGES)
+    old = {**LEGACY_DEFAULTS, **flatten(json.loads(attrs["config"]))}
+    diff += dict_diff(old, flatten(json.loads(cfg.to_json())), RESUMABLE_CHANGES)
   stored = {}
   for k in _SETTING_ATTRS:
     if k in attrs:
