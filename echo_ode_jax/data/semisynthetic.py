@@ -56,11 +56,12 @@ from scipy import ndimage
 
 from echo_ode_jax.data import camus, synthetic
 from echo_ode_jax.data.hdf5 import Sequence
+from echo_ode_jax.metrics._dice import LABEL_STRUCTURES
 
 #: Structures fitted, as label sets: LV cavity, LV epicardium, LA.
 FIT_STRUCTURES = ((1,), (1, 2), (3,))
 #: Structures reported (Dice of the synthetic ES mask against the real one).
-DICE_STRUCTURES = {"endo": (1,), "epi": (1, 2), "myo": (2,), "la": (3,)}
+DICE_STRUCTURES = LABEL_STRUCTURES
 NUM_LABELS = 4
 
 

@@ -6,7 +6,9 @@ import numpy as np
 UNANNOTATED = 255
 
 #: Structure name -> labels it is made of (0 bg, 1 LV cavity, 2 myocardium, 3 LA).
-STRUCTURES = {"endo": (1,), "epi": (1, 2), "myo": (2,)}
+LABEL_STRUCTURES = {"endo": (1,), "epi": (1, 2), "myo": (2,), "la": (3,)}
+#: The structures scored by the evaluation (the LV ones of LABEL_STRUCTURES).
+STRUCTURES = {k: LABEL_STRUCTURES[k] for k in ("endo", "epi", "myo")}
 
 
 def structure_mask(labels: np.ndarray, structure: str) -> np.ndarray:

@@ -41,6 +41,7 @@ from echo_ode_jax._atomic import atomic_path
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data.hdf5 import NUM_CLASSES, UNANNOTATED, list_keys, read_sequence
 from echo_ode_jax.errors import InputError
+from echo_ode_jax.metrics._dice import LABEL_STRUCTURES, annotated_frames
 from echo_ode_jax.segmenters import get_model
 
 CONFIG_FILE = "config.json"
@@ -48,8 +49,8 @@ LAST_FILE = "last.msgpack"
 BEST_FILE = "best.msgpack"
 HISTORY_FILE = "history.json"
 
-# Structures scored by the Dice metric: name -> labels forming it.
-STRUCTURES = {"endo": (1,), "epi": (1, 2), "myo": (2,), "la": (3,)}
+# Structures scored by the validation Dice: name -> labels forming it.
+STRUCTURES = LABEL_STRUCTURES
 
 
 @dataclasses.dataclass
@@ -140,12 +141,6 @@ def resize_labels(lbl: np.ndarray, size: int) -> np.ndarray:
   r = _nearest_index(lbl.shape[1], size)
   c = _nearest_index(lbl.shape[2], size)
   return np.asarray(lbl, np.uint8)[:, r][:, :, c]
-
-
-def annotated_frames(gt: np.ndarray) -> np.ndarray:
-  """Indices of the frames of a (T, H, W) gt that carry an annotation (no 255
-  pixel; the same rule as the evaluation)."""
-  return np.flatnonzero(~np.any(gt == UNANNOTATED, axis=(1, 2)))
 
 
 def load_frames(data_h5: str | os.PathLike, keys: Sequence[str], size: int
