@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax.kernels import _native
+from echo_ode_jax.kernels.cpu import native as _native
 
 needs_native = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not _native.available(),
