@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate_gain,
-                                  norm_modulate, upsample2)
+from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, forced, instance_norm,
+                                  modulate_gain, norm_modulate, upsample2)
 
 
 SPADE_TIME = ("hidden", "gain")   # ModelConfig.spade_time choices
@@ -273,8 +273,10 @@ def _init_fn(config: ModelConfig, shape_hw: tuple[int, int]):
 
 
 def init_params(config: ModelConfig, key, shape_hw: Seq[int]):
-  """Parameters for images of size shape_hw."""
-  return _init_fn(config, tuple(int(s) for s in shape_hw))(key)
+  """Parameters for images of size shape_hw (traced with XLA's ops only: the
+  forward pass only gives the shapes)."""
+  with forced("off"):
+    return _init_fn(config, tuple(int(s) for s in shape_hw))(key)
 
 
 def count_params(params) -> int:

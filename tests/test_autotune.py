@@ -124,3 +124,19 @@ def test_measure_times_a_slow_op_once():
   calls = []
   t = autotune.measure(lambda: calls.append(1), repeats=5, clock=lambda: next(ticks))
   assert t == 1.0 and len(calls) == 2
+
+
+def test_forced_overrides_the_environment_within_its_block(fresh, monkeypatch):
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "on")
+  def runs():
+    raise AssertionError("measured")
+  with native.forced("off"):
+    assert native.mode() == "off" and not native.available()
+    assert autotune.choose("conv", "a", runs, lambda fn: 0.0) == XLA
+  assert native.mode() == "on"
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "off")
+  with native.forced("on"):
+    assert autotune.choose("conv", "a", runs, lambda fn: 0.0) == NATIVE
+  with pytest.raises(ValueError, match="forced"):
+    with native.forced("maybe"):
+      pass

@@ -11,9 +11,7 @@ program and every measurement compiles with.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import jax
 
@@ -54,17 +52,4 @@ def use_native(op: str, key: str,
   return native_enabled() and autotune.choose(op, key, runs) == autotune.NATIVE
 
 
-@contextlib.contextmanager
-def forced(mode: str) -> Iterator[None]:
-  """Within the block, ``ECHO_ODE_NATIVE=mode`` ("on": native kernels wherever
-  they apply; "off": XLA's ops only; "auto"): for programs traced inside it
-  (the choice is made at trace time), e.g. to compare the two paths."""
-  old = os.environ.get(native.MODE_ENV)
-  os.environ[native.MODE_ENV] = mode
-  try:
-    yield
-  finally:
-    if old is None:
-      os.environ.pop(native.MODE_ENV, None)
-    else:
-      os.environ[native.MODE_ENV] = old
+forced = native.forced   # forced("off"): XLA's ops only, for programs traced in the block

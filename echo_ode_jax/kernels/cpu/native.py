@@ -16,6 +16,8 @@ build for another CPU. ``ECHO_ODE_NATIVE=off`` disables the kernels
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -118,10 +121,28 @@ _OFF = ("off", "0", "false", "no")
 _ON = ("on", "1", "true", "yes")
 
 
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("echo_ode_native_mode",
+                                                                  default=None)
+
+
 def mode() -> str:
-  """$ECHO_ODE_NATIVE as "off", "on" or "auto" (unset or any other value)."""
-  v = os.environ.get(MODE_ENV, "auto").strip().lower()
+  """The mode, "off", "on" or "auto": the one :func:`forced` set in this thread,
+  else $ECHO_ODE_NATIVE ("auto" when unset or any other value)."""
+  v = _forced.get() or os.environ.get(MODE_ENV, "auto").strip().lower()
   return "off" if v in _OFF else "on" if v in _ON else "auto"
+
+
+@contextlib.contextmanager
+def forced(value: str) -> Iterator[None]:
+  """Within the block (this thread), :func:`mode` is `value` ("on", "off" or
+  "auto"), whatever $ECHO_ODE_NATIVE says."""
+  if value not in ("on", "off", "auto"):
+    raise ValueError(f"forced: mode must be 'on', 'off' or 'auto', got {value!r}")
+  token = _forced.set(value)
+  try:
+    yield
+  finally:
+    _forced.reset(token)
 
 
 def _load() -> None:
@@ -168,7 +189,7 @@ def available() -> bool:
 def why_unavailable() -> str:
   """'' when :func:`available`, else the reason."""
   if mode() == "off":
-    return f"{MODE_ENV}=off"
+    return f"{MODE_ENV}=off" if _forced.get() is None else "forced off"
   return "" if available() else _state["why"]
 
 
