@@ -1,4 +1,4 @@
-"""The native conv kernels (kernels._native: weight gradient and forward pass)
+"""The native CPU kernels (kernels.cpu.native: conv weight gradient and forward pass)
 against float64 numpy sums, and their build and availability handling."""
 import os
 import stat
