@@ -193,11 +193,6 @@ def why_unavailable() -> str:
   return "" if available() else _state["why"]
 
 
-def supports(x_dtype, strides) -> bool:
-  """Whether :func:`conv_weight_grad` handles a conv of this dtype and stride."""
-  return jnp.dtype(x_dtype) == jnp.float32 and tuple(strides) == (1, 1)
-
-
 def conv_shape_ok(x_shape, kernel_shape, pads) -> bool:
   """Whether :func:`conv` computes a stride-1 conv of these shapes and
   ((top, bottom), (left, right)) zero padding: padding >= 0, matching input
