@@ -47,8 +47,12 @@ def weight_grad_xla(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
   return vjp(g)[0]
 
 
-def _key(*parts) -> str:
-  return " ".join(str(tuple(int(v) for v in np.ravel(p))) for p in parts)
+def _key(*shapes, pads) -> str:
+  """The measured choice's key: operand shapes and the total padding per axis
+  (the four phase convs of conv2d_up_concat, padded on one side or the other,
+  cost the same)."""
+  total = tuple(int(a) + int(b) for a, b in pads)
+  return " ".join(str(tuple(int(v) for v in p)) for p in shapes + (total,))
 
 
 def _random(*shapes):
@@ -72,7 +76,7 @@ def _use_native_conv(x_shape, kernel_shape, pads) -> bool:
     return {NATIVE: _blocking(_backend.jit(lambda a, b: native.conv(a, b, pads)), x, k),
             XLA: _blocking(_backend.jit(lambda a, b: _conv(a, b, (1, 1), pads)), x, k)}
 
-  return _backend.use_native("conv", _key(x_shape, kernel_shape, pads), runs)
+  return _backend.use_native("conv", _key(x_shape, kernel_shape, pads=pads), runs)
 
 
 def _use_native_wgrad(x_shape, g_shape, kernel_hw, pads) -> bool:
@@ -87,7 +91,7 @@ def _use_native_wgrad(x_shape, g_shape, kernel_hw, pads) -> bool:
     return {NATIVE: _blocking(_backend.jit(nat), x, g),
             XLA: _blocking(_backend.jit(xla), x, g)}
 
-  return _backend.use_native("conv_wgrad", _key(x_shape, g_shape, kernel_hw, pads), runs)
+  return _backend.use_native("conv_wgrad", _key(x_shape, g_shape, kernel_hw, pads=pads), runs)
 
 
 def _forward(x, kernel, pads):
