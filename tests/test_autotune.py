@@ -140,3 +140,28 @@ def test_forced_overrides_the_environment_within_its_block(fresh, monkeypatch):
   with pytest.raises(ValueError, match="forced"):
     with native.forced("maybe"):
       pass
+
+
+@pytest.mark.parametrize("winner", [NATIVE, XLA])
+def test_conv2d_and_norm_modulate_follow_the_measured_choice(fresh, monkeypatch, winner):
+  """With measured choices (fake timings) the traced network calls the native
+  kernels exactly when they won, and the choices land in the cache file."""
+  import jax
+  import jax.numpy as jnp
+  from echo_ode_jax.kernels import conv2d, norm_modulate
+  if jax.default_backend() != "cpu" or not native.available():
+    pytest.skip("native kernels unavailable")
+  fake = {NATIVE: 1.0, XLA: 2.0} if winner == NATIVE else {NATIVE: 2.0, XLA: 1.0}
+  timed = []
+  def timer(fn):                 # which candidate fn is: the order runs() lists them
+    timed.append(fn)
+    return fake[NATIVE if len(timed) % 2 else XLA]
+  monkeypatch.setattr(autotune, "measure", timer)
+  x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+  gb = jnp.ones((2, 8, 8, 8))
+  f = lambda x, k: jnp.sum(norm_modulate(conv2d(x, k), gb))
+  jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, k))
+  assert ("ffi_call" in jaxpr) == (winner == NATIVE)
+  table = json.load(open(autotune.cache_path()))
+  assert {name.split()[0] for name in table} == {"conv", "conv_wgrad", "norm_modulate"}
+  assert set(table.values()) == {winner}

@@ -143,15 +143,17 @@ def pick(seconds: Mapping[str, float]) -> str:
 
 
 def choose(op: str, key: str, runs: Callable[[], Mapping[str, Callable[[], object]]],
-           timer: Callable[[Callable[[], object]], float] = measure) -> str:
+           timer: Callable[[Callable[[], object]], float] | None = None) -> str:
   """NATIVE or XLA for operation `op` on operands described by `key`.
 
   runs: builds {NATIVE: fn, XLA: fn}, each computing the operation once on
   operands of that shape and blocking until done; called (in a helper thread,
   outside any enclosing trace) only when the choice is measured. ``ECHO_ODE_NATIVE=on`` / ``off`` answers without
   measuring; otherwise a choice already made on this host (in this process or
-  saved in :func:`cache_path`) is reused, else both are timed with `timer`.
+  saved in :func:`cache_path`) is reused, else both are timed with `timer`
+  (default :func:`measure`).
   """
+  timer = timer or measure
   m = native.mode()
   if m != "auto":
     return NATIVE if m == "on" else XLA
