@@ -17,9 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
-
 import numpy as np
+from jaxtyping import Array, Float
 
 from echo_ode_jax.kernels import _backend
 from echo_ode_jax.kernels._reduce import add, check_positive, check_slope, instance_norm, modulate
