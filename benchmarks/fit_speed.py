@@ -13,9 +13,9 @@ dt = 0.1, so 10 steps and 10 velocity knots) and reports:
   * the peak memory of the step program by XLA's memory analysis (arguments +
     outputs + temporaries, one sequence's program in loop mode) and the
     process's peak RSS at the end;
-  * GFLOP per step (XLA cost analysis of the batched step, with XLA's conv
-    VJP where the step uses the native weight gradient, a custom call XLA does
-    not count: of the compiled program on CPU, of the lowered one elsewhere, whose count still holds the
+  * GFLOP per step (XLA cost analysis of the batched step, traced with XLA's
+    ops only where it uses native kernels, custom calls XLA does not count:
+    of the compiled program on CPU, of the lowered one elsewhere, whose count still holds the
     convolutions a GPU compile hands to cuDNN; the in-loop row does the same
     work) and the achieved GFLOP/s, against the
     GFLOP/s of a float32 matmul (`--matmul` square) measured in the same run
@@ -50,9 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import cpu_malloc, experiment, fit
+from echo_ode_jax import cpu_malloc, experiment, fit, kernels
 from echo_ode_jax.data import synthetic
-from _case import flop_config, matmul_gflops  # benchmarks/_case.py (this script's folder)
+from _case import matmul_gflops  # benchmarks/_case.py (this script's folder)
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "256"], "Square image sizes (pixels).")
 _FRAMES = flags.DEFINE_integer("frames", 20, "Frames per sequence.")
@@ -102,7 +102,7 @@ class JaxStep:
       if formulation == "inloop":
         step = fit.make_step(cfg, "inloop")
         return jax.jit(lambda st, s, i: step(st, s, i), donate_argnums=(0,),
-                       compiler_options=fit.compiler_options(cfg))
+                       compiler_options=kernels.compiler_options())
       return fit._chunk_fn(cfg, 1, mode == "vmap")
     fn = program(cfg)
     if mode == "vmap":
@@ -116,11 +116,14 @@ class JaxStep:
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t0
     self.flops, self.peak_bytes = _analysis(self.compiled)
-    if flop_config(cfg) != cfg:
-      # The native conv weight gradient is a custom call XLA does not count:
-      # count the same step with XLA's conv VJP.
-      self.flops = _analysis(program(flop_config(cfg)).lower(
-          self.states[0], self.seqs[0], jnp.int32(0)).compile())[0]
+    if jax.default_backend() == "cpu" and kernels.native_available():
+      # The native kernels are custom calls XLA does not count: count the same
+      # step traced afresh with XLA's ops only.
+      with kernels.forced("off"):
+        fresh = (program(cfg) if formulation == "inloop"
+                 else fit._chunk_fn.__wrapped__(cfg, 1, mode == "vmap"))
+        self.flops = _analysis(fresh.lower(self.states[0], self.seqs[0],
+                                           jnp.int32(0)).compile())[0]
     if jax.default_backend() != "cpu":
       # The compiled GPU program's cost analysis leaves out the convolutions
       # it hands to cuDNN (0.70 GFLOP counted at 128^2 on an H100); the

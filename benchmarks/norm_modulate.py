@@ -5,10 +5,11 @@ the XLA composition (not in CI).
 
 For x (batch, size, size, C), gb (batch, size, size, 2C) and bias (2C),
 float32, median ms of `kernels.norm_modulate(x, gb, bias)` forward, and of its
-VJP (forward + backward, all three cotangents), with impl="xla" (bias add,
-channel split, `instance_norm`, `modulate`) and impl="native" (the fused C++
-kernel); plus one elementwise pass over x (x * 1.5 + 1) for scale. Jitted with
-the fit's CPU compile options; the calls of a row alternate.
+VJP (forward + backward, all three cotangents), traced with XLA's ops only
+(ECHO_ODE_NATIVE=off: bias add, channel split, `instance_norm`, `modulate`) and
+with the native kernel (ECHO_ODE_NATIVE=on: the fused C++ kernel); plus one
+elementwise pass over x (x * 1.5 + 1) for scale. Jitted with the fit's CPU
+compile options (`kernels.compiler_options`); the calls of a row alternate.
 """
 import time
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import cpu_malloc, fit
+from echo_ode_jax import cpu_malloc, kernels
 from echo_ode_jax.kernels import native_available, norm_modulate
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
@@ -31,8 +32,12 @@ def main(argv):
   del argv
   if not native_available():
     raise SystemExit("norm_modulate.py: the native kernels are unavailable on this host")
-  opts = fit.compiler_options(fit.FitConfig())
+  opts = kernels.compiler_options()
   jit = lambda f: jax.jit(f, compiler_options=opts)
+
+  def traced(impl, f, *args):   # the backend's choice is made when f is traced
+    with kernels.forced("on" if impl == "native" else "off"):
+      return jit(f).lower(*args).compile()
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch {_BATCH.value}, "
         f"{_SIZE.value}^2; ms")
   print("| C | elementwise pass | forward XLA | forward native | XLA / native | "
@@ -45,9 +50,9 @@ def main(argv):
     gb = jnp.asarray(rng.normal(0, 0.5, size=shape[:3] + (2 * c,)), jnp.float32)
     bias = jnp.asarray(rng.normal(0, 0.3, size=(2 * c,)), jnp.float32)
     d = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    fwd = lambda impl: jit(lambda *a: norm_modulate(*a, impl=impl))
-    vjp = lambda impl: jit(lambda x, gb, b, d: jax.vjp(
-        lambda *a: norm_modulate(*a, impl=impl), x, gb, b)[1](d))
+    fwd = lambda impl: traced(impl, norm_modulate, x, gb, bias)
+    vjp = lambda impl: traced(impl, lambda x, gb, b, d: jax.vjp(norm_modulate, x, gb, b)[1](d),
+                              x, gb, bias, d)
     fns = [(jit(lambda x: x * 1.5 + 1.0), (x,)), (fwd("xla"), (x, gb, bias)),
            (fwd("native"), (x, gb, bias)), (vjp("xla"), (x, gb, bias, d)),
            (vjp("native"), (x, gb, bias, d))]

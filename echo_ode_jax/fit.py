@@ -15,10 +15,8 @@ a common T bucket and masked.
 
 vmap over B independent networks lowers every convolution to a grouped
 convolution (feature_group_count = B), which runs several times slower per
-sequence than B separate convolutions: 6x on XLA:CPU at 64^2, and on an H100
-at 256^2 (cuDNN) 0.062 s per sequence-step at B = 16 and 0.100 at B = 4,
-against 0.015 for the single-sequence program (BENCHMARKS.md, GPU). So
-`fit_batch` defaults to `batch_mode="loop"` on every backend: the same compiled
+sequence than B separate convolutions on CPU and GPU (BENCHMARKS.md, "Batch
+modes"). So `fit_batch` defaults to `batch_mode="loop"` on every backend: the same compiled
 single-sequence program, its state donated, is dispatched for each sequence at
 every chunk of steps (asynchronously, so nothing waits on the host; sequence i
 runs on device i mod n of the mesh). The results are identical to vmap's up
@@ -46,6 +44,8 @@ from echo_ode_jax.kernels import folding_fraction, gaussian_blur, hard_labels, w
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
 
 NUM_CLASSES = 4
+# FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
+REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,6 @@ class FitConfig:
   lambda_smt: float = 0.03
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
-  scan_steps: int | None = None  # steps per compiled call (default: see steps_per_call)
-  xla_cpu_ynn: bool | None = None  # XLA:CPU's YNNPACK fusions in the fit programs (None:
-                                   # see compiler_options; the same function either way)
   seed: int = 0
   model: ModelConfig = ModelConfig()
 
@@ -98,11 +95,9 @@ class FitConfig:
       return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
               and bool(np.isfinite(v)))
 
-    for name in ("steps", "t_bucket", "log_every", "scan_steps", "ncc_window",
-                 "velocity_stride"):
+    for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride"):
       v = getattr(self, name)
-      if not (v is None and name == "scan_steps") and (
-          isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
@@ -130,10 +125,10 @@ class FitConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "FitConfig":
-    d = dict(d)
-    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in d.pop("model", {}).items()})
-    return cls(model=model, **d)
+    """A FitConfig from its JSON dict; fields of earlier versions that only chose
+    how the fit was computed (REMOVED_FIELDS, model.REMOVED_FIELDS) are ignored."""
+    d = {k: v for k, v in d.items() if k not in REMOVED_FIELDS}
+    return cls(model=ModelConfig.from_dict(d.pop("model", {})), **d)
 
 
 @dataclasses.dataclass
@@ -230,23 +225,8 @@ def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = 
   }
 
 
-def model_config(cfg: FitConfig) -> ModelConfig:
-  """cfg.model as the fit programs run it. conv_impl=None resolves to "native"
-  on CPU when the native weight-gradient kernel is available (the fastest;
-  BENCHMARKS.md), else to "xla" where :func:`compiler_options` turns YNNPACK
-  off (XLA's Eigen weight gradient is then faster than "split"); otherwise it
-  stays None (kernels.conv2d's per-backend default)."""
-  if cfg.model.conv_impl is not None:
-    return cfg.model
-  if jax.default_backend() == "cpu" and kernels.native_available():
-    return cfg.model.replace(conv_impl="native")
-  if compiler_options(cfg) is not None:
-    return cfg.model.replace(conv_impl="xla")
-  return cfg.model
-
-
 def _model(cfg: FitConfig):
-  return VelocityUNet(model_config(cfg))
+  return VelocityUNet(cfg.model)
 
 
 def _optimizer(cfg: FitConfig):
@@ -333,54 +313,21 @@ def final_params(cfg: FitConfig, state: FitState):
 
 
 def steps_per_call(cfg: FitConfig) -> int:
-  """Adam steps per compiled call.
-
-  On CPU, 1: XLA:CPU runs convolutions inside a while loop (lax.scan) an order
-  of magnitude slower than at the top level (measured: 7 s vs 0.37 s per step),
-  so steps are dispatched from Python. Elsewhere, cfg.log_every steps are
-  fused in one lax.scan (no host round-trip inside the loop).
-  """
-  if cfg.scan_steps is not None:
-    return max(1, int(cfg.scan_steps))
+  """Adam steps per compiled call: 1 on CPU (XLA:CPU runs convolutions inside a
+  while loop far slower than at the top level; BENCHMARKS.md, "Steps per
+  call"), so steps are dispatched from Python; elsewhere cfg.log_every steps in
+  one lax.scan (no host round-trip inside the loop)."""
   return 1 if jax.default_backend() == "cpu" else max(1, cfg.log_every)
 
 
-# XLA:CPU's YNNPACK conv fusions run on one thread (a 10 x 256^2 32->32
-# forward conv: 358 ms with one thread, 411 ms with two), while XLA's Eigen
-# convolutions use the whole intra-op pool (214 ms with two; benchmarks/conv.py
-# --size=256 [--noynn], BENCHMARKS.md).
-_YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
+def compiler_options(cfg: FitConfig | None = None) -> dict[str, str] | None:
+  """XLA compile options of the fit programs: :func:`kernels.compiler_options`
+  (cfg is not used; the options depend on the backend only)."""
+  del cfg
+  return kernels.compiler_options()
 
 
-def cpu_threads() -> int:
-  """Cores XLA:CPU's convolutions can use in this process (1 with
-  --xla_cpu_multi_thread_eigen=false in XLA_FLAGS, else the CPU affinity)."""
-  if "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
-    return 1
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:          # not Linux
-    return os.cpu_count() or 1
-
-
-def compiler_options(cfg: FitConfig) -> dict[str, str] | None:
-  """XLA compile options of the fit programs (step and final maps) on this backend.
-
-  On CPU the YNNPACK fusions are turned off for these programs when
-  cfg.xla_cpu_ynn is False, or when it is None and the process has more than
-  one core (:func:`cpu_threads`): every convolution then takes XLA's
-  multi-threaded Eigen path, and :func:`model_config` gives the model XLA's
-  own conv VJP. Measured with interleaved A/Bs
-  (`benchmarks/step_profile.py --grid="xla_cpu_ynn=none,true"`, BENCHMARKS.md):
-  with two cores this made the loss gradient 1.11x faster at 128^2 and 1.19x
-  at 256^2; on one core YNNPACK with "split" was the fastest pair (5% ahead at
-  128^2), so it stays on there. The computed function is the same up to
-  float32 summation order. Other backends: None (XLA's defaults).
-  """
-  if jax.default_backend() != "cpu":
-    return None
-  ynn = cfg.xla_cpu_ynn if cfg.xla_cpu_ynn is not None else cpu_threads() == 1
-  return None if ynn else dict(_YNN_OFF)
+cpu_threads = kernels.cpu_threads
 
 
 @functools.lru_cache(maxsize=32)
@@ -398,7 +345,7 @@ def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
     def run(state, seq, start):
       return jax.lax.scan(lambda st, i: step(st, seq, i), state, start + jnp.arange(n))
 
-  return jax.jit(run, donate_argnums=(0,), compiler_options=compiler_options(cfg))
+  return jax.jit(run, donate_argnums=(0,), compiler_options=kernels.compiler_options())
 
 
 @functools.lru_cache(maxsize=32)
@@ -411,7 +358,8 @@ def _final_fn(cfg: FitConfig, batched: bool):
     masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
     return phi, masks, jax.vmap(folding_fraction)(phi)
 
-  return jax.jit(jax.vmap(final) if batched else final, compiler_options=compiler_options(cfg))
+  return jax.jit(jax.vmap(final) if batched else final,
+                 compiler_options=kernels.compiler_options())
 
 
 @jax.jit

@@ -43,12 +43,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, instance_norm, modulate,
+from echo_ode_jax.kernels import (add, conv2d, conv2d_up_concat, forced, instance_norm,
                                   modulate_gain, norm_modulate, upsample2)
 
 
 SPADE_TIME = ("hidden", "gain")   # ModelConfig.spade_time choices
-SPLIT_GAMMA_BETA_MIN = 32   # split_gamma_beta applies to decoder maps of this many channels or more
+# Fields earlier versions had, about how the network was computed (not which
+# function): ignored when a saved config is read (ModelConfig.from_dict).
+REMOVED_FIELDS = frozenset({"conv_impl", "subpixel_up", "split_gamma_beta", "row_sums",
+                            "fused_norm"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +67,6 @@ class ModelConfig:
   input_i0: bool = False        # also feed I_0 (not in the paper; for ablations)
   velocity_scale: float = 1.0   # output multiplier (pixels per unit time)
   compute_dtype: str = "float32"  # "bfloat16" runs the convs in bf16
-  conv_impl: str | None = None  # kernels.conv2d impl: "native", "split", "shifted", "xla"; None: per backend
-  subpixel_up: bool = True      # decoder upsample+concat+conv as kernels.conv2d_up_concat (same
-                                # function and parameters; False materialises both maps)
-  split_gamma_beta: bool = True  # SPADE gamma and beta (C >= 32 each) as two convs on the
-                                 # halves of the one gamma_beta kernel (faster on XLA:CPU);
-                                 # ignored where fused_norm applies (one conv feeds the kernel)
-  row_sums: bool = True         # biases, broadcasts, instance norm and SPADE's modulation with
-                                # the VJPs of kernels.add / instance_norm / modulate(_gain)
-                                # (same function; faster on XLA:CPU)
-  fused_norm: bool = True       # with conv_impl "native", float32, use_pe, row_sums and
-                                # spade_time "hidden": SPADE's gamma_beta bias, instance norm,
-                                # modulation and activation as the one native kernel
-                                # kernels.norm_modulate, and each decoder conv's bias left out
-                                # (the instance norm after it cancels it): the same function
 
   def __post_init__(self):
     if self.spade_time not in SPADE_TIME:
@@ -86,6 +75,12 @@ class ModelConfig:
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    """A ModelConfig from its JSON dict (lists as tuples); REMOVED_FIELDS are ignored."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                  if k not in REMOVED_FIELDS})
 
 
 def positional_encoding(t: Float[Array, "K"], dim: int, max_period: float = 1e4
@@ -110,11 +105,6 @@ def _leaky_relu(x):
   return nn.leaky_relu(x, LEAKY_SLOPE)
 
 
-def _adder(row_sums: bool):
-  """The broadcast add of the model: kernels.add (row-first gradient sums) or jnp.add."""
-  return add if row_sums else jnp.add
-
-
 def _resize_nearest(x, shape_hw):
   """Nearest-neighbour resize of (..., H, W, C) to (h, w) by strided sampling."""
   h, w = x.shape[-3:-1]
@@ -129,15 +119,12 @@ def _resize_nearest(x, shape_hw):
 class Conv(nn.Module):
   """A 3x3 (or kh x kw) SAME convolution + bias over :func:`kernels.conv2d`.
 
-  Same parameters ("kernel" HWIO, "bias") and initialisers as flax.linen.Conv;
-  the convolution's VJP is chosen by `impl` (see kernels.conv2d).
+  Same parameters ("kernel" HWIO, "bias") and initialisers as flax.linen.Conv.
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   strides: tuple[int, int] = (1, 1)
   dtype: jnp.dtype = jnp.float32
-  impl: str | None = None
-  row_sums: bool = True         # bias added by kernels.add (its gradient as a row-first sum)
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros
   add_bias: bool = True         # False: the "bias" parameter exists but is not added (for a
@@ -150,15 +137,12 @@ class Conv(nn.Module):
     return kernel, self.param("bias", self.bias_init, (self.features,), jnp.float32)
 
   def _add_bias(self, y, bias):
-    if not self.add_bias:
-      return y
-    return _adder(self.row_sums)(y, bias.astype(self.dtype))
+    return add(y, bias.astype(self.dtype)) if self.add_bias else y
 
   @nn.compact
   def __call__(self, x):
     kernel, bias = self._params(x.shape[-1])
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
-               impl=self.impl)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME")
     return self._add_bias(y, bias)
 
 
@@ -173,21 +157,8 @@ class UpConcatConv(Conv):
   def __call__(self, x, skip):
     kernel, bias = self._params(x.shape[-1] + skip.shape[-1])
     y = conv2d_up_concat(x.astype(self.dtype), skip.astype(self.dtype),
-                         kernel.astype(self.dtype), impl=self.impl)
+                         kernel.astype(self.dtype))
     return self._add_bias(y, bias)
-
-
-class _TwoHalvesConv(Conv):
-  """Conv's parameters; returns its output's two channel halves, each its own conv."""
-
-  @nn.compact
-  def __call__(self, x):
-    kernel, bias = self._params(x.shape[-1])
-    half = self.features // 2
-    x = x.astype(self.dtype)
-    return tuple(self._add_bias(conv2d(x, kernel[..., sl].astype(self.dtype), self.strides,
-                                       "SAME", impl=self.impl), bias[sl])
-                 for sl in (slice(None, half), slice(half, None)))
 
 
 class _RawConv(Conv):
@@ -196,80 +167,41 @@ class _RawConv(Conv):
   @nn.compact
   def __call__(self, x):
     kernel, bias = self._params(x.shape[-1])
-    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "SAME",
-                  impl=self.impl), bias
+    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                  "SAME"), bias
 
 
 class SpadeTime(nn.Module):
-  """leaky_relu(norm(f) (1 + gamma) + beta): one decoder map modulated by
-  gamma, beta from m_0 (shared) and PE(t) (per knot), then activated.
+  """leaky_relu(norm(f) (1 + gamma) + beta): one decoder map f (K, h, w, C)
+  normalised per knot and channel (parameter-free instance norm, as SPADE),
+  modulated by gamma, beta from m_0 (shared) and PE(t) (per knot), activated.
 
-  time="hidden": gamma_beta(relu(shared(m_0) + time(PE(t)))), one conv per knot.
-  time="gain": gamma_beta(relu(shared(m_0))) once, times 1 + time(PE(t)) per
-  knot and channel (time has 2C outputs: gamma's gains, then beta's).
-  fused (time="hidden" with PE(t)): gamma_beta's output without its bias and
-  the bias go to kernels.norm_modulate (native), which adds the bias,
-  normalises, modulates and activates in one op.
+  time="hidden": (gamma, beta) = gamma_beta(relu(shared(m_0) + time(PE(t)))),
+  one conv per knot. time="gain": gamma_beta(relu(shared(m_0))) once, times
+  1 + time(PE(t)) per knot and channel (time has 2C outputs: gamma's gains,
+  then beta's). Without PE(t) (pe None) both are gamma_beta(relu(shared(m_0))).
   """
   channels: int
   hidden: int
   dtype: jnp.dtype = jnp.float32
-  impl: str | None = None
-  split_gamma_beta: bool = True
-  row_sums: bool = True
   time: str = "hidden"
-  fused: bool = False
 
   @nn.compact
   def __call__(self, f, m0_n, pe):
     # m0_n: (h, w, classes) shared; pe: (K, pe_dim) or None; f: (K, h, w, C).
-    plus = _adder(self.row_sums)
-    conv = functools.partial(Conv, dtype=self.dtype, impl=self.impl, row_sums=self.row_sums)
-    hid = conv(self.hidden, name="shared")(m0_n[None])
+    c = self.channels
+    hid = Conv(self.hidden, dtype=self.dtype, name="shared")(m0_n[None])
     if pe is not None and self.time == "hidden":
-      hid = plus(hid, nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :])
+      hid = add(hid, nn.Dense(self.hidden, dtype=self.dtype, name="time")(pe)[:, None, None, :])
     hid = nn.relu(hid)
-    if self.fused:
-      if self.time != "hidden" or pe is None:
-        raise ValueError("SpadeTime: fused needs time='hidden' and PE(t)")
-      gb, gb_bias = _RawConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
-                             kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
-      return norm_modulate(f, gb, gb_bias, LEAKY_SLOPE, 1e-5, impl="native")
-    # gamma and beta: one "gamma_beta" conv of 2C outputs, computed as one conv
-    # or (split_gamma_beta, C >= SPLIT_GAMMA_BETA_MIN) as two convs on its
-    # kernel's halves. On XLA:CPU two convs of 32 outputs beat one of 64 (the
-    # 128^2 step by 7.5%, step_profile.py --grid, in BENCHMARKS.md); splitting
-    # the C = 16 maps too changed the step by under 1%, so they stay one conv.
-    if self.split_gamma_beta and self.channels >= SPLIT_GAMMA_BETA_MIN:
-      gamma, beta = _TwoHalvesConv(2 * self.channels, dtype=self.dtype, impl=self.impl,
-                                   row_sums=self.row_sums, kernel_init=nn.initializers.zeros,
-                                   name="gamma_beta")(hid)
-    else:
-      gb = conv(2 * self.channels, kernel_init=nn.initializers.zeros, name="gamma_beta")(hid)
-      gamma, beta = jnp.split(gb, 2, axis=-1)
-    # Parameter-free instance normalisation (per knot, per channel), as SPADE.
-    if self.row_sums:
-      f = instance_norm(f, 1e-5)
-    else:
-      mean = jnp.mean(f, axis=(1, 2), keepdims=True)
-      var = jnp.var(f, axis=(1, 2), keepdims=True)
-      f = (f - mean) * jax.lax.rsqrt(var + 1e-5)
+    gb, gb_bias = _RawConv(2 * c, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                           name="gamma_beta")(hid)
     if pe is not None and self.time == "gain":
-      gain = 1.0 + nn.Dense(2 * self.channels, dtype=self.dtype, name="time")(pe)  # (K, 2C)
-      s_g, s_b = gain[:, :self.channels], gain[:, self.channels:]
-      if self.row_sums:
-        return modulate_gain(f, gamma, beta, s_g, s_b, LEAKY_SLOPE)
-      gamma, beta = gamma * s_g[:, None, None, :], beta * s_b[:, None, None, :]
-    if self.row_sums:
-      return modulate(f, gamma, beta, LEAKY_SLOPE)
-    return _leaky_relu(f * (1.0 + gamma) + beta)
-
-
-def fused_norm(cfg: ModelConfig) -> bool:
-  """Whether the network runs SPADE as kernels.norm_modulate's native kernel
-  (ModelConfig.fused_norm and the settings it needs)."""
-  return (cfg.fused_norm and cfg.use_spade and cfg.use_pe and cfg.spade_time == "hidden"
-          and cfg.row_sums and cfg.conv_impl == "native" and cfg.compute_dtype == "float32")
+      gain = 1.0 + nn.Dense(2 * c, dtype=self.dtype, name="time")(pe)  # (K, 2C)
+      gb = add(gb, gb_bias.astype(self.dtype))
+      return modulate_gain(instance_norm(f, 1e-5), gb[..., :c], gb[..., c:], gain[:, :c],
+                           gain[:, c:], LEAKY_SLOPE)
+    return norm_modulate(f, gb, gb_bias.astype(self.dtype), LEAKY_SLOPE, 1e-5)
 
 
 class VelocityUNet(nn.Module):
@@ -290,9 +222,7 @@ class VelocityUNet(nn.Module):
     pe = positional_encoding(t, cfg.pe_dim).astype(dtype) if (cfg.use_pe or cfg.use_spade) \
         else None
 
-    conv = functools.partial(Conv, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums)
-    plus = _adder(cfg.row_sums)
-    fused = fused_norm(cfg)
+    conv = functools.partial(Conv, dtype=dtype)
 
     # Encoder: strided convs; keep the input and every level for the skips.
     skips = [x]
@@ -300,30 +230,30 @@ class VelocityUNet(nn.Module):
       x = act(conv(ch, strides=(2, 2), name=f"enc{i}")(x))
       skips.append(x)
     if cfg.use_pe:
-      x = plus(x, nn.Dense(x.shape[-1], dtype=dtype, name="pe_proj")(pe)[:, None, None, :])
+      x = add(x, nn.Dense(x.shape[-1], dtype=dtype, name="pe_proj")(pe)[:, None, None, :])
 
     # Decoder.
     m0 = m0.astype(dtype)
     n_up = len(cfg.enc_channels)
     skip = None       # set: x is still to be upsampled and concatenated with it
+    # A decoder conv followed by SPADE's instance norm leaves its bias out (the
+    # norm cancels it; the parameter stays).
+    add_bias = not cfg.use_spade
     for i, ch in enumerate(cfg.dec_channels):
       if skip is None:
-        x = conv(ch, add_bias=not fused, name=f"dec{i}")(x)
+        x = conv(ch, add_bias=add_bias, name=f"dec{i}")(x)
       else:
-        x = UpConcatConv(ch, dtype=dtype, impl=cfg.conv_impl, row_sums=cfg.row_sums,
-                         add_bias=not fused, name=f"dec{i}")(x, skip)
+        x = UpConcatConv(ch, dtype=dtype, add_bias=add_bias, name=f"dec{i}")(x, skip)
         skip = None
       if cfg.use_spade:
         m0_n = _resize_nearest(m0, x.shape[1:3])
-        x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, impl=cfg.conv_impl,
-                      split_gamma_beta=cfg.split_gamma_beta, row_sums=cfg.row_sums,
-                      time=cfg.spade_time, fused=fused, name=f"spade{i}")(
-            x, m0_n, pe if cfg.use_pe else None)      # activated
+        x = SpadeTime(ch, cfg.spade_hidden, dtype=dtype, time=cfg.spade_time,
+                      name=f"spade{i}")(x, m0_n, pe if cfg.use_pe else None)   # activated
       else:
         x = act(x)
       if i < n_up:
         skip = skips[n_up - 1 - i]
-        if not cfg.subpixel_up or i + 1 == len(cfg.dec_channels):
+        if i + 1 == len(cfg.dec_channels):
           x = jnp.concatenate([upsample2(x, skip.shape[1:3]), skip], axis=-1)
           skip = None
     v = conv(2, kernel_init=nn.initializers.zeros, name="flow")(x)
@@ -333,11 +263,8 @@ class VelocityUNet(nn.Module):
 
 @functools.lru_cache(maxsize=32)
 def _init_fn(config: ModelConfig, shape_hw: tuple[int, int]):
-  """jit: key -> params, one compile per config and size.
-
-  Compiled without XLA's backend optimisations: the program runs once, and on
-  CPU the optimised compile of ~30 threefry draws takes ~3x longer (10 s).
-  """
+  """jit: key -> params, one compile per config and size, without XLA's backend
+  optimisations (the program runs once; its optimised compile takes longer)."""
   h, w = shape_hw
   dummy = (jnp.zeros((1, h, w, 1)), jnp.zeros((h, w, config.num_classes)), jnp.zeros((1,)),
            jnp.zeros((h, w, 1)))
@@ -346,8 +273,10 @@ def _init_fn(config: ModelConfig, shape_hw: tuple[int, int]):
 
 
 def init_params(config: ModelConfig, key, shape_hw: Seq[int]):
-  """Parameters for images of size shape_hw."""
-  return _init_fn(config, tuple(int(s) for s in shape_hw))(key)
+  """Parameters for images of size shape_hw (traced with XLA's ops only: the
+  forward pass only gives the shapes)."""
+  with forced("off"):
+    return _init_fn(config, tuple(int(s) for s in shape_hw))(key)
 
 
 def count_params(params) -> int:

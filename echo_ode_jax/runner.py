@@ -213,10 +213,9 @@ def finished_keys(out: str) -> set[str]:
 
 
 # FitConfig fields that change how a fit runs, not what it computes: a resume
-# may change them. Every other setting must match the finished results.
-RESUMABLE_CHANGES = frozenset({"log_every", "xla_cpu_ynn", "scan_steps", "model.conv_impl",
-                               "model.row_sums", "model.subpixel_up", "model.split_gamma_beta",
-                               "model.fused_norm"})
+# may change them. Every other setting must match the finished results (fields
+# an older version recorded and this one lacks are not compared: dict_diff).
+RESUMABLE_CHANGES = frozenset({"log_every"})
 # Settings added after results were first written whose old behaviour differs
 # from their default: a result that does not record them had these values.
 LEGACY_DEFAULTS = {"data_grid_masks": False}

@@ -15,6 +15,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # The CLI subprocesses skip cpu_malloc's restart (one more interpreter start and
 # JAX import each); tests/test_cpu_malloc.py runs it.
 os.environ.setdefault("ECHO_ODE_MALLOC", "default")
+# Native kernels wherever they apply, without timing them (kernels.cpu.autotune):
+# the same programs on every host and run; tests/test_autotune.py covers the choice.
+os.environ.setdefault("ECHO_ODE_NATIVE", "on")
 
 
 def pytest_configure(config):

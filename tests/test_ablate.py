@@ -34,19 +34,14 @@ def test_grid_expands_to_the_cartesian_product_last_key_fastest():
 
 def test_grid_values_take_the_field_type():
   (r,) = experiment.parse_grid("steps=7;lr=1e-3;pe=no;enc_channels=8-16-16-16;"
-                               "model.spade_hidden=4;scan_steps=none;compute_dtype=bfloat16")
+                               "model.spade_hidden=4;compute_dtype=bfloat16")
   assert r == {"steps": 7, "lr": 0.001, "pe": False, "enc_channels": (8, 16, 16, 16),
-               "model.spade_hidden": 4, "scan_steps": None, "compute_dtype": "bfloat16"}
+               "model.spade_hidden": 4, "compute_dtype": "bfloat16"}
   assert type(r["steps"]) is int
   cfg = experiment.apply_overrides(FitConfig(), r)
   assert (cfg.steps, cfg.lr, cfg.model.use_pe, cfg.model.enc_channels, cfg.model.spade_hidden,
           cfg.model.compute_dtype) == (7, 0.001, False, (8, 16, 16, 16), 4, "bfloat16")
   assert cfg.model.use_spade and cfg.lambda_ef == FitConfig().lambda_ef  # untouched
-  # Optional fields take their own kind, or none.
-  rows = experiment.parse_grid("xla_cpu_ynn=off,true,none;conv_impl=split")
-  assert rows == [{"xla_cpu_ynn": v, "conv_impl": "split"} for v in (False, True, None)]
-  cfg = experiment.apply_overrides(FitConfig(), rows[0])
-  assert cfg.xla_cpu_ynn is False and cfg.model.conv_impl == "split"
 
 
 def test_aliases_map_to_model_fields():
@@ -66,8 +61,7 @@ def test_aliases_map_to_model_fields():
     ("spade=true;model.use_spade=false", ["given twice"]),
     ("steps=1.5", ["steps='1.5'", "int"]),
     ("spade=maybe", ["true or false"]),
-    ("xla_cpu_ynn=2", ["true, false or none"]),
-    ("conv_impl=fast", ["native, split, shifted, xla or none"]),
+    ("conv_impl=native", ["unknown key 'conv_impl'"]),      # how, not what: not a setting
     ("solver=rk9", ["unknown solver"]),
     ("dt=0", ["> 0"]),
     ("lambda_ef=", ["no values"]),

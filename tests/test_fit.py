@@ -216,7 +216,7 @@ def test_fit_tracks_synthetic_motion_better_than_copying_m0(stride):
 
 def test_fused_step_loop_has_no_host_transfers(small_seqs):
   """The GPU path: log_every steps in one lax.scan, state donated, no host round-trip."""
-  cfg = TINY_CFG.replace(scan_steps=3)
+  cfg = TINY_CFG
   seq = jax.device_put(_prep(small_seqs[0], cfg))
   state = jax.device_put(fit.init_state(cfg, jax.random.PRNGKey(0), (32, 32)))
   start = jax.device_put(np.int32(0))
@@ -264,38 +264,30 @@ def test_bfloat16_convs_track_float32():
   assert float(l16) != float(l32)             # the bf16 path really ran
 
 
-def test_compiler_options_keep_the_function(small_seqs):
-  """The CPU fit programs' XLA options (YNNPACK fusions off, XLA's conv VJP)
-  change speed only: the loss gradient equals XLA's default compilation of the
-  same function with conv2d's default impl."""
+def test_compiler_options_keep_the_function(small_seqs, monkeypatch):
+  """The CPU fit programs' XLA options (YNNPACK fusions off with more than one
+  core) and the backend's kernel choice change speed only: the loss gradient
+  equals XLA's default compilation of the network with XLA's ops only
+  (ECHO_ODE_NATIVE=off)."""
+  from echo_ode_jax.kernels import _backend
   cfg = TINY_CFG
   off = {"xla_cpu_experimental_ynn_fusion_type": ""}
   on_cpu = jax.default_backend() == "cpu"
-  assert fit.compiler_options(cfg.replace(xla_cpu_ynn=False)) == (off if on_cpu else None)
-  assert fit.compiler_options(cfg.replace(xla_cpu_ynn=True)) is None
   assert fit.compiler_options(cfg) == (off if on_cpu and fit.cpu_threads() > 1 else None)
-  # On CPU the model's convs take the native weight gradient when it is
-  # available; else, without YNNPACK, XLA's own VJP. An explicit impl stays.
-  native = on_cpu and kernels.native_available()
-  assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == (
-      "native" if native else "xla" if on_cpu else None)
-  assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl == (
-      "native" if native else None)
-  assert fit.model_config(cfg.replace(xla_cpu_ynn=False, **{"model.conv_impl": "split"})
-                          ).conv_impl == "split"
-  with mock.patch.object(kernels, "native_available", lambda: False):
-    assert fit.model_config(cfg.replace(xla_cpu_ynn=False)).conv_impl == (
-        "xla" if on_cpu else None)
-    assert fit.model_config(cfg.replace(xla_cpu_ynn=True)).conv_impl is None
-  cfg = cfg.replace(xla_cpu_ynn=False)
+  with mock.patch.object(_backend, "cpu_threads", lambda: 1):
+    assert fit.compiler_options(cfg) is None
+  with mock.patch.object(_backend, "cpu_threads", lambda: 2):
+    assert fit.compiler_options(cfg) == (off if on_cpu else None)
+  assert fit.steps_per_call(cfg) == (1 if on_cpu else cfg.log_every)
   seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
   params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)   # nonzero velocity
-  def grad(model_cfg):
-    apply = VelocityUNet(model_cfg).apply
+  def grad():
+    apply = VelocityUNet(cfg.model).apply
     return jax.grad(lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg))
-  a = jax.jit(grad(fit.model_config(cfg)), compiler_options=fit.compiler_options(cfg))(params)
-  b = jax.jit(grad(cfg.model))(params)     # XLA's defaults, conv2d's own impl choice
+  a = jax.jit(grad(), compiler_options=fit.compiler_options(cfg))(params)   # the fit's
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "off")
+  b = jax.jit(grad())(params)     # XLA's defaults, XLA's ops
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(y))) + 1e-7)
 
@@ -326,3 +318,17 @@ def test_propagate_labels_warps_m0_on_its_own_grid():
   ties = np.sort(soft, -1)[..., -1] - np.sort(soft, -1)[..., -2] < 1e-4
   assert np.all((got[1] == want)[inner] | ties[inner])
   np.testing.assert_array_equal(got[0][inner], m0[inner])
+
+
+def test_from_dict_ignores_fields_of_earlier_versions():
+  """A config saved by a version with the flags that only chose how the fit ran
+  (scan_steps, xla_cpu_ynn, model.conv_impl, ...) reads as today's config."""
+  import json
+  cfg = fit.FitConfig(steps=7, model=ModelConfig(pe_dim=8, spade_time="gain"))
+  old = json.loads(cfg.to_json())
+  old.update(scan_steps=3, xla_cpu_ynn=False)
+  old["model"].update(conv_impl="split", subpixel_up=False, split_gamma_beta=True,
+                      row_sums=False, fused_norm=True)
+  assert fit.FitConfig.from_dict(old) == cfg
+  with pytest.raises(TypeError):
+    fit.FitConfig.from_dict({**json.loads(cfg.to_json()), "no_such_field": 1})

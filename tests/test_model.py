@@ -93,18 +93,19 @@ def _conv3x3_same(x, k, b):
   return out
 
 
-@pytest.mark.parametrize("time,fused", [("hidden", False), ("gain", False), ("hidden", True)])
-def test_spade_time_is_the_documented_formula(time, fused):
+@pytest.mark.parametrize("time", ["hidden", "gain"])
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_spade_time_is_the_documented_formula(time, native, monkeypatch):
   """SpadeTime against its docstring in float64 numpy:
   hidden: gamma, beta = gamma_beta(relu(shared(m_0) + time(PE(t)))), per knot;
   gain:   gamma, beta = gamma_beta(relu(shared(m_0))) * (1 + time(PE(t))), per channel;
-  out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2).
-  fused runs the native convs and kernels.norm_modulate."""
-  if fused and not kernels.native_available():
+  out = leaky_relu(norm(f) (1 + gamma) + beta, 0.2); with the native kernels
+  (convs, kernels.norm_modulate) and with XLA's ops (ECHO_ODE_NATIVE=off)."""
+  if native == "on" and (jax.default_backend() != "cpu" or not kernels.native_available()):
     pytest.skip("native kernels unavailable")
+  monkeypatch.setenv("ECHO_ODE_NATIVE", native)
   k, h, w, c, hidden, pe_dim = 3, 6, 5, 4, 3, 8
-  spade = model.SpadeTime(c, hidden, row_sums=True, time=time, fused=fused,
-                          impl="native" if fused else None)
+  spade = model.SpadeTime(c, hidden, time=time)
   rng = np.random.default_rng(0)
   f = rng.normal(2.0, 1.5, size=(k, h, w, c)).astype(np.float32)
   m0 = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=(h, w))]
@@ -131,11 +132,11 @@ def test_spade_time_is_the_documented_formula(time, fused):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
-def test_spade_time_gain_runs_the_gamma_beta_conv_once_per_sequence():
+def test_spade_time_gain_runs_the_gamma_beta_conv_once_per_sequence(monkeypatch):
   """The point of spade_time="gain": m_0's gamma_beta convs see one map, not K."""
-  # conv_impl="xla": every conv is a top-level conv_general_dilated in the jaxpr.
-  kw = dict(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4,
-            conv_impl="xla")
+  # XLA's ops only: every conv is a top-level conv_general_dilated in the jaxpr.
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "off")
+  kw = dict(enc_channels=(8, 8), dec_channels=(8, 8, 8), pe_dim=8, spade_hidden=4)
   imgs, m0 = jnp.zeros((5, 16, 16, 1)), jax.nn.one_hot(jnp.zeros((16, 16), jnp.int32), 4)
   t = jnp.linspace(0, 0.8, 5)
 
@@ -158,16 +159,14 @@ def test_bad_spade_time_is_rejected():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu" or not kernels.native_available(),
                     reason="native kernels unavailable (CPU with a C++ compiler)")
-def test_fused_norm_is_the_same_network():
-  """fused_norm (kernels.norm_modulate in every SPADE, the decoder convs' biases
-  left out before the instance norm that cancels them) changes neither the
-  velocity nor its parameter gradients beyond float32 rounding (those biases'
-  gradients are 0: float32 noise without it), and the fused program has the
-  native kernel in it."""
-  kw = dict(enc_channels=(8, 16), dec_channels=(16, 16, 8), pe_dim=8, spade_hidden=4,
-            conv_impl="native")
-  cfg_on, cfg_off = ModelConfig(fused_norm=True, **kw), ModelConfig(fused_norm=False, **kw)
-  params = _perturbed(cfg_on)
+def test_native_and_xla_paths_are_the_same_network(monkeypatch):
+  """The network with the native kernels (convs, kernels.norm_modulate in every
+  SPADE) and with XLA's ops only (ECHO_ODE_NATIVE=off): the same velocity and
+  parameter gradients up to float32 rounding; the decoder convs' biases, left
+  out before the instance norm that cancels them, get a zero gradient on both
+  paths; the native program has the norm_modulate kernel in it."""
+  cfg = ModelConfig(enc_channels=(8, 16), dec_channels=(16, 16, 8), pe_dim=8, spade_hidden=4)
+  params = _perturbed(cfg)
   rng = np.random.default_rng(3)
   imgs = jnp.asarray(rng.uniform(size=(3, 32, 32, 1)), jnp.float32)
   m0 = jax.nn.one_hot(jnp.asarray(rng.integers(0, 4, (32, 32))), 4)
@@ -177,16 +176,20 @@ def test_fused_norm_is_the_same_network():
   def loss(cfg):
     return lambda p: jnp.sum(VelocityUNet(cfg).apply({"params": p}, imgs, m0, t) * r)
 
-  hlo = jax.jit(jax.grad(loss(cfg_on))).lower(params).as_text()
+  def run(mode):
+    monkeypatch.setenv("ECHO_ODE_NATIVE", mode)
+    hlo = jax.jit(jax.grad(loss(cfg))).lower(params).as_text()
+    return hlo, jax.jit(jax.value_and_grad(loss(cfg)))(params)
+
+  (hlo, (v_on, g_on)), (hlo_off, (v_off, g_off)) = run("on"), run("off")
   assert "echo_ode_norm_modulate_f32" in hlo and "echo_ode_norm_modulate_bwd_f32" in hlo
-  v_on, g_on = jax.jit(jax.value_and_grad(loss(cfg_on)))(params)
-  v_off, g_off = jax.jit(jax.value_and_grad(loss(cfg_off)))(params)
+  assert "echo_ode" not in hlo_off
   assert abs(float(v_off)) > 1.0
   np.testing.assert_allclose(v_on, v_off, rtol=1e-5)
-  # The scale is the largest gradient entry: a conv bias right before an
-  # instance norm has a zero gradient, and both sides are float32 noise there.
+  # The scale is the largest gradient entry (the decoder biases' is 0).
   for i in range(3):
     np.testing.assert_array_equal(g_on[f"dec{i}"]["bias"], 0.0)
+    np.testing.assert_array_equal(g_off[f"dec{i}"]["bias"], 0.0)
   leaves_off = jax.tree_util.tree_leaves(g_off)
   scale = max(float(np.max(np.abs(b))) for b in leaves_off)
   for a, b in zip(jax.tree_util.tree_leaves(g_on), leaves_off):

@@ -1,4 +1,4 @@
-"""The native conv kernels (kernels._native: weight gradient and forward pass)
+"""The native CPU kernels (kernels.cpu.native: conv weight gradient and forward pass)
 against float64 numpy sums, and their build and availability handling."""
 import os
 import stat
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax.kernels import _native
+from echo_ode_jax.kernels.cpu import native as _native
 
 needs_native = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not _native.available(),

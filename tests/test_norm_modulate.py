@@ -6,7 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_ode_jax.kernels import _native, norm_modulate
+from echo_ode_jax.kernels import norm_modulate
+from echo_ode_jax.kernels.cpu import native as _native
+
+
+@pytest.fixture(autouse=True)
+def _native_where_it_applies(monkeypatch):
+  """The native kernel wherever it applies, without timing (ECHO_ODE_NATIVE=on);
+  a test sets "off" for XLA's composition."""
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "on")
+
 
 needs_native = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not _native.available(),
@@ -49,12 +58,12 @@ def _inputs(shape, seed, offset=3.0):
                                    (10, 64, 64, 16), (1, 1, 70, 1), (4, 16, 12, 48)])
 def test_native_matches_float64_formula_and_jnp_autodiff(shape):
   x, gamma, beta = _inputs(shape, seed=sum(shape))
-  got = jax.jit(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"))(x, gamma, beta)
+  got = jax.jit(lambda *a: norm_modulate(*a, 0.2, 1e-5))(x, gamma, beta)
   want = _reference64(x, gamma, beta, 0.2, 1e-5)
   assert np.mean(want < 0) > 0.2                        # both branches of the activation
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
   cot = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"), x, gamma, beta)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5), x, gamma, beta)
   _, vjp_ref = jax.vjp(lambda *a: _jnp_formula(*a, 0.2, 1e-5), x, gamma, beta)
   for name, g, w in zip(("dx", "dgb", "dbias"), jax.jit(vjp)(cot), vjp_ref(cot)):
     assert g.shape == w.shape, name
@@ -68,7 +77,7 @@ def test_native_gradient_against_finite_differences():
   shape = (2, 4, 5, 3)
   x, gb, bias = _inputs(shape, seed=11, offset=0.5)
   w = np.random.default_rng(12).normal(size=shape)
-  grads = jax.grad(lambda *a: jnp.sum(norm_modulate(*a, 0.2, 1e-5, impl="native") * w),
+  grads = jax.grad(lambda *a: jnp.sum(norm_modulate(*a, 0.2, 1e-5) * w),
                    argnums=(0, 1, 2))(x, gb, bias)
   args = [np.asarray(a, np.float64) for a in (x, gb, bias)]
   h = 1e-5
@@ -86,7 +95,7 @@ def test_native_gradient_against_finite_differences():
 @needs_native
 def test_native_is_deterministic_and_uses_the_kernel():
   x, gb, bias = _inputs((5, 32, 32, 16), seed=2)
-  f = jax.jit(jax.grad(lambda *a: jnp.sum(norm_modulate(*a, impl="native") ** 2),
+  f = jax.jit(jax.grad(lambda *a: jnp.sum(norm_modulate(*a) ** 2),
                        argnums=(0, 1, 2)))
   hlo = f.lower(x, gb, bias).as_text()
   assert "echo_ode_norm_modulate_f32" in hlo and "echo_ode_norm_modulate_bwd_f32" in hlo
@@ -100,27 +109,30 @@ def test_native_under_vmap():
   """vmap runs the kernel once per batch element (ffi_call's sequential rule)."""
   x, gb, _ = _inputs((3, 2, 6, 5, 4), seed=4)
   bias = jnp.asarray(np.random.default_rng(5).normal(size=(3, 8)), jnp.float32)
-  got = jax.vmap(lambda *a: norm_modulate(*a, impl="native"))(x, gb, bias)
+  got = jax.vmap(lambda *a: norm_modulate(*a))(x, gb, bias)
   for b in range(3):
     np.testing.assert_allclose(got[b], _reference64(x[b], gb[b], bias[b], 0.2, 1e-5),
                                rtol=0, atol=1e-4)
 
 
-def test_xla_and_fallbacks_match_the_formula():
-  """impl="xla", and "native" where the kernel does not apply (a gb shared by the
-  knots, no bias, bfloat16), are the composition add -> instance_norm -> modulate."""
+def test_xla_and_fallbacks_match_the_formula(monkeypatch):
+  """XLA's composition add -> instance_norm -> modulate (ECHO_ODE_NATIVE=off, and
+  where the kernel does not apply: a gb shared by the knots, no bias, bfloat16)."""
   x, gb, bias = _inputs((3, 6, 5, 4), seed=5)
   want = _reference64(x, gb, bias, 0.1, 1e-3)
-  got = norm_modulate(x, gb, bias, 0.1, 1e-3, impl="xla")
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "off")
+  f = lambda *a: norm_modulate(*a, 0.1, 1e-3)
+  assert "ffi_call" not in str(jax.make_jaxpr(f)(x, gb, bias))
+  got = f(x, gb, bias)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-  shared = norm_modulate(x, gb[:1], bias, 0.1, 1e-3, impl="native")
+  monkeypatch.setenv("ECHO_ODE_NATIVE", "on")
+  shared = norm_modulate(x, gb[:1], bias, 0.1, 1e-3)
   want_shared = _reference64(x, np.broadcast_to(gb[:1], gb.shape), bias, 0.1, 1e-3)
   np.testing.assert_allclose(shared, want_shared, rtol=0, atol=1e-5 * np.abs(want).max())
-  no_bias = norm_modulate(x, gb, None, 0.1, 1e-3, impl="native")
+  no_bias = norm_modulate(x, gb, None, 0.1, 1e-3)
   np.testing.assert_allclose(no_bias, _reference64(x, gb, np.zeros(8), 0.1, 1e-3), rtol=0,
                              atol=1e-5 * np.abs(want).max())
-  bf = norm_modulate(*(a.astype(jnp.bfloat16) for a in (x, gb, bias)), 0.1, 1e-3,
-                     impl="native")
+  bf = norm_modulate(*(a.astype(jnp.bfloat16) for a in (x, gb, bias)), 0.1, 1e-3)
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf.astype(np.float32), want, rtol=0, atol=0.05 * np.abs(want).max())
 
@@ -138,24 +150,25 @@ def test_native_statistics_do_not_depend_on_which_pixel_is_an_outlier():
   gb = rng.normal(0, 0.5, size=shape[:-1] + (16,))
   bias = rng.normal(0, 0.3, size=(16,))
   x, gb, bias = (jnp.asarray(a, jnp.float32) for a in (x, gb, bias))
-  got = norm_modulate(x, gb, bias, 0.2, 1e-5, impl="native")
+  got = norm_modulate(x, gb, bias, 0.2, 1e-5)
   want = _reference64(x, gb, bias, 0.2, 1e-5)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
   cot = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl="native"), x, gb, bias)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5), x, gb, bias)
   _, vjp_ref = jax.vjp(lambda *a: _jnp_formula(*a, 0.2, 1e-5), x, gb, bias)
   for name, g, w in zip(("dx", "dgb", "dbias"), vjp(cot), vjp_ref(cot)):
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
 
 
-@pytest.mark.parametrize("impl", ["native", "xla"])
-def test_shared_gb_gradients_are_summed_over_the_images(impl):
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_shared_gb_gradients_are_summed_over_the_images(mode, monkeypatch):
   """gb (1, H, W, 2C) shared by the K images: every gradient equals jnp autodiff
   of the formula with gb broadcast (gb's summed over the images)."""
   x, gb, bias = _inputs((3, 6, 5, 4), seed=6)
   gb1 = gb[:1]
+  monkeypatch.setenv("ECHO_ODE_NATIVE", mode)
   cot = jnp.asarray(np.random.default_rng(7).normal(size=x.shape), jnp.float32)
-  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5, impl=impl), x, gb1, bias)
+  _, vjp = jax.vjp(lambda *a: norm_modulate(*a, 0.2, 1e-5), x, gb1, bias)
   _, vjp_ref = jax.vjp(lambda x_, g_, b_: _jnp_formula(x_, jnp.broadcast_to(g_, gb.shape), b_,
                                                        0.2, 1e-5), x, gb1, bias)
   for name, g, w in zip(("dx", "dgb", "dbias"), jax.jit(vjp)(cot), vjp_ref(cot)):
@@ -163,10 +176,8 @@ def test_shared_gb_gradients_are_summed_over_the_images(impl):
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
 
 
-def test_bad_impl_and_shapes_are_rejected():
+def test_bad_shapes_are_rejected():
   x = jnp.zeros((1, 4, 4, 2))
-  with pytest.raises(ValueError, match="impl must be one of"):
-    norm_modulate(x, jnp.zeros((1, 4, 4, 4)), impl="cuda")
   with pytest.raises(ValueError, match="2 x 2 channels"):
     norm_modulate(x, x)
   with pytest.raises(ValueError, match=r"gb must be \(1 or 1, 4, 4, 4\) for x"):

@@ -5,8 +5,7 @@ with a small channel count C to a windowed reduction that reads the map with
 stride C, at a half to a third of the speed of one elementwise pass. Viewing
 each image as rows of r * C contiguous values (r a power of two dividing H * W,
 r * C about LANES) and summing the rows first reads the map in order at nearly
-the elementwise speed (`python benchmarks/sums.py`, BENCHMARKS.md: a 10 x 128^2
-x 16 map summed over (H, W) in 1.1 ms against 3.4 ms).
+the elementwise speed (BENCHMARKS.md, "Row-first sums").
 
 Autodiff puts such sums in every backward pass of the velocity network: the
 bias gradient of every conv, the gradient of every per-knot broadcast (PE(t)
@@ -122,8 +121,8 @@ def sum_leading(x: Float[Array, "K ..."]) -> Float[Array, "..."]:
   """Sum over the leading axis as K - 1 elementwise adds of its slices.
 
   XLA:CPU fuses a reduction over the leading axis of a (K, H, W, C) map with
-  the ops that produce it and can run the fusion at a few hundred MB/s; the
-  unrolled adds read the K slices in order (K is the number of knots, ~10).
+  the ops that produce it into a slow strided loop; the unrolled adds read the
+  K slices in order (K is the number of knots, ~10).
   """
   return functools.reduce(jnp.add, [x[k] for k in range(x.shape[0])])
 

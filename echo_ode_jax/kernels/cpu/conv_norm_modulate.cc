@@ -1,7 +1,11 @@
-// Weight gradient of a stride-1 2-D convolution (NHWC x HWIO, float32) on CPU,
-// as an XLA FFI custom call: echo_ode_jax.kernels._native builds this file
-// with the host's C++ compiler (-O3 -march=native) and registers the handler.
+// Native CPU kernels, float32, as XLA FFI custom calls: the stride-1 2-D
+// convolution (NHWC x HWIO) forward pass (EchoOdeConvFwd) and weight gradient
+// (EchoOdeConvWgrad), and SPADE's instance norm + modulation + leaky ReLU
+// forward (EchoOdeNormModFwd) and backward (EchoOdeNormModBwd).
+// echo_ode_jax.kernels.cpu.native builds this file with the host's C++
+// compiler (-O3 -march=native) and registers the handlers.
 //
+// Weight gradient:
 //   dW[i, j, ci, co] = sum_{n, y, x} Xpad[n, y + i, x + j, ci] * G[n, y, x, co]
 //
 // Xpad is x zero-padded by (pt, pb) rows and (pl, pr) columns; G is the
@@ -101,7 +105,7 @@ struct Shape {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, pt, pl;
 };
 
-// The forward pass's limit on kh * kw (its tap offset table; _native.MAX_TAPS).
+// The forward pass's limit on kh * kw (its tap offset table; native.MAX_TAPS).
 constexpr int64_t kMaxTaps = 64;
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -1,27 +1,23 @@
-"""Native CPU kernels (XLA FFI custom calls): the conv and SPADE's normalisation.
+"""Native CPU kernels (XLA FFI custom calls): the stride-1 float32 conv (forward
+pass, and the weight gradient as cache-blocked GEMMs over the taps) and SPADE's
+instance norm, modulation and activation fused into one pass forward and two
+backward; the source is ``conv_norm_modulate.cc`` next to this file.
 
-XLA:CPU computes a convolution's weight gradient as a convolution whose
-"kernel" is the whole output map, after transposing both operands; on the
-CPUs measured here that runs at a fifth to a third of the matmul rate, and
-no rewrite in XLA ops is faster (BENCHMARKS.md, "Conv kernels without page
-faults"). ``_conv_wgrad_cpu.cc`` (next to this file) computes it for stride-1
-convs as cache-blocked GEMMs with a register-blocked inner kernel, in XLA's
-intra-op thread pool, and the forward conv and input gradient the same way.
-It also holds SPADE's instance normalisation, modulation and activation fused
-into one pass forward and two backward (:func:`norm_modulate`), which XLA:CPU
-spreads over several reductions and elementwise fusions.
-
-The source is compiled on first use with the host's C++ compiler
-(``$CXX``, else ``c++``/``g++``; ``-O3 -march=native``) against the FFI
-headers that jaxlib ships, into ``$ECHO_ODE_NATIVE_CACHE`` (default
-``~/.cache/echo_ode_jax/native``). The library's name carries a hash of the
-source, the flags, the compiler's version, jaxlib's version and the CPU's
-feature flags, so a cache shared between hosts never loads a build for
-another CPU. ``ECHO_ODE_NATIVE=off`` disables the kernel: :func:`available`
-is then False and ``conv2d`` keeps XLA's weight gradient.
+Built on first use with the host's C++ compiler (``$CXX``, else
+``c++``/``g++``/``clang++``; ``-O3 -march=native``) against the FFI headers
+jaxlib ships, into ``$ECHO_ODE_NATIVE_CACHE`` (default
+``~/.cache/echo_ode_jax/native``): ``-march=native`` builds for the host that
+runs it, so it cannot be a wheel built at install time. The library's name
+carries a hash of the source, the flags, the compiler's and jaxlib's versions
+and the CPU's feature flags, so a cache shared between hosts never loads a
+build for another CPU. ``ECHO_ODE_NATIVE=off`` disables the kernels
+(:func:`available` is then False). Which operations use them is decided by
+:mod:`echo_ode_jax.kernels._backend`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -31,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +35,7 @@ import jaxlib
 import numpy as np
 from jaxtyping import Array, Float
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_conv_wgrad_cpu.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_norm_modulate.cc")
 TARGET = "echo_ode_conv_wgrad_f32"
 TARGET_FWD = "echo_ode_conv_fwd_f32"
 TARGET_NORM_MOD = "echo_ode_norm_modulate_f32"
@@ -70,16 +67,25 @@ def _cpu_flags() -> str:
   return platform.processor() or platform.machine()
 
 
+def cache_dir() -> str:
+  """$ECHO_ODE_NATIVE_CACHE, else DEFAULT_CACHE: the builds and the measured choices."""
+  return os.environ.get("ECHO_ODE_NATIVE_CACHE") or DEFAULT_CACHE
+
+
+def source_hash() -> str:
+  """sha256 of SOURCE (hex)."""
+  with open(SOURCE, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def library_path(cxx: str) -> str:
   """Where the build of SOURCE for this compiler, jaxlib and CPU lives."""
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                            check=False).stdout
-  with open(SOURCE, "rb") as f:
-    key = hashlib.sha256(f.read())
+  key = hashlib.sha256(source_hash().encode())
   for part in (" ".join(FLAGS), version, jaxlib.__version__, _cpu_flags(), platform.machine()):
     key.update(part.encode())
-  cache = os.environ.get("ECHO_ODE_NATIVE_CACHE") or DEFAULT_CACHE
-  return os.path.join(cache, f"conv_wgrad_{key.hexdigest()[:16]}.so")
+  return os.path.join(cache_dir(), f"conv_norm_modulate_{key.hexdigest()[:16]}.so")
 
 
 def _build(cxx: str, path: str) -> None:
@@ -110,10 +116,36 @@ def _build(cxx: str, path: str) -> None:
       os.unlink(tmp)
 
 
+MODE_ENV = "ECHO_ODE_NATIVE"   # "off": XLA only; "on": native wherever supported; else measured
+_OFF = ("off", "0", "false", "no")
+_ON = ("on", "1", "true", "yes")
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("echo_ode_native_mode",
+                                                                  default=None)
+
+
+def mode() -> str:
+  """The mode, "off", "on" or "auto": the one :func:`forced` set in this thread,
+  else $ECHO_ODE_NATIVE ("auto" when unset or any other value)."""
+  v = _forced.get() or os.environ.get(MODE_ENV, "auto").strip().lower()
+  return "off" if v in _OFF else "on" if v in _ON else "auto"
+
+
+@contextlib.contextmanager
+def forced(value: str) -> Iterator[None]:
+  """Within the block (this thread), :func:`mode` is `value` ("on", "off" or
+  "auto"), whatever $ECHO_ODE_NATIVE says."""
+  if value not in ("on", "off", "auto"):
+    raise ValueError(f"forced: mode must be 'on', 'off' or 'auto', got {value!r}")
+  token = _forced.set(value)
+  try:
+    yield
+  finally:
+    _forced.reset(token)
+
+
 def _load() -> None:
-  if os.environ.get("ECHO_ODE_NATIVE", "on").lower() in ("off", "0", "false", "no"):
-    _state.update(ok=False, why="ECHO_ODE_NATIVE=off")
-    return
   cxx = _compiler()
   if cxx is None:
     _state.update(ok=False, why="no C++ compiler found ($CXX, c++, g++, clang++)")
@@ -140,27 +172,25 @@ def available() -> bool:
   """Whether the native kernel is built and registered (builds it on first call).
 
   False without a C++ compiler, with ``ECHO_ODE_NATIVE=off`` or when the
-  build fails; :func:`why_unavailable` says which, and the reason is logged
-  once as a warning.
+  build fails; :func:`why_unavailable` says which, and a failed build is
+  logged once as a warning.
   """
+  if mode() == "off":
+    return False
   with _lock:
     if not _state:
       _load()
       if not _state["ok"]:
-        logging.warning("kernels: native conv weight gradient unavailable (%s); "
-                        "XLA's is used", _state["why"])
+        logging.warning("kernels: native CPU kernels unavailable (%s); XLA's ops are used",
+                        _state["why"])
     return _state["ok"]
 
 
 def why_unavailable() -> str:
   """'' when :func:`available`, else the reason."""
+  if mode() == "off":
+    return f"{MODE_ENV}=off" if _forced.get() is None else "forced off"
   return "" if available() else _state["why"]
-
-
-def supports(x_dtype, kernel_hw, strides) -> bool:
-  """Whether :func:`conv_weight_grad` handles a conv of this dtype, kernel and stride."""
-  del kernel_hw
-  return jnp.dtype(x_dtype) == jnp.float32 and tuple(strides) == (1, 1)
 
 
 def conv_shape_ok(x_shape, kernel_shape, pads) -> bool:
@@ -183,7 +213,7 @@ def conv_weight_grad(x: Float[Array, "N H W Ci"], g: Float[Array, "N Ho Wo Co"],
   RuntimeError when the kernel is not :func:`available`.
   """
   if not available():
-    raise RuntimeError(f"kernels: native conv weight gradient unavailable: {_state['why']}")
+    raise RuntimeError(f"kernels: native conv weight gradient unavailable: {why_unavailable()}")
   (pt, pb), (pl, pr) = pads
   kh, kw = kernel_hw
   n, h, w, ci = x.shape
@@ -203,7 +233,7 @@ def conv(x: Float[Array, "N H W Ci"], kernel: Float[Array, "kh kw Ci Co"],
   ``lax.conv_general_dilated`` computes it). CPU only; raises RuntimeError
   when the kernel is not :func:`available`."""
   if not available():
-    raise RuntimeError(f"kernels: native conv kernel unavailable: {_state['why']}")
+    raise RuntimeError(f"kernels: native conv kernel unavailable: {why_unavailable()}")
   (pt, pb), (pl, pr) = pads
   kh, kw, _, co = kernel.shape
   n, h, w, _ = x.shape
@@ -227,7 +257,7 @@ def norm_modulate(x: Float[Array, "N H W C"], gb: Float[Array, "N H W 2C"],
   rstd = 1 / sqrt(var + eps) are per image and channel over (H, W). CPU only;
   raises RuntimeError when the kernels are not :func:`available`."""
   if not available():
-    raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
+    raise RuntimeError(f"kernels: native kernels unavailable: {why_unavailable()}")
   n, h, w, c = x.shape if x.ndim == 4 else (0, 0, 0, 0)
   if x.size == 0 or gb.shape != (n, h, w, 2 * c) or bias.shape != (2 * c,):
     raise ValueError(f"norm_modulate: x {x.shape}, gb {gb.shape} and bias {bias.shape} must "
@@ -248,7 +278,7 @@ def norm_modulate_bwd(d: Float[Array, "N H W C"], x: Float[Array, "N H W C"],
   """(dx, dgb, per-image sums of dgb over (H, W)) of :func:`norm_modulate` from
   its output cotangent d, its inputs, its output and its (mean, rstd)."""
   if not available():
-    raise RuntimeError(f"kernels: native kernels unavailable: {_state['why']}")
+    raise RuntimeError(f"kernels: native kernels unavailable: {why_unavailable()}")
   outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(gb.shape, jnp.float32),
           jax.ShapeDtypeStruct((x.shape[0], gb.shape[-1]), jnp.float32))
   call = jax.ffi.ffi_call(TARGET_NORM_MOD_BWD, outs, vmap_method="sequential")
