@@ -1,7 +1,7 @@
 """Fit quality on synthetic sequences with known motion (not in CI).
 
   python benchmarks/fit_quality.py --out=/tmp/fit_quality [--num=8] [--size=128] \
-      [--steps=1000] [--guides=gt,none] [--base="model.spade_time=gain"]
+      [--config.steps=1000] [--guides=gt,none] [--config.model.spade_time=gain]
 
 Writes `num` synthetic sequences (every frame has a ground-truth mask), fits
 them with m_0 = the ED ground truth and each guide (`gt`: the ES ground truth;
@@ -11,7 +11,8 @@ frames (LV endo, epi, myocardium, mDice = mean of endo and epi, and the mean
 over the three foreground classes), the folding fraction (share of pixels with
 det D phi_t <= 0 over all frames), the minimum Jacobian determinant, the
 seconds per sequence, and the same Dice for copying m_0 to every frame (the
-no-motion baseline), and one line per sequence. Results also go to
+no-motion baseline), and one line per sequence. --config.KEY=VALUE sets any
+FitConfig field (echo_ode_jax/overrides.py; log_every defaults to steps / 20). Results also go to
 `<out>/quality.json`. Each fit is resumable (rerun the same command);
 `--summarize_only` merges and summarises the sequences finished so far
 without fitting more (for a run stopped part-way).
@@ -29,18 +30,16 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
-from echo_ode_jax import cpu_malloc, experiment, fit, metrics, runner
+from echo_ode_jax import cpu_malloc, metrics, overrides, reports, runner
 from echo_ode_jax.data import hdf5, synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _NUM = flags.DEFINE_integer("num", 8, "Synthetic sequences.")
 _SIZE = flags.DEFINE_integer("size", 128, "Image side (pixels).")
 _FRAMES = flags.DEFINE_integer("num_frames", None, "Frames per sequence (default 12-20).")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per sequence.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per fit_batch call.")
 _GUIDES = flags.DEFINE_list("guides", ["gt", "none"], "Guides to fit with.")
-_BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (ablate.py "
-                            'grid syntax, e.g. "model.spade_time=gain").')
+_CONFIG = overrides.define_config_flag()
 _SHARD = flags.DEFINE_string("shard", "0/1", "I/N: fit every N-th sequence from the I-th.")
 _SUMMARIZE = flags.DEFINE_bool("summarize_only", False,
                                "Summarise the finished sequences; fit nothing.")
@@ -111,9 +110,9 @@ def main(_):
   if not os.path.exists(data):
     synthetic.make_dataset(data, _NUM.value, _SIZE.value, seed=100,
                            num_frames=_FRAMES.value)
-  cfg = fit.FitConfig(steps=_STEPS.value, log_every=max(1, _STEPS.value // 20))
-  if _BASE.value:
-    cfg = experiment.base_config(_BASE.value, cfg)
+  cfg = overrides.fit_config(_CONFIG.value)
+  if "log_every" not in overrides.overridden(_CONFIG):
+    cfg = cfg.replace(log_every=max(1, cfg.steps // 20))
   report = {"config": json.loads(cfg.to_json()), "num": _NUM.value, "size": _SIZE.value,
             "copy_m0": _summary(data)}
   for guide in _GUIDES.value:
@@ -136,7 +135,7 @@ def main(_):
     report[f"guide_{guide}"] = _summary(data, out)
   if num_shards > 1 and not _SUMMARIZE.value:
     return
-  experiment.write_json(os.path.join(_OUT.value, "quality.json"), report)
+  reports.write_json(os.path.join(_OUT.value, "quality.json"), report)
   print(json.dumps(report, indent=1))
 
 

@@ -1,8 +1,8 @@
 r"""Registration quality on real ED/ES pairs: the ground-truth ED mask carried to ES.
 
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR \
-      [--splits=F --split=valid] [--num=N] [--size=128] [--steps=1000] \
-      [--config="lambda_smt=0.01"] [--grid="|lambda_sim=10|lambda_ncc=1"] \
+      [--splits=F --split=valid] [--num=N] [--size=128] [--config.steps=1000] \
+      [--config.lambda_smt=0.01] [--grid="|lambda_sim=10|lambda_ncc=1"] \
       [--segmentation=PRED.h5 | --segmenter=experiments/checkpoints/unet] [--ants]
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR --quick ...
 
@@ -13,7 +13,7 @@ by each method, and scored against the ES ground truth:
   copy m_0     the ED mask itself (no motion)
   U-Net        a segmenter's own ES prediction (its ED prediction for the EF)
   Echo-ODE     `fit_sequences.py --init=gt --guide=none` on the 2-frame pair,
-               one row per --grid row (a --config override list is the base)
+               one row per --grid row (--config.KEY=VALUE set the base)
   ANTs SyN, ANTs SyNCC  (--ants) antspyx registration of ED onto ES, the mask
                pulled through it with a label interpolator
 
@@ -34,15 +34,17 @@ masks that lost a structure (left out of the HD means). Written to DIR:
                         with its mask, ES with the ground truth, each method at ES
 
 Every stage is resumable: a rerun skips what is finished (Echo-ODE through
-fit_file's resume, ANTs per patient). --quick is --size=64 --steps=300
+fit_file's resume, ANTs per patient). --quick is --size=64 --config.steps=300
 --num=12 (flags given explicitly win). The registration and the segmenter run
-at --size; the fit uses FitConfig's defaults plus --config.
+at --size; the fit uses FitConfig's defaults plus the --config.KEY overrides
+(grid keys are the same keys, echo_ode_jax/overrides.py).
 
 ANTs (--ants) needs antspyx, a benchmark-only dependency (benchmarks/_ants.py
 says how to install it); run the script with that environment's python.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -50,15 +52,18 @@ import sys
 
 import h5py
 import numpy as np
-from absl import app, flags, logging
+import matplotlib.pyplot as plt
+from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from echo_ode_jax import experiment, metrics, runner  # noqa: E402
+import _ants  # noqa: E402
+from echo_ode_jax import cli, metrics, overrides, plots, reports, runner  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
 from echo_ode_jax.data import hdf5  # noqa: E402
-from echo_ode_jax.errors import InputError, run_cli  # noqa: E402
+from echo_ode_jax.errors import InputError  # noqa: E402
+from echo_ode_jax.segmenters import predict, train  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Converted CAMUS HDF5 (gt at ED and ES).",
                             required=True)
@@ -67,9 +72,7 @@ _SPLITS = flags.DEFINE_string("splits", None, "JSON patient split {name: [patien
 _SPLIT = flags.DEFINE_string("split", "valid", "Which list of --splits to use.")
 _NUM = flags.DEFINE_integer("num", None, "Only the first N patients (sorted).")
 _SIZE = flags.DEFINE_integer("size", 128, "Registration grid (size x size).")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per Echo-ODE fit.")
-_CONFIG = flags.DEFINE_string("config", "", 'FitConfig overrides, e.g. "lr=0.005;sim=ncc" '
-                              "(ablate.py keys).")
+_CONFIG = overrides.define_config_flag()
 _GRID = flags.DEFINE_string("grid", "", "Echo-ODE rows: a grid over --config "
                             '("lambda_sim=1,10;lambda_smt=0.01,0.03"), or several grids '
                             'joined by "|" for their union ("|lambda_sim=10|lambda_ncc=1": '
@@ -83,7 +86,8 @@ _ANTS = flags.DEFINE_boolean("ants", False, "Add ANTs SyN and SyNCC rows (antspy
 _ANTS_TRANSFORMS = flags.DEFINE_list("ants_transforms", ["SyN", "SyNCC"],
                                      "ants.registration type_of_transform values.")
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
-_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --steps=300 --num=12 unless given.")
+_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --config.steps=300 --num=12 unless "
+                              "given.")
 _WORST = flags.DEFINE_integer("worst", 4, "Patients in worst.png.")
 
 QUICK = {"size": 64, "steps": 300, "num": 12}
@@ -137,22 +141,26 @@ def write_pairs(data: str, keys: list[str], path: str) -> list[str]:
 
 
 def grid_rows(spec: str) -> list[dict]:
-  """The union of the grids of `spec` ("|"-separated ablate.py grids), in order,
-  without repeats; an empty part is the base row."""
+  """The union of the grids of `spec` ("|"-separated grids, `overrides.parse_grid`),
+  in order, without repeats; an empty part is the base row."""
   rows = []
   for part in (spec or "").split("|"):
-    for row in experiment.parse_grid(part):
+    for row in overrides.parse_grid(part):
       if row not in rows:
         rows.append(row)
   return rows
 
 
 def row_file(out: str, row: dict, cfg, size: int) -> str:
-  """The results file of an Echo-ODE row: its overrides and
-  experiment.config_digest (so a new FitConfig field left at its default keeps
-  finished rows; fit_file's resume check refuses a file of other settings)."""
-  slug = experiment.row_id(row, cfg).rsplit("_", 1)[0]
-  return os.path.join(out, f"pred_echo_{slug}_{size}_{experiment.config_digest(cfg)}.h5")
+  """The results file of an Echo-ODE row: pred_echo_<overrides>_<size>_<digest>.h5
+  (`overrides.config_digest`: a FitConfig field added or removed at its default
+  keeps the name), or an existing file of the same size and digest whose
+  overrides were spelt otherwise; fit_file's resume check refuses a file of
+  other settings."""
+  digest = overrides.config_digest(cfg)
+  path = os.path.join(out, f"pred_echo_{overrides.row_slug(row)}_{size}_{digest}.h5")
+  same = sorted(glob.glob(os.path.join(glob.escape(out), f"pred_echo_*_{size}_{digest}.h5")))
+  return path if os.path.exists(path) or not same else same[0]
 
 
 def pair_scores(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
@@ -205,7 +213,6 @@ def segmenter_method(pairs: str, keys: list[str], path: str, data: str,
       p = hdf5.read_labels(segmentation, k, "pred")
       preds[k] = p[frames]
   else:
-    from echo_ode_jax.segmenters import predict, train
     state = train.load_model_state(workdir)
     for k in todo:
       img = hdf5.read_sequence(pairs, k).img
@@ -217,7 +224,6 @@ def segmenter_method(pairs: str, keys: list[str], path: str, data: str,
 def ants_method(pairs: str, keys: list[str], path: str, transform: str, size: int) -> None:
   """ANTs `transform` of ED onto ES at size x size, the ED mask warped on the
   data grid; per-patient resumable."""
-  import _ants
   _ants.import_ants()
   todo = [k for k in keys if k not in _done(path)]
   prog = Progress(len(todo), f"ANTs {transform}", "pair")
@@ -293,8 +299,6 @@ def worst_figure(pairs: str, preds: dict[str, str], rows: list[dict], ref: str,
                  num: int, path: str) -> str:
   """ED with its mask, ES with the gt, then each method at ES, for the `num`
   patients with the lowest endo Dice of method `ref`."""
-  from echo_ode_jax import plots
-  import matplotlib.pyplot as plt
   ref_rows = [r for r in rows if r["method"] == ref and r.get("status") == "ok"]
   worst = [r["key"] for r in sorted(ref_rows, key=lambda r: r["dice_endo"])[:num]]
   cols = ["ED (gt)", "ES (gt)"] + list(preds)
@@ -329,19 +333,21 @@ def slug(name: str) -> str:
 def main(argv):
   del argv
   for name, v in QUICK.items():
-    if _QUICK.value and not flags.FLAGS[name].present:
+    if _QUICK.value and name != "steps" and not flags.FLAGS[name].present:
       flags.FLAGS[name].value = v
   if _ANTS.value:
-    import _ants
     _ants.import_ants()
   out, data, size = _OUT.value, _DATA.value, _SIZE.value
   os.makedirs(out, exist_ok=True)
   keys = select_keys(data, _SPLITS.value, _SPLIT.value, _NUM.value)
   pairs = os.path.join(out, "pairs.h5")
   write_pairs(data, keys, pairs)
+  base = overrides.fit_config(_CONFIG.value)
+  given = overrides.overridden(_CONFIG)
+  if _QUICK.value and "steps" not in given:
+    base = base.replace(steps=QUICK["steps"])
   logging.info("%d ED/ES pairs, registration at %d^2, %d fit steps", len(keys), size,
-               _STEPS.value)
-  base = experiment.base_config(_CONFIG.value).replace(steps=_STEPS.value)
+               base.steps)
   methods: dict[str, str] = {}
   extra: dict[str, dict] = {}
   methods["copy m_0"] = os.path.join(out, "pred_copy.h5")
@@ -355,8 +361,8 @@ def main(argv):
                      _SEGMENTER.value, size)
   echo_names = []
   for row in grid_rows(_GRID.value):
-    cfg = experiment.apply_overrides(base, row)
-    label = experiment.row_label(row)
+    cfg = overrides.apply_overrides(base, row)
+    label = overrides.row_label(row)
     name = "Echo-ODE" + ("" if label == "default" else f" {label}")
     path = row_file(out, row, cfg, size)
     logging.info("%s -> %s", name, path)
@@ -370,13 +376,13 @@ def main(argv):
       methods[name] = os.path.join(out, f"pred_ants_{slug(t)}_{size}.h5")
       ants_method(pairs, keys, methods[name], t, size)
   rows = [r for name, p in methods.items() for r in score(pairs, keys, name, p)]
-  experiment.write_csv(os.path.join(out, "results.csv"), rows)
+  reports.write_csv(os.path.join(out, "results.csv"), rows)
   summaries = {n: summarize([r for r in rows if r["method"] == n]) for n in methods}
   table = table_markdown(summaries)
   with atomic_path(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
-    f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE {_STEPS.value} "
-            f"steps, base config {_CONFIG.value or 'default'}\n\n{table}")
-  experiment.write_json(os.path.join(out, "summary.json"),
+    f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE {base.steps} "
+            f"steps, base config {overrides.row_label(given)}\n\n{table}")
+  reports.write_json(os.path.join(out, "summary.json"),
                         {n: {"summary": s, **extra.get(n, {})} for n, s in summaries.items()})
   worst_figure(pairs, methods, rows, echo_names[0] if echo_names else "copy m_0",
                _WORST.value, os.path.join(out, "worst.png"))
@@ -384,4 +390,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

@@ -3,7 +3,7 @@ r"""Table I on semi-synthetic full-cycle sequences (ground truth on every frame)
   python experiments/make_semisynthetic.py --camus_dir=CAMUS/database_nifti \
       --splits=CAMUS/splits.json --split=valid --size=128 --out=semi_valid.h5
   python benchmarks/semisynthetic_table.py --data=semi_valid.h5 --out=DIR \
-      [--size=N] [--steps=1000] [--num=N] [--config="lambda_ncc=1"] [--ants] [--quick]
+      [--size=N] [--config.steps=1000] [--num=N] [--config.lambda_ncc=1] [--ants] [--quick]
 
 Rows, each scored with every Table I column (consecutive-frame HD, temporal
 inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
@@ -19,8 +19,9 @@ inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
 
 Stages are resumable (fits through fit_file's resume, ANTs per sequence, the
 evaluations cached). DIR/table.md, summary.json and metrics.csv hold the
-results. --quick is --size=64 --steps=300 --num=12 (flags given explicitly
-win). --num keeps the first N sequences (copied to DIR/data.h5).
+results. --quick is --size=64 --config.steps=300 --num=12 (flags given
+explicitly win). --num keeps the first N sequences (copied to DIR/data.h5).
+--config.KEY=VALUE sets any FitConfig field (echo_ode_jax/overrides.py).
 """
 from __future__ import annotations
 
@@ -31,31 +32,30 @@ import sys
 
 import h5py
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from echo_ode_jax import experiment, metrics, runner  # noqa: E402
+import _ants  # noqa: E402
+from echo_ode_jax import cli, metrics, overrides, reports, runner, tables  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
 from echo_ode_jax.data import hdf5  # noqa: E402
-from echo_ode_jax.errors import run_cli  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Semi-synthetic HDF5 (make_semisynthetic.py).",
                             required=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _SIZE = flags.DEFINE_integer("size", None, "Fit / registration grid (default: the data's).")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Adam steps per Echo-ODE fit.")
 _NUM = flags.DEFINE_integer("num", None, "Only the first N sequences.")
-_CONFIG = flags.DEFINE_string("config", "", 'FitConfig overrides, e.g. "lambda_ncc=1" '
-                              "(ablate.py keys).")
+_CONFIG = overrides.define_config_flag()
 _CHECKPOINTS = flags.DEFINE_string("checkpoints", "experiments/checkpoints",
                                    "Folder with the segmenter's workdir.")
 _SEGMENTER = flags.DEFINE_string("segmenter", "unet", "Segmenter (workdir name).")
 _ANTS = flags.DEFINE_boolean("ants", False, "Add ANTs SyNCC registered to each frame.")
 _ANTS_TRANSFORM = flags.DEFINE_string("ants_transform", "SyNCC", "ants type_of_transform.")
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
-_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --steps=300 --num=12 unless given.")
+_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --config.steps=300 --num=12 unless "
+                              "given.")
 
 QUICK = {"size": 64, "steps": 300, "num": 12}
 
@@ -94,7 +94,6 @@ def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> st
   mask pulled through each on the data grid; resumable per sequence; writes
   attrs seconds and
   folding_fraction (mean over frames)."""
-  import _ants
   _ants.import_ants()
   keys = hdf5.list_keys(data)
   done = set(hdf5.list_keys(path)) if os.path.exists(path) else set()
@@ -151,30 +150,32 @@ def _mean_attr(path: str, name: str) -> float:
 def main(argv):
   del argv
   for name, v in QUICK.items():
-    if _QUICK.value and not flags.FLAGS[name].present:
+    if _QUICK.value and name != "steps" and not flags.FLAGS[name].present:
       flags.FLAGS[name].value = v
   if _ANTS.value:
-    import _ants
     _ants.import_ants()
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   data = subset(_DATA.value, _NUM.value, os.path.join(out, "data.h5"))
   size = _SIZE.value
-  cfg = experiment.base_config(_CONFIG.value).replace(steps=_STEPS.value)
+  cfg = overrides.fit_config(_CONFIG.value)
+  given = overrides.overridden(_CONFIG)
+  if _QUICK.value and "steps" not in given:
+    cfg = cfg.replace(steps=QUICK["steps"])
   seg = _SEGMENTER.value
-  digest = experiment.config_digest(cfg)   # fits of other settings go to other files
+  digest = overrides.config_digest(cfg)   # fits of other settings go to other files
   preds = {
       "ground truth": label_file(data, os.path.join(out, "pred_gt.h5"), lambda g: g),
       "copy m_0": label_file(data, os.path.join(out, "pred_copy.h5"),
                              lambda g: np.repeat(g[:1], g.shape[0], 0)),
   }
-  seg_name = experiment.segmenter_label(seg)
-  preds[seg_name] = experiment.predict_stage(data, _CHECKPOINTS.value, seg,
+  seg_name = tables.segmenter_label(seg)
+  preds[seg_name] = tables.predict_stage(data, _CHECKPOINTS.value, seg,
                                              os.path.join(out, f"pred_{seg}.h5"))
-  preds[experiment.echo_ode_label(seg)] = experiment.fit_stage(
+  preds[tables.echo_ode_label(seg)] = tables.fit_stage(
       data, os.path.join(out, f"echo_{seg}_{size or 'data'}_{digest}.h5"), cfg, "segmenter", "segmenter",
       preds[seg_name], _BATCH.value, size, save_flow=True)
-  preds["Echo-ODE (gt m_0, no guide)"] = experiment.fit_stage(
+  preds["Echo-ODE (gt m_0, no guide)"] = tables.fit_stage(
       data, os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
       size, save_flow=True)
   folds = {}
@@ -183,20 +184,20 @@ def main(argv):
     path = os.path.join(out, f"pred_ants_{_ANTS_TRANSFORM.value}_{size or 'data'}.h5")
     preds[name] = ants_per_frame(data, path, _ANTS_TRANSFORM.value, size)
     folds[name] = _mean_attr(preds[name], "folding_fraction")
-  results = {n: experiment.evaluate_cached(data, p, p[:-3] + ".eval.json")
+  results = {n: reports.evaluate_cached(data, p, p[:-3] + ".eval.json")
              for n, p in preds.items()}
   summaries = {n: metrics.summarize(r) for n, r in results.items()}
   table = (f"{len(hdf5.list_keys(data))} semi-synthetic sequences; grid "
            f"{size or 'of the data'}; Echo-ODE {cfg.steps} steps, config "
-           f"{_CONFIG.value or 'default'}\n\n" + table_markdown(summaries, folds))
+           f"{overrides.row_label(given)}\n\n" + table_markdown(summaries, folds))
   extra = {n: {"pred": os.path.relpath(p, out)} for n, p in preds.items()}
   for n in preds:
     if n.startswith("Echo-ODE"):
       extra[n]["config"] = json.loads(cfg.to_json())
-  experiment.write_report(out, results, extra, table)
+  reports.write_report(out, results, extra, table)
   logging.info("report in %s", out)
   print(table, end="")
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

@@ -5,18 +5,24 @@
   lv_length_mm         the LV length curve (apex to mitral-valve midpoint, mm)
   registration_figure  Fig. 4 style, per frame: target I_t, I_0 o phi_t, grid, det D phi_t
   deformation_figure   one deformation: grid, warped image/mask, Jacobian-determinant map
+  write_figures        Fig. 2 / 3b / 4 PNGs of one sequence from data and prediction files
 """
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
+import h5py
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
+from echo_ode_jax.data import hdf5  # noqa: E402
+from echo_ode_jax.errors import InputError  # noqa: E402
 from echo_ode_jax.metrics import jacobian_determinant_np, lv_apex, lv_base_points  # noqa: E402
 
 LABEL_COLOURS = {1: "#f2c12e", 2: "#2ec4b6", 3: "#e71d36"}  # LV, myocardium, LA
@@ -214,7 +220,6 @@ def curve_figure(curves: dict[str, np.ndarray], ylabel: str, title: str = "",
 
 def _warp_np(image: np.ndarray, phi: np.ndarray) -> np.ndarray:
   """I o phi: bilinear sampling of (H, W) at absolute (row, col) positions, border clamp."""
-  from scipy import ndimage
   return ndimage.map_coordinates(np.asarray(image, np.float64),
                                  np.moveaxis(np.asarray(phi, np.float64), -1, 0),
                                  order=1, mode="nearest")
@@ -239,7 +244,6 @@ def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
   phi = np.asarray(phi, np.float64)
   t, h, w = phi.shape[:3]
   if images.shape[1:] != (h, w):
-    from scipy import ndimage
     zoom = (h / images.shape[1], w / images.shape[2])
     images = np.stack([ndimage.zoom(im, zoom, order=1) for im in images])[:, :h, :w]
   frames = [0, (t - 1) // 2, t - 1] if frames is None else list(frames)
@@ -274,3 +278,76 @@ def registration_figure(images: np.ndarray, phi: np.ndarray, frames=None,
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+# ---------------------------------------------------------------------------
+# Figures from files
+
+
+def _read_group(path: str, key: str) -> dict[str, Any]:
+  with h5py.File(path, "r") as f:
+    if key not in f:
+      return {}
+    g = f[key]
+    out = {k: np.asarray(g[k][...]) for k in ("img", "gt", "pred", "flow") if k in g}
+    out["attrs"] = {k: hdf5.attr_value(v) for k, v in g.attrs.items()}
+  return out
+
+
+def pick_key(data: str, preds: Mapping[str, str]) -> str:
+  """The first sequence of `data` that every prediction file holds with status ok."""
+  keys = hdf5.list_keys(data)
+  for k in keys:
+    ok = True
+    for p in preds.values():
+      with h5py.File(p, "r") as f:
+        if k not in f or "pred" not in f[k] or hdf5.attr_value(
+            f[k].attrs.get("status", "ok")) == "failed":
+          ok = False
+          break
+    if ok:
+      return k
+  return keys[0]
+
+
+def write_figures(data: str, preds: Mapping[str, str], out_dir: str, key: str | None = None,
+                  num_frames: int = 5) -> list[str]:
+  """Fig. 2 / 3b / 4 style PNGs of one sequence into `out_dir`.
+
+  fig2_contours.png (rows: ground truth and each method; columns: frames ED ->
+  ES), fig3b_lv_length.png (LV length over time), and fig4_deformation.png when
+  a prediction file stores a flow (the first such method).
+
+  Returns:
+    The written paths.
+  """
+  key = key or pick_key(data, preds)
+  d = _read_group(data, key)
+  if "img" not in d:
+    raise InputError(data, f"no img for {key}")
+  img = d["img"]
+  t = img.shape[0]
+  spacing = tuple(float(s) for s in np.ravel(d["attrs"].get("voxelspacing", (1.0, 1.0))))
+  labels: dict[str, np.ndarray] = {}
+  if "gt" in d:
+    labels["ground truth"] = d["gt"]
+  flows = {}
+  for name, p in preds.items():
+    g = _read_group(p, key)
+    if "pred" in g and g["pred"].shape == img.shape:
+      labels[name] = g["pred"]
+      if "flow" in g:
+        flows[name] = g["flow"]
+  frames = sorted(set(np.linspace(0, t - 1, min(num_frames, t)).round().astype(int).tolist()))
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [save(contour_figure(img, labels, frames, title=key),
+                      os.path.join(out_dir, "fig2_contours.png"))]
+  curves = {n: lv_length_mm(lab, spacing) for n, lab in labels.items()}
+  paths.append(save(curve_figure(curves, "LV length (mm)", title=key),
+                          os.path.join(out_dir, "fig3b_lv_length.png")))
+  if flows:
+    name, phi = next(iter(flows.items()))
+    paths.append(save(
+        registration_figure(img, phi, masks=labels[name], title=f"{name}: {key}"),
+        os.path.join(out_dir, "fig4_deformation.png")))
+  return paths

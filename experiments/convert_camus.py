@@ -5,10 +5,10 @@
 
 Re-running on an existing output adds the missing patients and keeps the rest.
 """
-from absl import app, flags
+from absl import flags
 
+from echo_ode_jax import cli
 from echo_ode_jax.data.convert import DEFAULT_SIZE, convert_camus
-from echo_ode_jax.errors import run_cli
 
 flags.DEFINE_string("camus_dir", None, "database_nifti/, training/, testing/ or a folder "
                     "of patientXXXX/ folders", required=True)
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  cli.main(main)

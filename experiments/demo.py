@@ -17,10 +17,9 @@ Rerunning the same command resumes; --fresh starts over.
 import dataclasses
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from echo_ode_jax import demos
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax import cli, demos
 
 _D = demos.DemoConfig()
 flags.DEFINE_integer("num", _D.num, "Test sequences to fit.")
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

@@ -12,12 +12,10 @@ mDice, Dice endo, Dice epi, EF MAE ± sd), and prints the table. With
 --figures: DIR/fig2_contours.png, fig3b_lv_length.png and, when a results file
 stores a flow, fig4_deformation.png.
 """
-import os
+from absl import flags
 
-from absl import app, flags
-
-from echo_ode_jax import experiment, metrics
-from echo_ode_jax.errors import InputError, OutputError, run_cli
+from echo_ode_jax import cli, metrics, plots, reports
+from echo_ode_jax.errors import InputError
 from echo_ode_jax.segmenters.train import split_keys
 
 flags.DEFINE_string("data", None, "Data HDF5 file (img, gt, attrs).", required=True)
@@ -33,24 +31,10 @@ flags.DEFINE_enum("split", "valid", ["train", "valid"], "The part of --splits to
 FLAGS = flags.FLAGS
 
 
-def _check_out(out: str) -> None:
-  """--out must be a folder, or a path where one can be made (checked before any work)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise InputError(out, "exists and is not a folder; --out names the folder the report "
-                     "goes to")
-  parent = os.path.abspath(out)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise InputError(out, f"{parent} is not a folder")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise OutputError(out, f"cannot write in {parent}: permission denied")
-
-
 def main(argv):
   del argv
-  names = experiment.method_names(FLAGS.pred, FLAGS.name)
-  _check_out(FLAGS.out)
+  names = reports.method_names(FLAGS.pred, FLAGS.name)
+  reports.check_out_dir(FLAGS.out)
   keys = None
   if FLAGS["split"].present and not FLAGS.splits:
     raise InputError(None, "--split needs --splits (the splits.json whose part to evaluate)")
@@ -58,13 +42,12 @@ def main(argv):
     train, valid = split_keys(FLAGS.data, FLAGS.splits)
     keys = valid if FLAGS.split == "valid" else train
   results = {n: metrics.evaluate_files(FLAGS.data, p, keys) for n, p in zip(names, FLAGS.pred)}
-  experiment.write_report(FLAGS.out, results,
-                          {n: {"pred": p} for n, p in zip(names, FLAGS.pred)})
+  reports.write_report(FLAGS.out, results, {n: {"pred": p} for n, p in zip(names, FLAGS.pred)})
   if FLAGS.figures:
-    experiment.write_figures(FLAGS.data, dict(zip(names, FLAGS.pred)), FLAGS.out, FLAGS.key)
+    plots.write_figures(FLAGS.data, dict(zip(names, FLAGS.pred)), FLAGS.out, FLAGS.key)
   with open(f"{FLAGS.out}/table.md") as f:
     print(f.read(), end="")
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  cli.main(main)

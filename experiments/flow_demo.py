@@ -5,10 +5,9 @@
 Writes <out>/flow_demo.png: the warped grid, a propagated disc mask, and the
 Jacobian-determinant map, and prints the error against the analytic solution.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
-from echo_ode_jax import demos, flow
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax import cli, demos, flow
 
 _SIZE = flags.DEFINE_integer("size", 128, "Image size in pixels.")
 _SOLVER = flags.DEFINE_enum("solver", "euler", list(flow.SOLVERS), "ODE solver.")
@@ -25,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

@@ -10,10 +10,10 @@ time, with fresh speckle (echo_ode_jax/data/semisynthetic.py). The Dice of each
 synthetic ES mask against the real one is logged as a table and written to
 <out stem>_es_dice.csv.
 """
-from absl import app, flags
+from absl import flags
 
+from echo_ode_jax import cli
 from echo_ode_jax.data import semisynthetic
-from echo_ode_jax.errors import run_cli
 
 flags.DEFINE_string("camus_dir", None, "CAMUS database_nifti/ (or any folder of patient folders)",
                     required=True)
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  cli.main(main)

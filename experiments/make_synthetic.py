@@ -2,10 +2,10 @@
 
   python experiments/make_synthetic.py --out=synth.h5 --num=20 --size=128 [--seed=0]
 """
-from absl import app, flags
+from absl import flags
 
+from echo_ode_jax import cli
 from echo_ode_jax.data.synthetic import make_dataset
-from echo_ode_jax.errors import run_cli
 
 flags.DEFINE_string("out", None, "output HDF5 file", required=True)
 flags.DEFINE_integer("num", 10, "number of sequences")
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  cli.main(main)

@@ -7,9 +7,9 @@ the view attributes and adding pred_model / pred_config / pred_checkpoint_epoch 
 pred_resized. Frames of another size than the trained one are resized in, and
 the logits resized back out.
 """
-from absl import app, flags, logging
+from absl import flags, logging
 
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax import cli
 from echo_ode_jax.segmenters.predict import write_predictions
 from echo_ode_jax.segmenters.train import load_model_state
 
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

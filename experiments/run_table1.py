@@ -1,7 +1,8 @@
 r"""Table I: the 2D segmenters per frame, and Echo-ODE guided by each.
 
   python experiments/run_table1.py --data=TEST.h5 --checkpoints=CKPT --out=DIR \
-      [--segmenters=unet,enet,deeplabv3] [--steps=1000] [--batch_size=8] [--figures]
+      [--segmenters=unet,enet,deeplabv3] [--config.steps=1000] [--config.KEY=VALUE ...] \
+      [--batch_size=8] [--figures]
 
 CKPT holds one training workdir per segmenter (CKPT/unet, CKPT/enet,
 CKPT/deeplabv3; see experiments/train_segmenter.py). For each segmenter:
@@ -9,29 +10,25 @@ DIR/<seg>/pred.h5 (every frame predicted), DIR/<seg>/echo_ode_init-segmenter.h5
 (m_0 = its ED prediction, guide = its ES/ED prediction, flows stored) and
 cached evaluations; then DIR/table1/{metrics.csv,summary.json,table.md}
 (+ figures). Every stage leaves a file; rerunning the command skips finished
-stages and resumes an interrupted fit.
+stages and resumes an interrupted fit. --config.KEY sets any FitConfig field
+(as in fit_sequences.py).
 """
-from absl import app, flags
+from absl import flags
 
-from echo_ode_jax import experiment
-from echo_ode_jax.errors import run_cli
+import _table_flags
+from echo_ode_jax import cli, overrides, tables
 
-experiment.define_table_flags()
 FLAGS = flags.FLAGS
-
-
-def fit_config():
-  cfg = experiment.base_config(FLAGS.base)
-  return cfg if FLAGS.steps is None else cfg.replace(steps=FLAGS.steps)
 
 
 def main(argv):
   del argv
-  res = experiment.run_table(FLAGS.data, FLAGS.out, FLAGS.segmenters, FLAGS.checkpoints,
-                             "segmenter", fit_config(), batch_size=FLAGS.batch_size,
-                             size=FLAGS.size, figures=FLAGS.figures, which=FLAGS.checkpoint)
+  res = tables.run_table(FLAGS.data, FLAGS.out, FLAGS.segmenters, FLAGS.checkpoints,
+                         "segmenter", overrides.fit_config(_table_flags.CONFIG.value),
+                         batch_size=FLAGS.batch_size, size=FLAGS.size, figures=FLAGS.figures,
+                         which=FLAGS.checkpoint)
   print(res["table"], end="")
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

@@ -10,7 +10,7 @@ import json
 
 from absl import app, flags, logging
 
-from echo_ode_jax.errors import run_cli
+from echo_ode_jax import cli
 from echo_ode_jax.segmenters import MODELS
 from echo_ode_jax.segmenters.train import TrainConfig, data_size, train
 
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main, huge_pages=True))
+  cli.main(main, huge_pages=True)

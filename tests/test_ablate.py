@@ -1,76 +1,108 @@
-"""Ablation grids: parsing (hand-expanded), types, bad keys; resumable rows."""
+"""Config overrides and ablation grids: parsing (hand-expanded), types, bad keys,
+the --config flag; resumable rows and tables."""
 import csv
+import dataclasses
+import hashlib
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from echo_ode_jax import experiment
+from echo_ode_jax import overrides, tables
 from echo_ode_jax.data import hdf5, synthetic
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.fit import FitConfig
+from echo_ode_jax.segmenters import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_grid_expands_to_the_cartesian_product_last_key_fastest():
-  rows = experiment.parse_grid("lambda_ef=0,1;spade=true,false;solver=euler,heun")
+  rows = overrides.parse_grid("lambda_ef=0,1;model.use_spade=true,false;solver=euler,heun")
   expect = [
-      {"lambda_ef": 0.0, "spade": True, "solver": "euler"},
-      {"lambda_ef": 0.0, "spade": True, "solver": "heun"},
-      {"lambda_ef": 0.0, "spade": False, "solver": "euler"},
-      {"lambda_ef": 0.0, "spade": False, "solver": "heun"},
-      {"lambda_ef": 1.0, "spade": True, "solver": "euler"},
-      {"lambda_ef": 1.0, "spade": True, "solver": "heun"},
-      {"lambda_ef": 1.0, "spade": False, "solver": "euler"},
-      {"lambda_ef": 1.0, "spade": False, "solver": "heun"},
+      {"lambda_ef": 0.0, "model.use_spade": True, "solver": "euler"},
+      {"lambda_ef": 0.0, "model.use_spade": True, "solver": "heun"},
+      {"lambda_ef": 0.0, "model.use_spade": False, "solver": "euler"},
+      {"lambda_ef": 0.0, "model.use_spade": False, "solver": "heun"},
+      {"lambda_ef": 1.0, "model.use_spade": True, "solver": "euler"},
+      {"lambda_ef": 1.0, "model.use_spade": True, "solver": "heun"},
+      {"lambda_ef": 1.0, "model.use_spade": False, "solver": "euler"},
+      {"lambda_ef": 1.0, "model.use_spade": False, "solver": "heun"},
   ]
   assert rows == expect
-  assert all(type(r["lambda_ef"]) is float and type(r["spade"]) is bool for r in rows)
-  assert list(rows[0]) == ["lambda_ef", "spade", "solver"]
-  assert experiment.parse_grid("") == [{}]
-  assert experiment.parse_grid(" steps = 5 ; dt=0.05 ") == [{"steps": 5, "dt": 0.05}]
+  assert all(type(r["lambda_ef"]) is float and type(r["model.use_spade"]) is bool for r in rows)
+  assert list(rows[0]) == ["lambda_ef", "model.use_spade", "solver"]
+  assert overrides.parse_grid("") == [{}]
+  assert overrides.parse_grid(" steps = 5 ; dt=0.05 ") == [{"steps": 5, "dt": 0.05}]
 
 
 def test_grid_values_take_the_field_type():
-  (r,) = experiment.parse_grid("steps=7;lr=1e-3;pe=no;enc_channels=8-16-16-16;"
-                               "model.spade_hidden=4;compute_dtype=bfloat16")
-  assert r == {"steps": 7, "lr": 0.001, "pe": False, "enc_channels": (8, 16, 16, 16),
-               "model.spade_hidden": 4, "compute_dtype": "bfloat16"}
+  (r,) = overrides.parse_grid("steps=7;lr=1e-3;model.use_pe=no;model.enc_channels=8-16-16-16;"
+                              "model.spade_hidden=4;model.compute_dtype=bfloat16")
+  assert r == {"steps": 7, "lr": 0.001, "model.use_pe": False,
+               "model.enc_channels": (8, 16, 16, 16), "model.spade_hidden": 4,
+               "model.compute_dtype": "bfloat16"}
   assert type(r["steps"]) is int
-  cfg = experiment.apply_overrides(FitConfig(), r)
+  cfg = overrides.apply_overrides(FitConfig(), r)
   assert (cfg.steps, cfg.lr, cfg.model.use_pe, cfg.model.enc_channels, cfg.model.spade_hidden,
           cfg.model.compute_dtype) == (7, 0.001, False, (8, 16, 16, 16), 4, "bfloat16")
   assert cfg.model.use_spade and cfg.lambda_ef == FitConfig().lambda_ef  # untouched
+  # A tuple also in --config's form (commas inside parentheses are not value separators).
+  rows = overrides.parse_grid("model.dec_channels=(4,4,4,4,4,2,2),8-8-8-8-8-4-4")
+  assert rows == [{"model.dec_channels": (4, 4, 4, 4, 4, 2, 2)},
+                  {"model.dec_channels": (8, 8, 8, 8, 8, 4, 4)}]
+  # An Optional field takes "none" or a value of its inner type.
+  rows = overrides.parse_grid("clip_norm=none,2")
+  assert rows == [{"clip_norm": None}, {"clip_norm": 2.0}]
+  assert type(rows[1]["clip_norm"]) is float
+  assert overrides.apply_overrides(FitConfig(), rows[0]).clip_norm is None
+  assert [overrides.parse_typed(bool | None, t) for t in ("off", "true", "none")] == [
+      False, True, None]
+  with pytest.raises(ValueError, match="true or false or none"):
+    overrides.parse_typed(bool | None, "2")
+  assert overrides.parse_typed(int | None, "7") == 7
 
 
-def test_aliases_map_to_model_fields():
-  rows = experiment.parse_grid("spade=false;channels=8")
-  cfg = experiment.apply_overrides(FitConfig(), rows[0])
+def test_channels_sets_both_widths():
+  rows = overrides.parse_grid("model.use_spade=false;channels=8")
+  cfg = overrides.apply_overrides(FitConfig(), rows[0])
   assert cfg.model.use_spade is False
   assert cfg.model.enc_channels == (8, 16, 16, 16)
   assert cfg.model.dec_channels == (16, 16, 16, 16, 16, 8, 8)
   # The paper's network is channels=16.
-  paper = experiment.apply_overrides(FitConfig(), {"channels": 16})
+  paper = overrides.apply_overrides(FitConfig(), {"channels": 16})
   assert paper.model == FitConfig().model
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("foo=1", ["unknown key 'foo'", "lambda_ef"]),
+    ("foo=1", ["unknown key 'foo'", "lambda_ef", "model.use_spade"]),
+    ("use_spade=false", ["unknown key 'use_spade'", "did you mean model.use_spade?"]),
     ("lambda_ef=0;lambda_ef=1", ["given twice"]),
-    ("spade=true;model.use_spade=false", ["given twice"]),
+    ("model.use_spade=true; model.use_spade =false", ["given twice"]),
     ("steps=1.5", ["steps='1.5'", "int"]),
-    ("spade=maybe", ["true or false"]),
-    ("conv_impl=native", ["unknown key 'conv_impl'"]),      # how, not what: not a setting
-    ("solver=rk9", ["unknown solver"]),
-    ("dt=0", ["> 0"]),
+    ("model.use_spade=maybe", ["true or false"]),
+    ("model.conv_impl=native", ["unknown key 'model.conv_impl'"]),   # how, not what: not a setting
+    ("clip_norm=big", ["clip_norm='big'", "float"]),
+    ("model.enc_channels=a-b", ["integers separated by '-'"]),
+    ("solver=rk9", ["solver=rk9", "--config.solver must be one of euler"]),
+    ("dt=0", ["dt=0.0", "> 0"]),
+    ("model.compute_dtype=float16", ["float32, bfloat16"]),
+    ("model.spade_time=late", ["--config.model.spade_time must be one of hidden, gain"]),
+    ("channels=0", [">= 1"]),
     ("lambda_ef=", ["no values"]),
     ("lambda_ef", ["not key=v1,v2"]),
     ("model=1", ["unknown key 'model'"]),
 ])
 def test_bad_grids_are_one_line_errors(spec, words):
   with pytest.raises(InputError) as e:
-    experiment.parse_grid(spec)
+    overrides.parse_grid(spec)
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("--grid: ")
   for w in words:
@@ -78,15 +110,69 @@ def test_bad_grids_are_one_line_errors(spec, words):
 
 
 def test_base_config_and_row_ids():
-  base = experiment.base_config("steps=3;lr=0.005")
+  base = overrides.base_config("steps=3;lr=0.005")
   assert (base.steps, base.lr) == (3, 0.005)
   with pytest.raises(InputError, match="one value per key"):
-    experiment.base_config("steps=3,4")
-  o = {"lambda_ef": 0.0, "spade": True}
-  a = experiment.row_id(o, experiment.apply_overrides(base, o))
-  b = experiment.row_id(o, experiment.apply_overrides(FitConfig(), o))
-  assert a.startswith("lambda_ef-0.0_spade-true_") and a != b   # other base -> other row
-  assert experiment.row_label(o) == "lambda_ef=0.0 spade=true"
+    overrides.base_config("steps=3,4")
+  o = {"lambda_ef": 0.0, "model.use_spade": True}
+  a = overrides.row_id(o, overrides.apply_overrides(base, o))
+  b = overrides.row_id(o, overrides.apply_overrides(FitConfig(), o))
+  assert a.startswith("lambda_ef-0.0_model.use_spade-true_") and a != b   # other base -> other row
+  assert overrides.row_label(o) == "lambda_ef=0.0 model.use_spade=true"
+  # The id of a row: its overrides, then the first 8 hex digits of the SHA-1 of
+  # the full config's JSON (the same FitConfig keeps the same folder).
+  cfg = FitConfig(steps=2, lambda_ef=3.0)
+  digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+  assert overrides.row_id({"lambda_ef": 3.0}, cfg) == f"lambda_ef-3.0_{digest.hexdigest()[:8]}"
+
+
+def _parse_config_flag(argv):
+  """The --config flag of the scripts, parsed from `argv` in its own FlagValues."""
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", overrides.DEFAULT_CONFIG_FILE,
+                                           flag_values=fv, sys_argv=["prog", *argv])
+  fv(["prog", *argv])
+  return overrides.fit_config(holder.value), dict(fv["config"].override_values)
+
+
+def test_config_flag_overrides_every_kind_of_field():
+  cfg, given = _parse_config_flag(["--config.lr=0.03", "--config.steps=7",
+                                   "--config.clip_norm=none", "--config.model.use_spade=false",
+                                   "--config.model.enc_channels=(8,16,16,16)",
+                                   "--config.solver=heun"])
+  want = FitConfig(lr=0.03, steps=7, clip_norm=None, solver="heun").replace(
+      **{"model.use_spade": False, "model.enc_channels": (8, 16, 16, 16)})
+  assert cfg == want
+  assert set(given) == {"lr", "steps", "clip_norm", "model.use_spade", "model.enc_channels",
+                        "solver"}
+  # The grid syntax with the same keys gives the same config.
+  assert cfg == overrides.base_config("lr=0.03;steps=7;clip_norm=none;model.use_spade=false;"
+                                      "model.enc_channels=8-16-16-16;solver=heun")
+  assert _parse_config_flag([])[0] == FitConfig()
+  cfg, _ = _parse_config_flag(["--config.clip_norm=2"])
+  assert cfg.clip_norm == 2.0 and type(cfg.clip_norm) is float
+  # A get_config() file of one's own, then overrides.
+  cfg, _ = _parse_config_flag([f"--config={overrides.DEFAULT_CONFIG_FILE}", "--config.seed=5"])
+  assert cfg == FitConfig(seed=5)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"dt": 0.0}, "--config.dt must be a finite number > 0, got 0.0"),
+    ({"model": {"spade_time": "late"}}, "--config.model.spade_time must be one of"),
+    ({"colour": "red"}, "--config: unknown field(s) colour"),
+    ({"model": {"colour": "red"}}, "--config: unknown field(s) model.colour"),
+    ({"clip_norm": "big"}, "--config.clip_norm='big': expected float"),
+])
+def test_bad_config_values_are_one_line_errors(values, words):
+  d = json.loads(FitConfig().to_json())
+  for k, v in values.items():
+    if isinstance(v, dict):
+      d[k].update(v)
+    else:
+      d[k] = v
+  with pytest.raises(InputError) as e:
+    overrides.fit_config(d)
+  assert words in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +207,7 @@ class StubFit:
 def test_ablation_rows_resume_and_table(data, tmp_path):
   out = str(tmp_path / "abl")
   stub = StubFit()
-  res = experiment.run_ablation(data, out, "lambda_ef=0,3", FitConfig(steps=2),
+  res = tables.run_ablation(data, out, "lambda_ef=0,3", FitConfig(steps=2),
                                 fit_fn=stub, batch_size=1)
   assert len(stub.calls) == 2 and [r["ran"] for r in res["rows"]] == [True, True]
   assert stub.calls[0][1]["save_flow"] is True and stub.calls[0][1]["batch_size"] == 1
@@ -152,18 +238,18 @@ def test_ablation_rows_resume_and_table(data, tmp_path):
       ("lambda_ef=0.0", "0.0")] * 2 + [("lambda_ef=3.0", "3.0")] * 2
 
   # Rerun: nothing is refitted, the same table comes back.
-  res2 = experiment.run_ablation(data, out, "lambda_ef=0,3", FitConfig(steps=2), fit_fn=stub)
+  res2 = tables.run_ablation(data, out, "lambda_ef=0,3", FitConfig(steps=2), fit_fn=stub)
   assert len(stub.calls) == 2 and not any(r["ran"] for r in res2["rows"])
   assert res2["table"] == res["table"]
 
   # A grown grid fits only the new row; an unfinished row (no eval.json) is redone.
   os.remove(os.path.join(out, "rows", res["rows"][0]["id"], "eval.json"))
-  res3 = experiment.run_ablation(data, out, "lambda_ef=0,3,1", FitConfig(steps=2), fit_fn=stub)
+  res3 = tables.run_ablation(data, out, "lambda_ef=0,3,1", FitConfig(steps=2), fit_fn=stub)
   assert [r["ran"] for r in res3["rows"]] == [True, False, True]
   assert len(stub.calls) == 4
 
   # Another base config is another row (no stale reuse).
-  experiment.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=3), fit_fn=stub)
+  tables.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=3), fit_fn=stub)
   assert len(stub.calls) == 5
 
   # The same row asked for with other run settings is refused, not relabelled.
@@ -171,11 +257,44 @@ def test_ablation_rows_resume_and_table(data, tmp_path):
                     (dict(patients=["synth0000"]), "patients=None (now ['synth0000'])"),
                     (dict(size=16), "size=None (now 16)")]:
     with pytest.raises(InputError) as e:
-      experiment.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=2), fit_fn=stub, **kw)
+      tables.run_ablation(data, out, "lambda_ef=0", FitConfig(steps=2), fit_fn=stub, **kw)
     assert words in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
   assert len(stub.calls) == 5
   with open(os.path.join(out, "rows", res["rows"][0]["id"], "config.json")) as f:
     assert json.load(f)["guide"] == "gt"          # the row's record is left as it was
+
+
+def test_a_row_of_the_same_config_resumes_under_another_spelling_or_version(data, tmp_path):
+  """A finished row whose folder name came from other grid keys (an earlier
+  version's "spade") and whose saved config has fields since removed is the row
+  of the same FitConfig: reused, not refitted."""
+  from echo_ode_jax import metrics
+  out = tmp_path / "abl"
+  base = FitConfig(steps=2, lambda_ef=0.0)     # the stub's identity
+  cfg = base.replace(**{"model.use_spade": False})
+  rdir = out / "rows" / "spade-false_0123abcd"
+  rdir.mkdir(parents=True)
+  saved = json.loads(cfg.to_json())
+  saved["retired_setting"] = 7
+  saved["model"]["retired_model_setting"] = True
+  with open(rdir / "config.json", "w") as f:
+    json.dump({"overrides": {"spade": False}, "config": saved, "init": "gt", "guide": "gt",
+               "size": None, "data": os.path.basename(data), "segmentation": "",
+               "patients": None}, f)
+  stub = StubFit()
+  stub(data, str(rdir / "results.h5"), cfg)
+  with open(rdir / "eval.json", "w") as f:
+    json.dump({"rows": metrics.evaluate_files(data, str(rdir / "results.h5")),
+               "fit_seconds": 2.0}, f)
+  res = tables.run_ablation(data, str(out), "model.use_spade=false", base, fit_fn=stub)
+  assert [(r["id"], r["ran"]) for r in res["rows"]] == [("spade-false_0123abcd", False)]
+  assert len(stub.calls) == 1
+  cells = [c.strip() for c in res["table"].strip().splitlines()[2].strip("|").split("|")]
+  assert cells[0] == "false" and float(cells[3]) == 1.0
+  # Another config is another row.
+  res = tables.run_ablation(data, str(out), "model.use_spade=true", base, fit_fn=stub)
+  assert res["rows"][0]["ran"] and res["rows"][0]["id"].startswith("model.use_spade-true_")
+  assert len(stub.calls) == 2
 
 
 # ---------------------------------------------------------------------------
@@ -201,13 +320,12 @@ class StubTableFit:
 
 
 def test_tables_resume_and_report_differences(data, tmp_path):
-  from echo_ode_jax.segmenters import train
   ckpt = tmp_path / "ckpt"
   train.train(train.TrainConfig(model="unet", model_kwargs={"widths": [4, 8]}, size=32,
                                 epochs=1, batch_size=4, augment=False), data, ckpt / "unet")
   out = str(tmp_path / "tables")
   stub = StubTableFit()
-  r1 = experiment.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
+  r1 = tables.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
                             fit_fn=stub, figures=True)
   assert stub.calls == [("segmenter", "segmenter", "pred.h5")]
   s1 = r1["summaries"]
@@ -217,7 +335,7 @@ def test_tables_resume_and_report_differences(data, tmp_path):
     assert os.path.getsize(os.path.join(out, "table1", f)) > 0
   pred_mtime = os.stat(os.path.join(out, "unet", "pred.h5")).st_mtime_ns
 
-  r2 = experiment.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
+  r2 = tables.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
                             baselines=False, fit_fn=stub)
   assert stub.calls[-1] == ("gt", "segmenter", "pred.h5")
   s2 = r2["summaries"]["Echo-ODE (U-Net) init gt"]
@@ -232,39 +350,39 @@ def test_tables_resume_and_report_differences(data, tmp_path):
 
   # Reruns: nothing is predicted or fitted again.
   n = len(stub.calls)
-  experiment.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
+  tables.run_table(data, out, ["unet"], str(ckpt), "segmenter", FitConfig(steps=1),
                        fit_fn=stub)
-  experiment.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
+  tables.run_table(data, out, ["unet"], str(ckpt), "gt", FitConfig(steps=1),
                        baselines=False, fit_fn=stub)
   assert len(stub.calls) == n
   assert os.stat(os.path.join(out, "unet", "pred.h5")).st_mtime_ns == pred_mtime
 
   with pytest.raises(InputError, match="no trained enet"):
-    experiment.run_table(data, out, ["enet"], str(ckpt), "segmenter", fit_fn=stub)
+    tables.run_table(data, out, ["enet"], str(ckpt), "segmenter", fit_fn=stub)
   with pytest.raises(InputError, match="unknown vgg"):
-    experiment.run_table(data, out, ["vgg"], str(ckpt), "segmenter", fit_fn=stub)
+    tables.run_table(data, out, ["vgg"], str(ckpt), "segmenter", fit_fn=stub)
+
+
+def _ablate(*args):
+  return subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_ablate_cli_rejects_an_unknown_key_in_one_line(data, tmp_path):
-  import subprocess
-  import sys
-  from pathlib import Path
-  root = Path(__file__).resolve().parents[1]
-  r = subprocess.run([sys.executable, str(root / "experiments" / "ablate.py"), f"--data={data}",
-                      f"--out={tmp_path}", "--grid=spade=true,false;colour=red"],
-                     capture_output=True, text=True, cwd=root, timeout=300)
+  r = _ablate(f"--data={data}", f"--out={tmp_path}", "--grid=model.use_spade=true,false;colour=red")
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith("error: --grid: unknown key 'colour'")
+  r = _ablate(f"--data={data}", f"--out={tmp_path}", "--grid=lambda_ef=0,1",
+              "--config.model.colour=red")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == "error: --config.model.colour: no such config field"
   assert not (tmp_path / "rows").exists()
 
 
 def test_config_digest_hashes_only_the_settings_that_differ_from_the_defaults():
-  import hashlib
-  import json as _json
-  from echo_ode_jax import fit as _fit
-  want = lambda d: hashlib.sha1(_json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
-  assert experiment.config_digest(_fit.FitConfig()) == want({})
-  assert experiment.config_digest(_fit.FitConfig(lr=0.02, steps=300)) == want(
+  want = lambda d: hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+  assert overrides.config_digest(FitConfig()) == want({})
+  assert overrides.config_digest(FitConfig(lr=0.02, steps=300)) == want(
       {"lr": 0.02, "steps": 300})
-  cfg = _fit.FitConfig().replace(**{"model.use_pe": False})
-  assert experiment.config_digest(cfg) == want({"model.use_pe": False})
+  cfg = FitConfig().replace(**{"model.use_pe": False})
+  assert overrides.config_digest(cfg) == want({"model.use_pe": False})

@@ -344,7 +344,7 @@ def test_sigterm_in_a_cli_removes_the_temporary_file(tmp_path):
       "signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the test runner's may be inherited\n"
       "from absl import app\n"
       "from echo_ode_jax._atomic import atomic_path\n"
-      "from echo_ode_jax.errors import run_cli\n"
+      "from echo_ode_jax.cli import run_cli\n"
       "def main(argv):\n"
       f"  with atomic_path({str(tmp_path / 'out.h5')!r}) as tmp:\n"
       "    open(tmp, 'w').write('partial')\n"

@@ -61,7 +61,7 @@ def test_run_cli_restarts_with_the_same_command_line(tmp_path):
   script.write_text(textwrap.dedent("""
       import os, sys
       from absl import app, flags
-      from echo_ode_jax.errors import run_cli
+      from echo_ode_jax.cli import run_cli
       _X = flags.DEFINE_integer("x", 0, "")
       def main(argv):
         print("RESULT", os.environ.get("GLIBC_TUNABLES"), _X.value, argv[1:], sys.flags.optimize)

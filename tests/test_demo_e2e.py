@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-from echo_ode_jax import experiment
+from echo_ode_jax import reports
 from echo_ode_jax.data import hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_demo_end_to_end(tmp_path):
   with open(out / "metrics.csv") as f:
     csv_rows = list(csv.DictReader(f))
   assert len(csv_rows) == 4 and {r["status"] for r in csv_rows} == {"ok"}
-  summ = experiment.read_summaries(out / "summary.json")
+  summ = reports.read_summaries(out / "summary.json")
   assert summ["Echo-ODE (U-Net guide)"]["n_ok"] == 2
   assert summ["Echo-ODE (U-Net guide)"]["flow_n"] == 2       # flows stored and scored
   assert "wall time" in r.stdout and _table(r.stdout) == rows

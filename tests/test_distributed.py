@@ -28,7 +28,8 @@ NUM_PROCESSES = 2
 TIMEOUT_S = 240
 # A small fit: one compiled program per process (every batch is 1 sequence of 4
 # frames at 16^2), a model without SPADE / PE (compiles in about half the time).
-FIT_ARGS = ["--guide=gt", "--steps=3", "--batch_size=1", "--size=16", "--nospade", "--nope"]
+FIT_ARGS = ["--guide=gt", "--config.steps=3", "--batch_size=1", "--size=16",
+            "--config.model.use_spade=false", "--config.model.use_pe=false"]
 
 
 def _free_port() -> int:

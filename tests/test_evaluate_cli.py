@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from echo_ode_jax import experiment
+from echo_ode_jax import reports
 
 ROOT = Path(__file__).resolve().parents[1]
 T, S = 5, 40
@@ -82,7 +82,7 @@ def test_evaluate_cli_identity_and_shift(files, tmp_path):
                "fig3b_lv_length.png"):
     assert os.path.getsize(out / name) > 0, name
   assert not (out / "fig4_deformation.png").exists()   # no stored flow
-  summ = experiment.read_summaries(out / "summary.json")
+  summ = reports.read_summaries(out / "summary.json")
   same, shift = summ["identical"], summ["shifted"]
   assert same["n_ok"] == shift["n_ok"] == 2
   assert same["mdice"] == pytest.approx(1.0)
@@ -125,7 +125,7 @@ def test_evaluate_cli_missing_sequence_and_bad_input(files, tmp_path):
   out = tmp_path / "r"
   r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={out}")
   assert r.returncode == 0, r.stderr[-2000:]
-  s = experiment.read_summaries(out / "summary.json")["part"]   # default name: file stem
+  s = reports.read_summaries(out / "summary.json")["part"]   # default name: file stem
   assert (s["n_ok"], s["n_missing"], s["failed_keys"]) == (1, 1, ["p2/4CH"])
 
   r = _run(f"--data={files / 'data.h5'}", f"--pred={files / 'nope.h5'}", f"--out={out}")
@@ -147,11 +147,11 @@ def test_evaluate_cli_splits_restrict_to_one_part(files, tmp_path):
   r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'a'}",
            f"--splits={spl}")
   assert r.returncode == 0, r.stderr[-2000:]
-  summ = experiment.read_summaries(tmp_path / "a" / "summary.json")["valid_only"]
+  summ = reports.read_summaries(tmp_path / "a" / "summary.json")["valid_only"]
   assert summ["n_ok"] == 1 and summ["n_missing"] == 0 and summ["dice_endo"] == pytest.approx(1.0)
   r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'b'}",
            f"--splits={spl}", "--split=train")
-  summ = experiment.read_summaries(tmp_path / "b" / "summary.json")["valid_only"]
+  summ = reports.read_summaries(tmp_path / "b" / "summary.json")["valid_only"]
   assert summ["n_ok"] == 0 and summ["n_missing"] == 1
   r = _run(f"--data={files / 'data.h5'}", f"--pred={part}", f"--out={tmp_path / 'c'}",
            f"--splits={tmp_path / 'nope.json'}")

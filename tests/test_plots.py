@@ -4,7 +4,7 @@ import os
 import h5py
 import numpy as np
 
-from echo_ode_jax import experiment, plots
+from echo_ode_jax import plots
 from echo_ode_jax.data import hdf5, synthetic
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -79,7 +79,7 @@ def test_write_figures_from_files(tmp_path):
       g.create_dataset("pred", data=hdf5.read_sequence(data, key).gt)
       g.create_dataset("flow", data=hdf5.read_dataset(data, key, "flow_true"))
   out = tmp_path / "figs"
-  paths = experiment.write_figures(str(data), {"true flow": str(pred)}, str(out))
+  paths = plots.write_figures(str(data), {"true flow": str(pred)}, str(out))
   assert [os.path.basename(p) for p in paths] == [
       "fig2_contours.png", "fig3b_lv_length.png", "fig4_deformation.png"]
   assert all(_is_png(p) for p in paths)

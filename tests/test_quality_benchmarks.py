@@ -1,5 +1,6 @@
 """benchmarks/registration_quality.py and semisynthetic_table.py: their scoring,
 pair extraction, grids and files, on small synthetic data (no fit, no ANTs)."""
+import hashlib
 import importlib.util
 import json
 import sys
@@ -87,6 +88,25 @@ def test_grid_rows_are_the_union_of_the_grids():
   assert rows == [{}, {"lambda_sim": 1.0}, {"lambda_sim": 10.0},
                   {"lambda_ncc": 1.0, "ncc_window": 5}]
   assert rq.grid_rows("") == [{}]
+
+
+def test_row_files_keep_their_names_for_the_same_config(tmp_path):
+  """An Echo-ODE row's file: pred_echo_<overrides>_<size>_<config digest>.h5; a
+  file of the same size and config whose overrides were spelt otherwise (an
+  earlier version's grid keys) is that row's file."""
+  from echo_ode_jax.fit import FitConfig
+  cfg = FitConfig(steps=300).replace(**{"model.use_spade": False})
+  diff = {"model.use_spade": False, "steps": 300}
+  digest = hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:8]
+  row = {"model.use_spade": False}
+  path = rq.row_file(str(tmp_path), row, cfg, 64)
+  assert Path(path).name == f"pred_echo_model.use_spade-false_64_{digest}.h5"
+  old = tmp_path / f"pred_echo_spade-false_64_{digest}.h5"
+  old.write_bytes(b"")
+  assert rq.row_file(str(tmp_path), row, cfg, 64) == str(old)
+  assert Path(rq.row_file(str(tmp_path), row, cfg, 128)).name.endswith(f"_128_{digest}.h5")
+  other = cfg.replace(steps=301)
+  assert rq.row_file(str(tmp_path), row, other, 64) != str(old)
 
 
 def test_copy_rows_files_and_figure(data, tmp_path):

@@ -238,11 +238,12 @@ def test_bad_fit_config_is_refused(kw, words):
 
 def test_cli_bad_flag_is_one_line_before_any_work(data, tmp_path):
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "fit_sequences.py"),
-                      f"--data={data}", f"--out={tmp_path / 'r.h5'}", "--guide=gt", "--dt=0"],
+                      f"--data={data}", f"--out={tmp_path / 'r.h5'}", "--guide=gt",
+                      "--config.dt=0"],
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-3000:]
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert lines == ["error: --dt must be a finite number > 0, got 0.0"], r.stderr[-3000:]
+  assert lines == ["error: --config.dt must be a finite number > 0, got 0.0"], r.stderr[-3000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
 
 

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from echo_ode_jax import fit, metrics, runner
+from echo_ode_jax import fit, metrics, runner, tables
 from echo_ode_jax.data import hdf5, synthetic
 from echo_ode_jax.errors import InputError
 
@@ -149,7 +149,6 @@ def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path,
 def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
   """A finished result is reused only by a rerun with the same settings; a rerun
   that differs in a setting that changes the fit is a one-line error naming it."""
-  from echo_ode_jax import experiment
   out = str(tmp_path / "res.h5")
   first = hdf5.list_keys(data_file)[0].split("/")[0]
   runner.fit_file(data_file, out, TINY_CFG, guide="gt", patients=[first], batch_size=1)
@@ -191,9 +190,9 @@ def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
     src.copy(src[first], dst, name=first)
   out2 = str(tmp_path / "stage.h5")
   runner.fit_file(one, out2, TINY_CFG, guide="gt", batch_size=1)
-  experiment.fit_stage(one, out2, TINY_CFG, "gt", "gt", None, batch_size=1)   # done: no error
+  tables.fit_stage(one, out2, TINY_CFG, "gt", "gt", None, batch_size=1)   # done: no error
   with pytest.raises(InputError, match="steps=3 \\(now 4\\)"):
-    experiment.fit_stage(one, out2, TINY_CFG.replace(steps=4), "gt", "gt", None, batch_size=1)
+    tables.fit_stage(one, out2, TINY_CFG.replace(steps=4), "gt", "gt", None, batch_size=1)
 
 
 def test_results_from_before_data_grid_masks_count_as_nearest_resized():

@@ -1,0 +1,1 @@
+"""get_config() files for the experiment scripts' `--config` flag (ml_collections)."""
