@@ -64,7 +64,7 @@ _TORCH = flags.DEFINE_bool("vs_torch", False, "Also time benchmarks/peer_torch.p
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None,
                                       "torch.set_num_threads (default: torch's).")
 _MODE = flags.DEFINE_enum("batch_mode", None, ["loop", "vmap"],
-                          "fit_batch mode (default: fit.default_batch_mode()).")
+                          "fit_batch mode (default: loop).")
 _MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the reference matmul.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 _BASE = flags.DEFINE_string("base", None, "FitConfig overrides, one value each (ablate.py "
@@ -164,7 +164,7 @@ def main(_):
   if _BASE.value:
     cfg = experiment.base_config(_BASE.value, cfg)
     print(f"config overrides: {_BASE.value}")
-  mode = _MODE.value or fit.default_batch_mode()
+  mode = _MODE.value or "loop"
   peak = matmul_gflops(_MATMUL.value)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
         f"backend {jax.default_backend()}, jax {jax.__version__}, batch mode {mode}")

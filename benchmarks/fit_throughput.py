@@ -62,7 +62,7 @@ def main(_):
   batches = [int(b) for b in _BATCHES.value]
   size, frames = _SIZE.value, _FRAMES.value
   mesh = fit.batch_mesh()
-  mode = _MODE.value or fit.default_batch_mode()
+  mode = _MODE.value or "loop"
   print(f"backend {jax.default_backend()}, {len(jax.local_devices())} device(s) "
         f"({jax.local_devices()[0].device_kind}), {size}^2, T={frames}, mode {mode}, "
         f"{_DTYPE.value}", flush=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, NamedTuple, Sequence as Seq
@@ -35,100 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from echo_ode_jax import cpu_malloc, flow, kernels, losses
+from echo_ode_jax.config import REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
+from echo_ode_jax.sequence import (NUM_CLASSES, bucket, frames_at, prepare_sequence,  # noqa: F401 (re-exported)
+                                   stack, _one_hot, _repad)
 from echo_ode_jax._progress import Progress
-from echo_ode_jax.kernels import folding_fraction, gaussian_blur, hard_labels, warp_data
+from echo_ode_jax.kernels import folding_fraction, hard_labels, warp_data
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
-
-NUM_CLASSES = 4
-# FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
-REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
-
-
-@dataclasses.dataclass(frozen=True)
-class FitConfig:
-  """Everything that defines a fit (saved as JSON with the results).
-
-  The paper gives Adam at lr 0.01 for 1000 steps but no loss weights. Plain
-  Adam at constant lr 0.01 has loss spikes that sometimes turn catastrophic
-  (a 64^2 synthetic sequence collapsed to Dice 0.07 with 39% folding), and
-  R_Jdet at weight 1 leaves 1-2% of pixels folded. The defaults therefore clip
-  the gradient norm to 1, decay the lr with a cosine to 0.001, weight R_Jdet
-  by 100 and R_smt by 0.03, and return the best-loss parameters (the same
-  sequence then reached endo Dice 0.96 with no folding; BENCHMARKS.md, fit
-  stability). lr_decay="constant", clip_norm=None, keep_best=False,
-  lambda_jdet=1 and lambda_smt=0 give plain Adam on the paper's terms.
-  """
-  steps: int = 1000
-  lr: float = 0.01
-  lr_decay: str = "cosine"      # "cosine": decay from lr to lr * lr_final; "constant"
-  lr_final: float = 0.1
-  clip_norm: float | None = 1.0  # clip the global gradient norm before Adam (None: off)
-  keep_best: bool = True        # return the parameters with the lowest loss seen
-  solver: str = "euler"
-  dt: float = 0.1
-  sigma: float = 1.0            # Gaussian kernel of L_sim, pixels (at the fitted size)
-  lambda_sim: float = 1.0
-  lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
-  ncc_window: int = 9           # its window side, pixels (at the fitted size)
-  velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
-  data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
-                                # maps (propagate_labels); False: fit-grid masks, nearest-resized
-  lambda_seg: float = 1.0
-  lambda_ef: float = 1.0
-  lambda_jdet: float = 100.0
-  lambda_smt: float = 0.03
-  t_bucket: int = 4             # frame counts are padded up to a multiple of this
-  log_every: int = 50           # steps per progress line
-  seed: int = 0
-  model: ModelConfig = ModelConfig()
-
-  def __post_init__(self):
-    """Refuses settings no fit can run with: a one-line ValueError naming the field."""
-    def bad(name, why):
-      raise ValueError(f"FitConfig.{name} must be {why}, got {getattr(self, name)!r}")
-
-    def number(v):
-      return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-              and bool(np.isfinite(v)))
-
-    for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        bad(name, "an integer >= 1")
-    for name in ("lr", "dt"):
-      if not number(getattr(self, name)) or getattr(self, name) <= 0:
-        bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
-                 "lambda_smt"):
-      if not number(getattr(self, name)) or getattr(self, name) < 0:
-        bad(name, "a finite number >= 0")
-    if self.ncc_window < 3 or self.ncc_window % 2 == 0:
-      bad("ncc_window", "an odd integer >= 3")
-    if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
-      bad("clip_norm", "None or a finite number > 0")
-    if self.lr_decay not in ("constant", "cosine"):
-      bad("lr_decay", "'constant' or 'cosine'")
-    if self.solver not in flow.SOLVERS:
-      bad("solver", f"one of {', '.join(flow.SOLVERS)}")
-
-  def replace(self, **kw) -> "FitConfig":
-    model_kw = {k[6:]: kw.pop(k) for k in list(kw) if k.startswith("model.")}
-    cfg = dataclasses.replace(self, **kw)
-    return dataclasses.replace(cfg, model=cfg.model.replace(**model_kw)) if model_kw else cfg
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "FitConfig":
-    """A FitConfig from its JSON dict; fields of earlier versions that only chose
-    how the fit was computed (REMOVED_FIELDS, model.REMOVED_FIELDS) are ignored."""
-    d = {k: v for k, v in d.items() if k not in REMOVED_FIELDS}
-    return cls(model=ModelConfig.from_dict(d.pop("model", {})), **d)
 
 
 @dataclasses.dataclass
@@ -150,79 +64,6 @@ class FitResult:
   failed: bool = False
   reason: str = ""
   best_step: int = -1
-
-
-def frames_at(images, frame_times, es_index, t):
-  """Images linearly interpolated in time: (T, H, W) frames -> (len(t), H, W).
-
-  Only frames 0..es_index are used (the rest is padding).
-  """
-  k = jnp.clip(jnp.searchsorted(frame_times, t, side="right") - 1, 0,
-               jnp.maximum(es_index - 1, 0))
-  lo = frame_times[k]
-  hi = frame_times[k + 1]
-  w = jnp.clip((t - lo) / jnp.maximum(hi - lo, 1e-12), 0.0, 1.0)
-  return images[k] * (1 - w)[:, None, None] + images[k + 1] * w[:, None, None]
-
-
-def _one_hot(labels, name):
-  labels = np.asarray(labels)
-  if labels.ndim != 2:
-    raise ValueError(f"{name}: expected an (H, W) label map, got shape {labels.shape}")
-  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-    raise ValueError(f"{name}: labels must be in 0..{NUM_CLASSES - 1}")
-  return np.eye(NUM_CLASSES, dtype=np.float32)[labels.astype(np.int64)]
-
-
-def bucket(t: int, step: int) -> int:
-  return int(-(-t // step) * step) if step > 1 else int(t)
-
-
-def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = FitConfig(),
-                     t_pad: int | None = None) -> dict[str, np.ndarray]:
-  """Arrays of one sequence for :func:`fit_sequence` / :func:`fit_batch`.
-
-  Args:
-    images: (T, H, W) frames ED -> ES, float in [0, 1], T >= 2.
-    m0: (H, W) integer initial mask (labels 0..3).
-    guide_es: (H, W) guide mask m_1 at ES, or None (image similarity only).
-    guide_ed: (H, W) guide at ED, the EF reference (default m0).
-    t_pad: pad the frame axis to this length (default: the cfg.t_bucket multiple).
-  """
-  images = np.asarray(images, np.float32)
-  if images.ndim != 3:
-    raise ValueError(f"images: expected (T, H, W), got shape {images.shape}")
-  t, h, w = images.shape
-  if t < 2:
-    raise ValueError(f"images: need at least 2 frames (ED and ES), got T={t}")
-  if min(h, w) < 16:
-    raise ValueError(f"images: frames must be at least 16x16, got {h}x{w}")
-  if not np.all(np.isfinite(images)):
-    raise ValueError("images: non-finite values")
-  for name, m in (("m0", m0), ("guide_es", guide_es), ("guide_ed", guide_ed)):
-    if m is not None and np.shape(m) != (h, w):
-      raise ValueError(f"{name}: shape {np.shape(m)} does not match frames {(h, w)}")
-  t_pad = t_pad or bucket(t, cfg.t_bucket)
-  if t_pad < t:
-    raise ValueError(f"t_pad={t_pad} < T={t}")
-  pad = t_pad - t
-  frame_times = np.concatenate([np.arange(t) / (t - 1), np.ones(pad)]).astype(np.float32)
-  imgs = np.concatenate([images, np.repeat(images[-1:], pad, 0)], 0)
-  m0_oh = _one_hot(m0, "m0")
-  has_guide = guide_es is not None
-  g_es = _one_hot(guide_es, "guide_es") if has_guide else np.zeros_like(m0_oh)
-  g_ed = _one_hot(guide_ed, "guide_ed") if guide_ed is not None else m0_oh
-  kt = jnp.asarray(flow.knot_times(cfg.solver, cfg.dt))
-  knots = frames_at(jnp.asarray(imgs), jnp.asarray(frame_times), t - 1, kt)
-  smooth = gaussian_blur(jnp.asarray(imgs), cfg.sigma) if cfg.sigma > 0 else imgs
-  return {
-      "images": imgs, "images_smooth": np.asarray(smooth, np.float32),
-      "frame_times": frame_times,
-      "frame_valid": np.concatenate([np.ones(t), np.zeros(pad)]).astype(np.float32),
-      "es_index": np.int32(t - 1), "image_knots": np.asarray(knots, np.float32),
-      "m0": m0_oh, "guide_es": g_es, "guide_ed": g_ed,
-      "has_guide": np.float32(has_guide),
-  }
 
 
 def _model(cfg: FitConfig):
@@ -450,23 +291,10 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
                  int(state.fail_step), time.perf_counter() - t0, cfg.keep_best)
 
 
-def stack(seqs: Seq[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Stacks prepared sequences (same T bucket and size) along a new batch axis."""
-  shapes = {tuple(s["images"].shape) for s in seqs}
-  if len(shapes) != 1:
-    raise ValueError(f"stack: sequences must share (T_pad, H, W), got {sorted(shapes)}")
-  return {k: np.stack([np.asarray(s[k]) for s in seqs]) for k in seqs[0]}
-
-
 def batch_mesh(devices=None) -> Mesh:
   """A 1-D mesh over `devices` (default: all local devices) with axis "batch"."""
   devices = jax.local_devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("batch",))
-
-
-def default_batch_mode() -> str:
-  """ "loop" on every backend (see the module docstring)."""
-  return "loop"
 
 
 def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), keys=None,
@@ -485,13 +313,13 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
       alone with the same key gives the same result.
     batch_mode: "vmap" (one program over the stacked batch, sharded over the
       mesh) or "loop" (the single-sequence program per sequence, placed round
-      robin on the mesh's devices); default :func:`default_batch_mode`.
+      robin on the mesh's devices); default "loop" (see the module docstring).
   """
   t0 = time.perf_counter()
   b = len(seqs)
   if b == 0:
     return []
-  batch_mode = batch_mode or default_batch_mode()
+  batch_mode = batch_mode or "loop"
   if batch_mode not in ("vmap", "loop"):
     raise ValueError(f"batch_mode must be 'vmap' or 'loop', got {batch_mode!r}")
   t_pad = max(s["images"].shape[0] for s in seqs)
@@ -549,26 +377,3 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, bool(st.failed),
                   int(st.fail_step), seconds / b, cfg.keep_best)
           for (phi, masks, fold), s, h, st in zip(outs, seqs, histories, states)]
-
-
-def _repad(seq, t_pad):
-  """Re-pads a prepared sequence's frame axis to t_pad (no-op if equal)."""
-  t_cur = seq["images"].shape[0]
-  if t_cur == t_pad:
-    return seq
-  if t_cur > t_pad:
-    raise ValueError("cannot shrink the frame axis")
-  extra = t_pad - t_cur
-  out = dict(seq)
-  for k in ("images", "images_smooth"):
-    out[k] = np.concatenate([seq[k], np.repeat(seq[k][-1:], extra, 0)], 0)
-  out["frame_times"] = np.concatenate([seq["frame_times"], np.ones(extra, np.float32)])
-  out["frame_valid"] = np.concatenate([seq["frame_valid"], np.zeros(extra, np.float32)])
-  return out
-
-
-def describe(cfg: FitConfig) -> dict[str, Any]:
-  return json.loads(cfg.to_json())
-
-
-_ = logging

@@ -1,17 +1,6 @@
 """Echo-ODE losses (paper section IV-B), a pure function of (params, sequence, config).
 
-A prepared sequence (:func:`echo_ode_jax.fit.prepare_sequence`) is a dict of arrays:
-
-  images          (T, H, W)  frames I_t in [0, 1], padded to a T bucket
-  images_smooth   (T, H, W)  K * I_t (Gaussian-smoothed), precomputed
-  frame_times     (T,)       t_k = k / (T_valid - 1); padded entries = 1
-  frame_valid     (T,)       1 for real frames, 0 for padding
-  es_index        ()         T_valid - 1 (int32)
-  image_knots     (K, H, W)  I at the solver's knot times (linear in time)
-  m0              (H, W, C)  one-hot initial mask m_0
-  guide_es        (H, W, C)  one-hot guide m_1 at ES (zeros when no guide)
-  guide_ed        (H, W, C)  one-hot guide at ED (its EF reference)
-  has_guide       ()         1.0 or 0.0
+The sequence is a prepared sequence (:mod:`echo_ode_jax.sequence`: keys, shapes, units).
 
 Terms (each has a weight in FitConfig):
   L_sim   mean over frames of MSE(K * (I_0 o phi_t), K * I_t)
@@ -29,6 +18,7 @@ import jax.numpy as jnp
 
 from echo_ode_jax import flow
 from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
+from echo_ode_jax.sequence import frames_at
 
 LV = 1
 TERMS = ("sim", "ncc", "seg", "ef", "jdet", "smt")
@@ -109,7 +99,7 @@ def velocity_knots(params, seq, cfg, apply_fn):
 
 
 def flow_batched(params, seq, cfg, apply_fn):
-  """phi at the frame times: (T, H, W, 2), the design of DEVELOPERS.md."""
+  """phi at the frame times: (T, H, W, 2); the network runs once at all knot times."""
   kt = flow.knot_times(cfg.solver, cfg.dt)
   knots = velocity_knots(params, seq, cfg, apply_fn)
   return flow.integrate_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt, t1=1.0)
@@ -117,7 +107,6 @@ def flow_batched(params, seq, cfg, apply_fn):
 
 def flow_inloop(params, seq, cfg, apply_fn):
   """Reference: the network is called inside the ODE vector field (slow)."""
-  from echo_ode_jax.fit import frames_at  # local import: fit imports this module
   i0 = seq["images"][0][..., None]
   h, w = seq["images"].shape[1:]
 

@@ -1,0 +1,96 @@
+"""The configuration of a sequence fit (:class:`FitConfig`), saved as JSON with the results."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from echo_ode_jax import flow
+from echo_ode_jax.model import ModelConfig
+
+# FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
+REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Everything that defines a fit (saved as JSON with the results).
+
+  The paper gives Adam at lr 0.01 for 1000 steps but no loss weights. Plain
+  Adam at constant lr 0.01 has loss spikes that sometimes turn catastrophic
+  (a 64^2 synthetic sequence collapsed to Dice 0.07 with 39% folding), and
+  R_Jdet at weight 1 leaves 1-2% of pixels folded. The defaults therefore clip
+  the gradient norm to 1, decay the lr with a cosine to 0.001, weight R_Jdet
+  by 100 and R_smt by 0.03, and return the best-loss parameters (the same
+  sequence then reached endo Dice 0.96 with no folding; BENCHMARKS.md, fit
+  stability). lr_decay="constant", clip_norm=None, keep_best=False,
+  lambda_jdet=1 and lambda_smt=0 give plain Adam on the paper's terms.
+  """
+  steps: int = 1000
+  lr: float = 0.01
+  lr_decay: str = "cosine"      # "cosine": decay from lr to lr * lr_final; "constant"
+  lr_final: float = 0.1
+  clip_norm: float | None = 1.0  # clip the global gradient norm before Adam (None: off)
+  keep_best: bool = True        # return the parameters with the lowest loss seen
+  solver: str = "euler"
+  dt: float = 0.1
+  sigma: float = 1.0            # Gaussian kernel of L_sim, pixels (at the fitted size)
+  lambda_sim: float = 1.0
+  lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
+  ncc_window: int = 9           # its window side, pixels (at the fitted size)
+  velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
+  data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
+                                # maps (propagate_labels); False: fit-grid masks, nearest-resized
+  lambda_seg: float = 1.0
+  lambda_ef: float = 1.0
+  lambda_jdet: float = 100.0
+  lambda_smt: float = 0.03
+  t_bucket: int = 4             # frame counts are padded up to a multiple of this
+  log_every: int = 50           # steps per progress line
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+
+  def __post_init__(self):
+    """Refuses settings no fit can run with: a one-line ValueError naming the field."""
+    def bad(name, why):
+      raise ValueError(f"FitConfig.{name} must be {why}, got {getattr(self, name)!r}")
+
+    def number(v):
+      return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+              and bool(np.isfinite(v)))
+
+    for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        bad(name, "an integer >= 1")
+    for name in ("lr", "dt"):
+      if not number(getattr(self, name)) or getattr(self, name) <= 0:
+        bad(name, "a finite number > 0")
+    for name in ("lr_final", "sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
+                 "lambda_smt"):
+      if not number(getattr(self, name)) or getattr(self, name) < 0:
+        bad(name, "a finite number >= 0")
+    if self.ncc_window < 3 or self.ncc_window % 2 == 0:
+      bad("ncc_window", "an odd integer >= 3")
+    if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
+      bad("clip_norm", "None or a finite number > 0")
+    if self.lr_decay not in ("constant", "cosine"):
+      bad("lr_decay", "'constant' or 'cosine'")
+    if self.solver not in flow.SOLVERS:
+      bad("solver", f"one of {', '.join(flow.SOLVERS)}")
+
+  def replace(self, **kw) -> "FitConfig":
+    model_kw = {k[6:]: kw.pop(k) for k in list(kw) if k.startswith("model.")}
+    cfg = dataclasses.replace(self, **kw)
+    return dataclasses.replace(cfg, model=cfg.model.replace(**model_kw)) if model_kw else cfg
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "FitConfig":
+    """A FitConfig from its JSON dict; fields of earlier versions that only chose
+    how the fit was computed (REMOVED_FIELDS, model.REMOVED_FIELDS) are ignored."""
+    d = {k: v for k, v in d.items() if k not in REMOVED_FIELDS}
+    return cls(model=ModelConfig.from_dict(d.pop("model", {})), **d)
