@@ -22,13 +22,3 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     jax.block_until_ready(f(a, a))
     ts.append(time.perf_counter() - t0)
   return 2 * n ** 3 / np.min(ts) / 1e9
-
-
-def flop_config(cfg: fit.FitConfig) -> fit.FitConfig:
-  """cfg for counting FLOPs with XLA's cost analysis: the native conv weight
-  gradient is a custom call XLA does not count, so where the fit programs
-  resolve conv_impl to "native", the same programs with XLA's conv VJP (the
-  same arithmetic)."""
-  if fit.model_config(cfg).conv_impl == "native":
-    return cfg.replace(**{"model.conv_impl": "xla"})
-  return cfg

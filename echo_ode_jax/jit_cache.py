@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache for the command-line tools.
 
-Every experiment script turns it on (through :func:`echo_ode_jax.errors.run_cli`),
+Every experiment script turns it on (through :func:`echo_ode_jax.cli.run_cli`),
 so a rerun, a resumed batch job or the next row of an ablation loads the fit
 programs from disk instead of compiling them again (BENCHMARKS.md, "Persistent
 compilation cache").

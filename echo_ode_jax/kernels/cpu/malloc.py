@@ -21,7 +21,7 @@ The computed results do not change.
 glibc reads its tunables once, when the process starts, so a running Python
 cannot turn this on for itself; :func:`reexec_with_huge_pages` restarts the
 process with GLIBC_TUNABLES set. The `experiments/` scripts call it first thing
-(`errors.run_cli`). For your own programs set it in the shell (the value of
+(`cli.run_cli`). For your own programs set it in the shell (the value of
 :data:`TUNABLE`):
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776 python my_fit.py
