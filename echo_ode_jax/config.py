@@ -17,15 +17,15 @@ REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
 class FitConfig:
   """Everything that defines a fit (saved as JSON with the results).
 
-  The paper gives Adam at lr 0.01 for 1000 steps but no loss weights. Plain
-  Adam at constant lr 0.01 has loss spikes that sometimes turn catastrophic
-  (a 64^2 synthetic sequence collapsed to Dice 0.07 with 39% folding), and
-  R_Jdet at weight 1 leaves 1-2% of pixels folded. The defaults therefore clip
-  the gradient norm to 1, decay the lr with a cosine to 0.001, weight R_Jdet
-  by 100 and R_smt by 0.03, and return the best-loss parameters (the same
-  sequence then reached endo Dice 0.96 with no folding; BENCHMARKS.md, fit
-  stability). lr_decay="constant", clip_norm=None, keep_best=False,
-  lambda_jdet=1 and lambda_smt=0 give plain Adam on the paper's terms.
+  The paper gives Adam at lr 0.01 for 1000 steps but no loss weights. The
+  defaults add what made fits stable (BENCHMARKS.md, "Fit stability"): the
+  gradient norm clipped to 1, the lr decayed with a cosine to 0.001, R_Jdet
+  weighted 100 and R_smt 0.03, and the parameters of the lowest loss returned.
+  lr_decay="constant", clip_norm=None, keep_best=False, lambda_jdet=1 and
+  lambda_smt=0 give plain Adam on the paper's terms.
+
+  Units: sigma and ncc_window are pixels of the fitted grid; steps count Adam
+  updates at the full grid (coarse_steps at each coarser pyramid level).
   """
   steps: int = 1000
   lr: float = 0.01
@@ -40,6 +40,9 @@ class FitConfig:
   lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
   velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
+  pyramid_levels: int = 1       # coarse-to-fine: fit at 1/2^(L-1), ..., 1/2, then the full grid,
+                                # adding one network per level (fit.pyramid)
+  coarse_steps: int = 200       # Adam steps at each coarser level (`steps` at the full grid)
   data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
                                 # maps (propagate_labels); False: fit-grid masks, nearest-resized
   lambda_seg: float = 1.0
@@ -60,7 +63,8 @@ class FitConfig:
       return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
               and bool(np.isfinite(v)))
 
-    for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride"):
+    for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride",
+                 "pyramid_levels", "coarse_steps"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")

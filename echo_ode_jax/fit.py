@@ -1,26 +1,21 @@
 """Per-sequence Echo-ODE fit (Algorithm 1) and batched fitting sharded across devices.
 
-One call fits one sequence: Adam (lr 0.01, cosine-decayed to 0.001, gradients
-clipped to norm 1), 1000 steps, Euler dt 0.1 by default; the parameters of the
-lowest loss are returned.
-The network is evaluated at all knot times in one batched call and diffrax
-integrates the flow (see :mod:`echo_ode_jax.losses`). Frames sit at
-t_k = k / (T - 1).
+One call fits one sequence with Adam (:class:`FitConfig`: lr, decay, clipping,
+steps, solver); the parameters of the lowest loss are returned. The network is
+evaluated at all knot times in one batched call and diffrax integrates the
+flow (:mod:`echo_ode_jax.losses`). Frames sit at t_k = k / (T - 1). With
+FitConfig.pyramid_levels > 1 the fit runs coarse to fine (:func:`pyramid`).
 
-`fit_batch` fits B independent sequences with one compiled program. In
-batch mode "vmap" that is jit(vmap(step)) over stacked parameters and
-optimizer states, with the batch axis sharded over a device mesh
-(`jax.sharding.NamedSharding`). Sequences of different lengths are padded to
-a common T bucket and masked.
-
-vmap over B independent networks lowers every convolution to a grouped
-convolution (feature_group_count = B), which runs several times slower per
-sequence than B separate convolutions on CPU and GPU (BENCHMARKS.md, "Batch
-modes"). So `fit_batch` defaults to `batch_mode="loop"` on every backend: the same compiled
-single-sequence program, its state donated, is dispatched for each sequence at
-every chunk of steps (asynchronously, so nothing waits on the host; sequence i
-runs on device i mod n of the mesh). The results are identical to vmap's up
-to float rounding; `batch_mode="vmap"` forces the one-program path.
+`fit_batch` fits B independent sequences. batch_mode "loop" (the default)
+dispatches the same compiled single-sequence program, its state donated, for
+each sequence at every chunk of steps (asynchronously; sequence i runs on
+device i mod n of the mesh). batch_mode "vmap" runs jit(vmap(step)) over
+stacked parameters and optimizer states, the batch axis sharded over a device
+mesh (`jax.sharding.NamedSharding`); vmap over B networks lowers every
+convolution to a grouped one, which is slower per sequence on CPU and GPU
+(BENCHMARKS.md, "Batch modes"). Both give the same results up to float
+rounding. Sequences of different lengths are padded to a common T bucket and
+masked.
 """
 from __future__ import annotations
 
@@ -38,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from echo_ode_jax import cpu_malloc, flow, kernels, losses
 from echo_ode_jax.config import REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
-from echo_ode_jax.sequence import (NUM_CLASSES, bucket, frames_at, prepare_sequence,  # noqa: F401 (re-exported)
-                                   stack, _one_hot, _repad)
+from echo_ode_jax.sequence import (NUM_CLASSES, bucket, downsample, frames_at,  # noqa: F401 (re-exported)
+                                   prepare_sequence, stack, _one_hot, _repad)
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.kernels import folding_fraction, hard_labels, warp_data
 from echo_ode_jax.model import ModelConfig, VelocityUNet, init_params
@@ -145,6 +140,47 @@ def init_state(cfg: FitConfig, key, shape_hw) -> FitState:
                   jnp.asarray(jnp.inf, jnp.float32))
 
 
+def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
+  """The coarse-to-fine levels of a fit, coarsest first: (factor, level config).
+
+  Level k of L fits the sequence downsampled by 2^(L-1-k) (:func:`sequence.downsample`)
+  for cfg.coarse_steps Adam steps (cfg.steps at the full grid), with L_sim's
+  sigma scaled to that grid; the NCC window keeps its size in pixels, so it
+  covers more of the heart at the coarse levels. Each level adds a network, run
+  at its own grid and upsampled (:func:`losses.velocity`); the networks of the
+  coarser levels keep training. pyramid_levels = 1 is the single-grid fit.
+  """
+  levels = cfg.pyramid_levels
+  out = []
+  for k in range(levels):
+    f = 2 ** (levels - 1 - k)
+    out.append((f, cfg if f == 1 else
+                dataclasses.replace(cfg, steps=cfg.coarse_steps, sigma=cfg.sigma / f)))
+  return out
+
+
+def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None = None
+                ) -> FitState:
+  """The state that starts `level` of cfg's pyramid (:func:`pyramid`).
+
+  A single-grid fit: :func:`init_state`. Otherwise the parameters are the
+  previous level's returned ones plus a new network (fold_in(key, level)), whose
+  zero-initialised output layer makes the flow continue exactly where the
+  previous level left it; the optimizer starts afresh and a failure carries over.
+  """
+  if cfg.pyramid_levels == 1:
+    return init_state(cfg, key, shape_hw)
+  level_cfg = pyramid(cfg)[level][1]
+  new = init_params(cfg.model, jax.random.fold_in(key, level), shape_hw)
+  if prev is None:
+    params, failed, fail_step = (new,), jnp.asarray(False), jnp.asarray(-1, jnp.int32)
+  else:
+    params = tuple(final_params(cfg, prev)) + (new,)
+    failed, fail_step = prev.failed, prev.fail_step
+  return FitState(params, _optimizer(level_cfg).init(params), failed, fail_step,
+                  jax.tree_util.tree_map(jnp.array, params), jnp.asarray(jnp.inf, jnp.float32))
+
+
 def final_params(cfg: FitConfig, state: FitState):
   """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last."""
   if cfg.keep_best:
@@ -224,12 +260,13 @@ def propagate_labels(phi: np.ndarray, m0: np.ndarray) -> np.ndarray:
   return np.asarray(_propagate(jnp.asarray(phi, jnp.float32), jnp.asarray(m0, jnp.int32)))
 
 
-def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
+def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):
   """Runs `steps` Adam steps of each (state, seq) pair, interleaved.
 
   Several pairs are the CPU "loop" batch mode: every step dispatches the same
   compiled program once per pair (asynchronously), so they overlap on
-  different devices. Returns (states, histories), one per pair.
+  different devices. Steps are numbered from `offset` (a failure's step).
+  Returns (states, histories), one per pair.
   """
   cpu_malloc.hint()
   per_call = min(steps_per_call(cfg), steps)
@@ -243,7 +280,7 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
     n = min(per_call, steps - done)
     if n not in fns:
       fns[n] = _chunk_fn(cfg, n, batched)
-    start = jnp.int32(done)
+    start = jnp.int32(offset + done)
     for j, seq in enumerate(seqs):
       states[j], terms = fns[n](states[j], seq, start)
       hists[j].append(terms)
@@ -259,23 +296,54 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what):
 
 
 def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
-            keep_best=False) -> FitResult:
+            keep_best=False, offset=0) -> FitResult:
   t_valid = int(seq["es_index"]) + 1
   final = {k: float(v[-1]) for k, v in history.items()}
   best = -1
   if keep_best:
-    # The terms of the returned (best-loss) parameters; steps from a failure on
-    # were not applied and are not candidates.
+    # The terms of the returned (best-loss) parameters: candidates are the steps
+    # of the last level (from `offset`) before any failure (not applied).
     loss = np.asarray(history["loss"], np.float64)
     n = int(fail_step) if failed else loss.size
-    ok = np.isfinite(loss[:n])
+    ok = np.isfinite(loss[offset:n])
     if ok.any():
-      best = int(np.argmin(np.where(ok, loss[:n], np.inf)))
+      best = offset + int(np.argmin(np.where(ok, loss[offset:n], np.inf)))
       final = {k: float(v[best]) for k, v in history.items()}
   reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
   return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
                    history, final, float(np.mean(fold[:t_valid])), seconds, bool(failed),
                    reason, best)
+
+
+def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
+  """Runs every level of cfg's pyramid on (key, seq) pairs (one stacked pair
+  when batched); puts: per pair, places a new state's arrays (default
+  jnp.asarray). Returns (states, histories over all levels, offset of the last
+  level's first step)."""
+  puts = puts or [jnp.asarray] * len(seqs)
+  def start(level, key, hw, prev):
+    if batched:
+      return jax.vmap(lambda k, p: level_state(cfg, level, k, hw, p))(key, prev)
+    return level_state(cfg, level, key, hw, prev)
+
+  states = [None] * len(seqs)
+  hists = [[] for _ in seqs]
+  offset = 0
+  levels = pyramid(cfg)
+  for level, (f, level_cfg) in enumerate(levels):
+    level_seqs = [downsample(s, f, level_cfg.sigma) for s in seqs]
+    hw = level_seqs[0]["images"].shape[-2:]
+    states = [jax.tree_util.tree_map(put, start(level, k, hw, st))
+              for k, st, put in zip(keys, states, puts)]
+    label = what if len(levels) == 1 else f"{what}, level {level + 1}/{len(levels)} ({hw[0]}x{hw[1]})"
+    states, level_hists = _run_chunks(level_cfg, states, level_seqs, level_cfg.steps, batched,
+                                      progress, label, offset)
+    for h, lh in zip(hists, level_hists):
+      h.append(lh)
+    offset += level_cfg.steps
+  offset -= cfg.steps
+  histories = [{k: np.concatenate([lh[k] for lh in h], axis=0) for k in h[0]} for h in hists]
+  return states, histories, offset
 
 
 def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=None,
@@ -284,11 +352,10 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
   t0 = time.perf_counter()
   key = jax.random.PRNGKey(cfg.seed) if key is None else key
   seq = jax.tree_util.tree_map(jnp.asarray, seq)
-  state = init_state(cfg, key, seq["images"].shape[1:])
-  (state,), (history,) = _run_chunks(cfg, [state], [seq], cfg.steps, False, progress, "fit")
+  (state,), (history,), offset = _fit_levels(cfg, [key], [seq], False, progress, "fit")
   phi, masks, fold = jax.device_get(_final_fn(cfg, False)(final_params(cfg, state), seq))
   return _result(phi, masks, fold, jax.device_get(seq), history, bool(state.failed),
-                 int(state.fail_step), time.perf_counter() - t0, cfg.keep_best)
+                 int(state.fail_step), time.perf_counter() - t0, cfg.keep_best, offset)
 
 
 def batch_mesh(devices=None) -> Mesh:
@@ -333,17 +400,13 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   seqs = list(seqs) + [seqs[-1]] * (bp - b)
   keys = list(keys) + [keys[-1]] * (bp - b)
   batch = stack(seqs)
-  hw = batch["images"].shape[2:]
-  state = jax.vmap(lambda k: init_state(cfg, k, hw))(jnp.stack(keys))
+  put = jnp.asarray
   if mesh is not None:
     shard = NamedSharding(mesh, P("batch"))
     put = lambda x: jax.device_put(x, shard)
-    batch = jax.tree_util.tree_map(put, batch)
-    state = jax.tree_util.tree_map(put, state)
-  else:
-    batch = jax.tree_util.tree_map(jnp.asarray, batch)
-  (state,), (history,) = _run_chunks(cfg, [state], [batch], cfg.steps, True, progress,
-                                     f"fit batch of {b}")
+  batch = jax.tree_util.tree_map(put, batch)
+  (state,), (history,), offset = _fit_levels(cfg, [jnp.stack(keys)], [batch], True, progress,
+                                             f"fit batch of {b}", [put])
   params = jax.vmap(functools.partial(final_params, cfg))(state)
   phi, masks, fold = jax.device_get(_final_fn(cfg, True)(params, batch))
   seconds = time.perf_counter() - t0
@@ -351,7 +414,7 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   es = np.asarray(jax.device_get(batch["es_index"]))
   return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
                   {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
-                  seconds / b, cfg.keep_best)
+                  seconds / b, cfg.keep_best, offset)
           for i in range(b)]
 
 
@@ -362,18 +425,18 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   """
   b = len(seqs)
   devices = list(mesh.devices.flat) if mesh is not None else [None]
-  states, dev_seqs = [], []
-  for i, (s, k) in enumerate(zip(seqs, keys)):
+  puts, dev_seqs = [], []
+  for i, s in enumerate(seqs):
     dev = devices[i % len(devices)]
-    put = (lambda x: jax.device_put(x, dev)) if dev is not None else jnp.asarray
+    put = (lambda x, dev=dev: jax.device_put(x, dev)) if dev is not None else jnp.asarray
+    puts.append(put)
     dev_seqs.append(jax.tree_util.tree_map(put, s))
-    states.append(jax.tree_util.tree_map(put, init_state(cfg, k, s["images"].shape[1:])))
-  states, histories = _run_chunks(cfg, states, dev_seqs, cfg.steps, False, progress,
-                                  f"fit batch of {b}")
+  states, histories, offset = _fit_levels(cfg, keys, dev_seqs, False, progress,
+                                          f"fit batch of {b}", puts)
   final = _final_fn(cfg, False)
   outs = [final(final_params(cfg, st), s) for st, s in zip(states, dev_seqs)]
   outs = jax.device_get(outs)
   seconds = time.perf_counter() - t0
   return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, bool(st.failed),
-                  int(st.fail_step), seconds / b, cfg.keep_best)
+                  int(st.fail_step), seconds / b, cfg.keep_best, offset)
           for (phi, masks, fold), s, h, st in zip(outs, seqs, histories, states)]

@@ -71,6 +71,20 @@ def smoothness(phi):
           + jnp.mean(jnp.sum(jnp.diff(u, axis=1) ** 2, -1)))
 
 
+def _velocity_at_stride(params, images, m0, t, i0, stride, apply_fn):
+  """One network run on the inputs resized to ceil(H / stride) x ceil(W / stride)
+  (antialiased), its velocity resized back bilinearly and rescaled to full-grid
+  pixels: (K, H, W, 2)."""
+  if stride == 1:
+    return apply_fn({"params": params}, images, m0, t, i0)
+  k, h, w = images.shape[:3]
+  hs, ws = -(-h // stride), -(-w // stride)
+  down = lambda x: jax.image.resize(x, x.shape[:-3] + (hs, ws, x.shape[-1]), "linear",
+                                    antialias=True)
+  v = apply_fn({"params": params}, down(images), down(m0), t, down(i0))
+  return jax.image.resize(v, (k, h, w, 2), "linear") * jnp.asarray([h / hs, w / ws], v.dtype)
+
+
 def velocity(params, images, m0, t, i0, cfg, apply_fn):
   """V_theta at times t: images (K, H, W, 1), m0 (H, W, C), t (K,), i0 (H, W, 1)
   -> (K, H, W, 2) pixels per unit time.
@@ -79,16 +93,17 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
   (antialiased) to ceil(H / s) x ceil(W / s), and its velocity is resized back
   bilinearly and rescaled to full-grid pixels: a smoother field, s^2 times
   cheaper to compute.
+
+  params is one network's parameters, or a tuple of n (coarse-to-fine fitting,
+  FitConfig.pyramid_levels): then V is the sum of the n networks' velocities,
+  network j run at stride s * 2^(n-1-j) (the first the coarsest).
   """
   s = cfg.velocity_stride
-  if s == 1:
-    return apply_fn({"params": params}, images, m0, t, i0)
-  k, h, w = images.shape[:3]
-  hs, ws = -(-h // s), -(-w // s)
-  down = lambda x: jax.image.resize(x, x.shape[:-3] + (hs, ws, x.shape[-1]), "linear",
-                                    antialias=True)
-  v = apply_fn({"params": params}, down(images), down(m0), t, down(i0))
-  return jax.image.resize(v, (k, h, w, 2), "linear") * jnp.asarray([h / hs, w / ws], v.dtype)
+  if not isinstance(params, (tuple, list)):
+    return _velocity_at_stride(params, images, m0, t, i0, s, apply_fn)
+  n = len(params)
+  return sum(_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
+             for j, p in enumerate(params))
 
 
 def velocity_knots(params, seq, cfg, apply_fn):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence as Seq
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,6 +99,36 @@ def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = 
       "m0": m0_oh, "guide_es": g_es, "guide_ed": g_ed,
       "has_guide": np.float32(has_guide),
   }
+
+
+def downsample(seq: dict, factor: int, sigma: float) -> dict:
+  """A prepared sequence on the grid ceil(H / factor) x ceil(W / factor).
+
+  Frames, knot images and the one-hot masks are resized linearly with
+  antialiasing (the masks become soft labels, so areas and Dice stay
+  differentiable and unbiased); images_smooth is recomputed with a Gaussian of
+  `sigma` pixels of the new grid. The scalars and the time axis are unchanged.
+  Works on numpy or jax arrays (also inside jit); factor 1 returns seq.
+  """
+  if factor == 1:
+    return seq
+  h, w = seq["images"].shape[-2:]
+  hs, ws = -(-h // factor), -(-w // factor)
+
+  def frames(x):
+    return jax.image.resize(jnp.asarray(x), x.shape[:-2] + (hs, ws), "linear", antialias=True)
+
+  def labels(x):
+    return jax.image.resize(jnp.asarray(x), x.shape[:-3] + (hs, ws, x.shape[-1]), "linear",
+                            antialias=True)
+
+  out = dict(seq)
+  out["images"] = frames(seq["images"])
+  out["image_knots"] = frames(seq["image_knots"])
+  out["images_smooth"] = gaussian_blur(out["images"], sigma) if sigma > 0 else out["images"]
+  for k in ("m0", "guide_es", "guide_ed"):
+    out[k] = labels(seq[k])
+  return out
 
 
 def stack(seqs: Seq[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
