@@ -24,7 +24,9 @@ from echo_ode_jax._atomic import atomic_path
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data.hdf5 import FORMAT_VERSION, list_keys, read_sequence
 from echo_ode_jax.errors import InputError
-from echo_ode_jax.segmenters.train import ModelState, check_hdf5
+from echo_ode_jax.segmenters.inputs import check_hdf5
+from echo_ode_jax.segmenters.state import ModelState
+
 
 def _predict_fn(model_state: ModelState, out_hw: tuple[int, int]):
   """Jitted (variables, x (B, h, w, 1)) -> labels (B, H, W) uint8."""
