@@ -47,6 +47,7 @@ from scipy import ndimage
 from echo_ode_jax import _atomic, fit as fit_lib
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
+from echo_ode_jax.data.resample import resize_nearest
 from echo_ode_jax.errors import InputError
 
 INITS = ("gt", "segmenter")
@@ -71,11 +72,14 @@ class Inputs:
 def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
   """Resizes the last two axes of (..., H, W) to `shape` (pixel-centre aligned).
 
-  order=1: bilinear (images); order=0: nearest (labels).
+  order=1: bilinear (images); order=0: nearest (labels,
+  :func:`echo_ode_jax.data.resample.resize_nearest`).
   """
   h, w = x.shape[-2:]
   if (h, w) == tuple(shape):
     return x
+  if order == 0:
+    return resize_nearest(x, shape)
   rr = (np.arange(shape[0]) + 0.5) * h / shape[0] - 0.5
   cc = (np.arange(shape[1]) + 0.5) * w / shape[1] - 0.5
   coords = np.stack(np.meshgrid(rr, cc, indexing="ij"))

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from echo_ode_jax.data.hdf5 import UNANNOTATED, list_keys, read_sequence
+from echo_ode_jax.data.resample import resize_nearest
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.metrics._dice import annotated_frames
 from echo_ode_jax.segmenters.state import TrainConfig
@@ -68,17 +69,10 @@ def resize_images(img: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
-  return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
-
-
 def resize_labels(lbl: np.ndarray, size: int) -> np.ndarray:
-  """(N, H, W) uint8 -> (N, size, size) uint8, nearest neighbour (pixel centres)."""
-  if lbl.shape[1:] == (size, size):
-    return np.asarray(lbl, np.uint8)
-  r = _nearest_index(lbl.shape[1], size)
-  c = _nearest_index(lbl.shape[2], size)
-  return np.asarray(lbl, np.uint8)[:, r][:, :, c]
+  """(N, H, W) uint8 -> (N, size, size) uint8, nearest neighbour (pixel centres,
+  :func:`echo_ode_jax.data.resample.resize_nearest`)."""
+  return resize_nearest(np.asarray(lbl, np.uint8), (size, size))
 
 
 # ----------------------------------------------------------------------------
