@@ -109,21 +109,6 @@ def _index_attr(attrs, name: str, default: int, path, key) -> int:
   return int(v)
 
 
-def _check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool) -> None:
-  """Labels 0..3 (and, with `unannotated`, frames that are all 255)."""
-  allowed = set(range(hdf5.NUM_CLASSES)) | ({hdf5.UNANNOTATED} if unannotated else set())
-  bad = sorted(set(np.unique(arr).tolist()) - allowed)
-  if bad:
-    raise InputError(path, f"{key}: {name} has labels outside 0..{hdf5.NUM_CLASSES - 1}"
-                     f"{' and 255' if unannotated else ''}: {bad[:8]}")
-  if unannotated:
-    part = [t for t, f in enumerate(arr) if np.any(f == hdf5.UNANNOTATED) and not np.all(
-        f == hdf5.UNANNOTATED)]
-    if part:
-      raise InputError(path, f"{key}: {name} frame {part[0]} mixes 255 (not annotated) "
-                       "with labels")
-
-
 def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
                 segmentation: str | None = None, size: int | None = None) -> Inputs:
   """Reads one sequence and its initial / guide masks; raises InputError on bad input.
@@ -170,13 +155,13 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
     if pred.shape != seq.img.shape:
       raise InputError(segmentation, f"{key}: pred shape {pred.shape} != img shape "
                        f"{seq.img.shape} in {os.path.basename(data)}")
-    _check_labels(pred, segmentation, key, "pred", unannotated=False)
+    hdf5.check_labels(pred, segmentation, key, "pred", unannotated=False)
   if "gt" in (init, guide):
     if seq.gt is None:
       raise InputError(data, f"{key}: no gt mask (needed by init/guide 'gt')")
     if seq.gt.shape != seq.img.shape:
       raise InputError(data, f"{key}: gt shape {seq.gt.shape} != img shape {seq.img.shape}")
-    _check_labels(seq.gt, data, key, "gt", unannotated=True)
+    hdf5.check_labels(seq.gt, data, key, "gt", unannotated=True)
   src = {"gt": seq.gt, "segmenter": pred}
   path_of = {"gt": data, "segmenter": segmentation}
   m0 = _frame(src[init], ed, path_of[init], key, "ED")
