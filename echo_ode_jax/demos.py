@@ -105,12 +105,11 @@ ECHO_ODE_NAME = "Echo-ODE (U-Net guide)"
 
 
 def _write_edes_train(path: str, num: int, size: int, num_frames: int, seed: int) -> None:
-  """Synthetic training sequences annotated only at ED and ES (255 elsewhere)."""
-  import h5py
-
-  from echo_ode_jax._atomic import atomic_path
+  """Synthetic training sequences annotated only at ED and ES (255 elsewhere),
+  written atomically (:func:`echo_ode_jax._atomic.atomic_h5`)."""
+  from echo_ode_jax._atomic import atomic_h5, check_writes
   from echo_ode_jax.data import hdf5, synthetic
-  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+  with atomic_h5(path) as f:
     hdf5.set_root_attrs(f, size)
     for i in range(num):
       seq, _ = synthetic.make_sequence(seed + i, size, num_frames,
@@ -119,6 +118,7 @@ def _write_edes_train(path: str, num: int, size: int, num_frames: int, seed: int
       gt[1:-1] = hdf5.UNANNOTATED
       seq.gt = gt
       hdf5.write_sequence(f, seq)
+      check_writes(f)      # a full disk stops here
 
 
 def _demo_files(out: str) -> list[str]:
