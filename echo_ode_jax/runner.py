@@ -42,6 +42,7 @@ import h5py
 import jax
 import numpy as np
 from absl import logging
+from jax._src import distributed as jax_distributed  # the client barrier has no public wrapper
 from scipy import ndimage
 
 from echo_ode_jax import _atomic, fit as fit_lib
@@ -454,8 +455,7 @@ def _barrier(name: str) -> None:
   (multihost_utils.sync_global_devices): processes reach it minutes or hours
   apart, and a CPU (gloo) collective fails when its peers are over 30 s late.
   """
-  from jax._src import distributed   # the client barrier has no public wrapper
-  client = distributed.global_state.client
+  client = jax_distributed.global_state.client
   client.wait_at_barrier(f"echo_ode_jax.fit_file.{next(_barrier_ids)}.{name}",
                          timeout_in_ms=_BARRIER_TIMEOUT_S * 1000)
 

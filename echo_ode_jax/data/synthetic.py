@@ -48,7 +48,9 @@ import numpy as np
 from jaxtyping import Float
 from scipy import ndimage, optimize
 
-from echo_ode_jax.data.hdf5 import Sequence
+from echo_ode_jax._atomic import atomic_h5, check_writes
+from echo_ode_jax._progress import Progress
+from echo_ode_jax.data.hdf5 import Sequence, set_root_attrs, write_dataset, write_sequence
 from echo_ode_jax.data.resample import Resampling
 
 FOV_MM = 150.0          # physical side of the (square) image, mm
@@ -340,10 +342,6 @@ def make_dataset(path: str | os.PathLike, num: int, size: int = 128, seed: int =
   Written atomically (:func:`echo_ode_jax._atomic.atomic_h5`: on any error
   `path` is left as it was and no temporary file remains). Returns the keys.
   """
-  from echo_ode_jax._atomic import atomic_h5, check_writes
-  from echo_ode_jax._progress import Progress
-  from echo_ode_jax.data.hdf5 import set_root_attrs, write_dataset, write_sequence
-
   keys = []
   prog = Progress(num, "synthetic", "sequence") if progress else None
   with atomic_h5(path) as f:
