@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax import flow, kernels, plots
+from echo_ode_jax import experiment, fit, flow, kernels, metrics, plots, runner
+from echo_ode_jax._atomic import atomic_h5, check_writes
+from echo_ode_jax.data import hdf5, synthetic
+from echo_ode_jax.errors import InputError
+from echo_ode_jax.segmenters import predict, train
 
 
 def analytic_spiral(size: int, contraction: float = 0.4, omega: float = 0.6):
@@ -105,12 +109,9 @@ ECHO_ODE_NAME = "Echo-ODE (U-Net guide)"
 
 
 def _write_edes_train(path: str, num: int, size: int, num_frames: int, seed: int) -> None:
-  """Synthetic training sequences annotated only at ED and ES (255 elsewhere)."""
-  import h5py
-
-  from echo_ode_jax._atomic import atomic_path
-  from echo_ode_jax.data import hdf5, synthetic
-  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+  """Synthetic training sequences annotated only at ED and ES (255 elsewhere),
+  written atomically (:func:`echo_ode_jax._atomic.atomic_h5`)."""
+  with atomic_h5(path) as f:
     hdf5.set_root_attrs(f, size)
     for i in range(num):
       seq, _ = synthetic.make_sequence(seed + i, size, num_frames,
@@ -119,6 +120,7 @@ def _write_edes_train(path: str, num: int, size: int, num_frames: int, seed: int
       gt[1:-1] = hdf5.UNANNOTATED
       seq.gt = gt
       hdf5.write_sequence(f, seq)
+      check_writes(f)      # a full disk stops here
 
 
 def _demo_files(out: str) -> list[str]:
@@ -147,11 +149,6 @@ def echo_ode_demo(cfg: DemoConfig = DemoConfig(), out: str = "demo_out",
     {"table": markdown, "summaries", "seconds" (total), "timings" (per stage),
      "files", "config"}.
   """
-  from echo_ode_jax import experiment, fit, metrics, runner
-  from echo_ode_jax.data import synthetic
-  from echo_ode_jax.errors import InputError
-  from echo_ode_jax.segmenters import predict, train
-
   if cfg.guide not in ("segmenter", "gt"):
     raise ValueError(f"guide must be 'segmenter' or 'gt', got {cfg.guide!r}")
   t_start = time.perf_counter()

@@ -106,7 +106,16 @@ def _leaky_relu(x):
 
 
 def _resize_nearest(x, shape_hw):
-  """Nearest-neighbour resize of (..., H, W, C) to (h, w) by strided sampling."""
+  """Nearest-neighbour resize of (..., H, W, C) to (h, w) by strided sampling.
+
+  Output pixel i takes input pixel floor(i * H / h) (aligned on the first
+  pixel), not the pixel-centre rule floor((i + 0.5) * H / h) of
+  :func:`echo_ode_jax.data.resample.nearest_index`: the two differ by up to one
+  input pixel (e.g. H = 2h picks pixels 0, 2, 4, ... here and 1, 3, 5, ...
+  there). The trained and fitted models, and the PyTorch peer
+  (benchmarks/peer_torch.py), are defined with this rule; a jnp function
+  because it runs inside jit.
+  """
   h, w = x.shape[-3:-1]
   th, tw = shape_hw
   if (h, w) == (th, tw):

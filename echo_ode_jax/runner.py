@@ -42,11 +42,13 @@ import h5py
 import jax
 import numpy as np
 from absl import logging
+from jax._src import distributed as jax_distributed  # the client barrier has no public wrapper
 from scipy import ndimage
 
 from echo_ode_jax import _atomic, fit as fit_lib
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
+from echo_ode_jax.data.resample import resize_nearest
 from echo_ode_jax.errors import InputError
 
 INITS = ("gt", "segmenter")
@@ -71,11 +73,14 @@ class Inputs:
 def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
   """Resizes the last two axes of (..., H, W) to `shape` (pixel-centre aligned).
 
-  order=1: bilinear (images); order=0: nearest (labels).
+  order=1: bilinear (images); order=0: nearest (labels,
+  :func:`echo_ode_jax.data.resample.resize_nearest`).
   """
   h, w = x.shape[-2:]
   if (h, w) == tuple(shape):
     return x
+  if order == 0:
+    return resize_nearest(x, shape)
   rr = (np.arange(shape[0]) + 0.5) * h / shape[0] - 0.5
   cc = (np.arange(shape[1]) + 0.5) * w / shape[1] - 0.5
   coords = np.stack(np.meshgrid(rr, cc, indexing="ij"))
@@ -103,21 +108,6 @@ def _index_attr(attrs, name: str, default: int, path, key) -> int:
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
     raise InputError(path, f"{key}: attribute {name} must be an integer, got {v!r}")
   return int(v)
-
-
-def _check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool) -> None:
-  """Labels 0..3 (and, with `unannotated`, frames that are all 255)."""
-  allowed = set(range(hdf5.NUM_CLASSES)) | ({hdf5.UNANNOTATED} if unannotated else set())
-  bad = sorted(set(np.unique(arr).tolist()) - allowed)
-  if bad:
-    raise InputError(path, f"{key}: {name} has labels outside 0..{hdf5.NUM_CLASSES - 1}"
-                     f"{' and 255' if unannotated else ''}: {bad[:8]}")
-  if unannotated:
-    part = [t for t, f in enumerate(arr) if np.any(f == hdf5.UNANNOTATED) and not np.all(
-        f == hdf5.UNANNOTATED)]
-    if part:
-      raise InputError(path, f"{key}: {name} frame {part[0]} mixes 255 (not annotated) "
-                       "with labels")
 
 
 def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
@@ -166,13 +156,13 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
     if pred.shape != seq.img.shape:
       raise InputError(segmentation, f"{key}: pred shape {pred.shape} != img shape "
                        f"{seq.img.shape} in {os.path.basename(data)}")
-    _check_labels(pred, segmentation, key, "pred", unannotated=False)
+    hdf5.check_labels(pred, segmentation, key, "pred", unannotated=False)
   if "gt" in (init, guide):
     if seq.gt is None:
       raise InputError(data, f"{key}: no gt mask (needed by init/guide 'gt')")
     if seq.gt.shape != seq.img.shape:
       raise InputError(data, f"{key}: gt shape {seq.gt.shape} != img shape {seq.img.shape}")
-    _check_labels(seq.gt, data, key, "gt", unannotated=True)
+    hdf5.check_labels(seq.gt, data, key, "gt", unannotated=True)
   src = {"gt": seq.gt, "segmenter": pred}
   path_of = {"gt": data, "segmenter": segmentation}
   m0 = _frame(src[init], ed, path_of[init], key, "ED")
@@ -465,8 +455,7 @@ def _barrier(name: str) -> None:
   (multihost_utils.sync_global_devices): processes reach it minutes or hours
   apart, and a CPU (gloo) collective fails when its peers are over 30 s late.
   """
-  from jax._src import distributed   # the client barrier has no public wrapper
-  client = distributed.global_state.client
+  client = jax_distributed.global_state.client
   client.wait_at_barrier(f"echo_ode_jax.fit_file.{next(_barrier_ids)}.{name}",
                          timeout_in_ms=_BARRIER_TIMEOUT_S * 1000)
 

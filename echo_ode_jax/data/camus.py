@@ -25,7 +25,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from echo_ode_jax.data.hdf5 import UNANNOTATED
 from echo_ode_jax.errors import InputError
@@ -184,7 +186,6 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
       _check_readable(data_file)
   try:
     if name.endswith(_NIFTI_EXT):
-      import nibabel as nib
       im = nib.load(str(path))
       arr = np.asanyarray(im.dataobj)
       zooms = im.header.get_zooms()
@@ -197,7 +198,6 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
       # Shortest decimal of the float32 header value: 0.308, not 0.30799999833.
       spacing = (_f32(zooms[1]), _f32(zooms[0])) if len(zooms) >= 2 else None
     elif name.endswith(_MHD_EXT):
-      import SimpleITK as sitk
       im = sitk.ReadImage(str(path))
       arr = sitk.GetArrayFromImage(im)         # (t, y, x) / (y, x)
       sp = im.GetSpacing()

@@ -165,6 +165,31 @@ def label_values(d: h5py.Dataset, path, key: str, name: str) -> np.ndarray:
   return np.asarray(a, np.uint8)
 
 
+def check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool,
+                 lv_cavity: bool = False, explain_255: bool = False) -> None:
+  """InputError unless the (T, H, W) label maps `arr` (dataset `name` of group
+  `key` in file `path`) hold labels 0..3 only.
+
+  unannotated: 255 is allowed too, on whole frames only (a frame mixing 255
+  with labels is an error). lv_cavity (with unannotated): every annotated
+  frame needs an LV cavity (label 1). explain_255: the message names 255 as
+  "255 (not annotated)".
+  """
+  allowed = set(range(NUM_CLASSES)) | ({UNANNOTATED} if unannotated else set())
+  bad = sorted(set(np.unique(arr).tolist()) - allowed)
+  if bad:
+    also = (" and 255" + (" (not annotated)" if explain_255 else "")) if unannotated else ""
+    raise InputError(path, f"{key}: {name} has labels outside 0..{NUM_CLASSES - 1}{also}: "
+                     f"{bad[:8]}")
+  if unannotated:
+    for t, frame in enumerate(arr):
+      unann = frame == UNANNOTATED
+      if unann.any() and not unann.all():
+        raise InputError(path, f"{key}: {name} frame {t} mixes 255 (not annotated) with labels")
+      if lv_cavity and not unann.any() and not (frame == 1).any():
+        raise InputError(path, f"{key}: {name} frame {t} has no LV cavity (label 1)")
+
+
 def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.ndarray:
   """Reads a (T, H, W) uint8 label dataset ("pred" or "gt") of one group.
 

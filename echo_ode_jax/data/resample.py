@@ -19,6 +19,11 @@ Images are resampled bilinearly (no anti-aliasing), labels by nearest
 neighbour; the padding is 0 (background). :meth:`Resampling.attrs` gives the
 view attributes that let :func:`to_source` map a stored mask back to the source
 grid exactly (same shape, nearest neighbour).
+
+:func:`resize_nearest` resizes label maps between two grids that cover the same
+field of view (pixel areas aligned, no padding): output pixel i takes the
+input pixel that contains its centre, floor((i + 0.5) * n_in / n_out)
+(:func:`nearest_index`), as ``scipy.ndimage.zoom(order=0, grid_mode=True)``.
 """
 from __future__ import annotations
 
@@ -107,6 +112,28 @@ class Resampling:
 
   def _content_slices(self):
     return tuple(slice(p, p + c) for p, c in zip(self.pad, self.content))
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out,) int64: the input pixel (of `n_in`) whose area contains the centre of
+  each output pixel, floor((i + 0.5) * n_in / n_out), when an axis is resized
+  from `n_in` to `n_out` pixels over the same extent."""
+  return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def resize_nearest(x: np.ndarray, shape) -> np.ndarray:
+  """(..., H, W) -> (..., h, w) for `shape` = (h, w), nearest neighbour, same dtype.
+
+  The two grids span the same extent (pixel areas aligned); see
+  :func:`nearest_index`. Returns `x` itself when it already has `shape`.
+  """
+  x = np.asarray(x)
+  h, w = x.shape[-2:]
+  if (h, w) == tuple(shape):
+    return x
+  r = nearest_index(h, int(shape[0]))
+  c = nearest_index(w, int(shape[1]))
+  return x[..., r[:, None], c[None, :]]
 
 
 def _frames(x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:

@@ -45,18 +45,34 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import os
+import shutil
+import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
+import h5py
+import jax
+import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
+import optax
+from absl import logging
 from scipy import ndimage
 
+from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import camus, synthetic
-from echo_ode_jax.data.hdf5 import Sequence
-from echo_ode_jax.metrics._dice import LABEL_STRUCTURES
+from echo_ode_jax.data.convert import _select, to_sequence
+from echo_ode_jax.data.hdf5 import (UNANNOTATED, Sequence, set_root_attrs, write_dataset,
+                                    write_sequence)
+from echo_ode_jax.errors import InputError
+from echo_ode_jax.kernels import warp, warp_data, warp_labels
+from echo_ode_jax.metrics._deformation import jacobian_determinant_np
+from echo_ode_jax.metrics._dice import LABEL_STRUCTURES, dice
 
 #: Structures fitted, as label sets: LV cavity, LV epicardium, LA.
 FIT_STRUCTURES = ((1,), (1, 2), (3,))
@@ -109,8 +125,6 @@ def upsample_matrix(grid: int, size: int) -> np.ndarray:
 
   Control point j sits at pixel (j + 0.5) * size / grid - 0.5 (cell centres).
   """
-  import jax
-  import jax.numpy as jnp
   with jax.default_device(jax.devices("cpu")[0]):
     m = jax.image.resize(jnp.eye(grid, dtype=jnp.float32), (size, grid), "cubic")
   return np.asarray(m, np.float32)
@@ -118,7 +132,6 @@ def upsample_matrix(grid: int, size: int) -> np.ndarray:
 
 def velocity_full(v_c, up):
   """(G, G, 2) control values -> (S, S, 2) velocity (pixels), up: (S, G)."""
-  import jax.numpy as jnp
   return jnp.einsum("ia,abc,jb->ijc", up, v_c, up)
 
 
@@ -133,9 +146,6 @@ def exp_map(v, squarings: int):
 
   Scaling and squaring with bilinear composition, border padding; differentiable.
   """
-  import jax.numpy as jnp
-
-  from echo_ode_jax.kernels import warp
   size = v.shape[0]
   ident = jnp.asarray(identity_grid(size))
   u = v / (2.0 ** squarings)
@@ -169,11 +179,6 @@ def _clip_px(cfg: MapConfig, size: int) -> float:
 
 @functools.lru_cache(maxsize=8)
 def _fit_fn(size: int, cfg: MapConfig):
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  from echo_ode_jax.kernels import warp_data
   up = jnp.asarray(upsample_matrix(cfg.grid, size))
   sched = optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.1)
   opt = optax.adam(sched)
@@ -235,7 +240,6 @@ class FittedMap:
 
 @functools.lru_cache(maxsize=8)
 def _exp_batch(squarings: int):
-  import jax
   return jax.jit(jax.vmap(lambda v, s: exp_map(s * v, squarings), in_axes=(None, 0)))
 
 
@@ -271,9 +275,6 @@ def fit_map(m_ed: np.ndarray, m_es: np.ndarray, cfg: MapConfig = MapConfig()) ->
 
 def pull_back_image(img: np.ndarray, phi: np.ndarray) -> np.ndarray:
   """(S, S) image sampled bilinearly at phi (..., S, S, 2) (border padding) -> (..., S, S)."""
-  import jax
-
-  from echo_ode_jax.kernels import warp_data
   phi = np.asarray(phi, np.float32)
   flat = phi.reshape((-1,) + phi.shape[-3:])
   f = jax.vmap(lambda c: warp_data(np.asarray(img, np.float32)[..., None], c, "border")[..., 0])
@@ -283,10 +284,6 @@ def pull_back_image(img: np.ndarray, phi: np.ndarray) -> np.ndarray:
 def pull_back_labels(labels: np.ndarray, phi: np.ndarray,
                      num_labels: int = NUM_LABELS) -> np.ndarray:
   """(S, S) labels pulled back by phi (..., S, S, 2): argmax of the bilinear one-hot, uint8."""
-  import jax
-  import jax.numpy as jnp
-
-  from echo_ode_jax.kernels import warp_labels
   phi = np.asarray(phi, np.float32)
   flat = phi.reshape((-1,) + phi.shape[-3:])
   lab = jnp.asarray(np.asarray(labels, np.int32))
@@ -345,7 +342,6 @@ def area_ef(gt_ed: np.ndarray, gt_es: np.ndarray) -> float:
 
 def es_dice(synth_es: np.ndarray, real_es: np.ndarray) -> dict[str, float]:
   """Dice of the synthetic ES mask against the real one per DICE_STRUCTURES name."""
-  from echo_ode_jax.metrics import dice
   return {k: dice(np.isin(synth_es, s), np.isin(real_es, s)) for k, s in DICE_STRUCTURES.items()}
 
 
@@ -373,7 +369,6 @@ def semisynthetic_sequence(
     phi (T, S, S, 2) float32 pull-back maps, phi[0] = identity;
     report: the per-sequence numbers (patient, frames, Dice, EFs, jdet_min, fit loss, seconds).
   """
-  from echo_ode_jax.metrics import jacobian_determinant_np
   t0 = time.perf_counter()
   img0, gt0 = np.asarray(ed_es.img), ed_es.gt
   if gt0 is None or img0.ndim != 3 or img0.shape[0] < 2 or gt0.shape != img0.shape:
@@ -437,10 +432,6 @@ def select_patients(camus_dir: str | os.PathLike, patients: Seq[str] | None = No
   of a splits JSON ({"train": [...], "valid": [...]}); num: the first `num` left.
   Raises InputError on a missing patient, split or file.
   """
-  import json
-
-  from echo_ode_jax.data.convert import _select
-  from echo_ode_jax.errors import InputError
   folders = _select(camus.find_patients(camus_dir), patients, camus_dir)
   if splits is not None:
     try:
@@ -462,7 +453,6 @@ def select_patients(camus_dir: str | os.PathLike, patients: Seq[str] | None = No
 
 def write_nifti(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, float]) -> None:
   """Writes (H, W) or (T, H, W) (rows = depth) as CAMUS NIfTI: (x, y[, t]), spacing (row, col) mm."""
-  import nibabel as nib
   arr = np.asarray(arr)
   data = arr.T if arr.ndim == 2 else arr.transpose(2, 1, 0)
   affine = np.diag([-float(spacing[1]), -float(spacing[0]), 1.0, 1.0])
@@ -477,8 +467,6 @@ def write_camus_view(out_dir: str | os.PathLike, seq: Sequence) -> Path:
   NbFrame: T). Images are uint8 (round(255 img)), masks uint8; the spacing is
   seq.attrs["voxelspacing"]. Written into a temporary folder, then renamed.
   """
-  import shutil
-  import tempfile
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   final = out_dir / seq.patient
@@ -549,14 +537,6 @@ def make_dataset(camus_dir: str | os.PathLike, out: str | os.PathLike, size: int
 
   Returns the report rows (dicts with REPORT_FIELDS).
   """
-  import h5py
-  from absl import logging
-
-  from echo_ode_jax._atomic import atomic_path
-  from echo_ode_jax._progress import Progress
-  from echo_ode_jax.data.convert import to_sequence
-  from echo_ode_jax.data.hdf5 import UNANNOTATED, set_root_attrs, write_dataset, write_sequence
-  from echo_ode_jax.errors import InputError
   if size < 16:
     raise InputError(None, f"--size must be >= 16, got {size}")
   if os.path.isdir(out):

@@ -48,7 +48,9 @@ import numpy as np
 from jaxtyping import Float
 from scipy import ndimage, optimize
 
-from echo_ode_jax.data.hdf5 import Sequence
+from echo_ode_jax._atomic import atomic_h5, check_writes
+from echo_ode_jax._progress import Progress
+from echo_ode_jax.data.hdf5 import Sequence, set_root_attrs, write_dataset, write_sequence
 from echo_ode_jax.data.resample import Resampling
 
 FOV_MM = 150.0          # physical side of the (square) image, mm
@@ -337,25 +339,20 @@ def make_dataset(path: str | os.PathLike, num: int, size: int = 128, seed: int =
 
   The file follows the project layout (hdf5.py), plus `/<patient>/4CH/flow_true`
   (T, S, S, 2) float32, the true absolute pull-back maps (with `store_flow`).
-  Written atomically. Returns the keys.
+  Written atomically (:func:`echo_ode_jax._atomic.atomic_h5`: on any error
+  `path` is left as it was and no temporary file remains). Returns the keys.
   """
-  import h5py
-
-  from echo_ode_jax._atomic import atomic_path
-  from echo_ode_jax._progress import Progress
-  from echo_ode_jax.data.hdf5 import set_root_attrs, write_dataset, write_sequence
-
   keys = []
   prog = Progress(num, "synthetic", "sequence") if progress else None
-  with atomic_path(path) as tmp:
-    with h5py.File(tmp, "w") as f:
-      set_root_attrs(f, size)
-      for i in range(num):
-        seq, phi = make_sequence(seed + i, size, num_frames, ef)
-        write_sequence(f, seq)
-        if store_flow:
-          write_dataset(f, seq.key, "flow_true", phi)
-        keys.append(seq.key)
-        if prog:
-          prog.update(1)
+  with atomic_h5(path) as f:
+    set_root_attrs(f, size)
+    for i in range(num):
+      seq, phi = make_sequence(seed + i, size, num_frames, ef)
+      write_sequence(f, seq)
+      if store_flow:
+        write_dataset(f, seq.key, "flow_true", phi)
+      check_writes(f)      # a full disk stops here
+      keys.append(seq.key)
+      if prog:
+        prog.update(1)
   return keys

@@ -194,9 +194,10 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
       attrs = {k: hdf5.attr_value(v) for k, v in dg.attrs.items()}
       gt = hdf5.label_values(dg["gt"], data_h5, key, "gt") if "gt" in dg else None
       pred = hdf5.label_values(pg["pred"], pred_h5, key, "pred")
-      _check_labels(pred, pred_h5, key, "pred", unannotated=False)
+      hdf5.check_labels(pred, pred_h5, key, "pred", unannotated=False)
       if gt is not None:
-        _check_labels(gt, data_h5, key, "gt", unannotated=True)
+        hdf5.check_labels(gt, data_h5, key, "gt", unannotated=True, lv_cavity=True,
+                          explain_255=True)
       flow = np.asarray(pg["flow"][...], np.float32) if "flow" in pg else None
       img_shape = dg["img"].shape if "img" in dg else None
       n_data = img_shape[0] if img_shape else (gt.shape[0] if gt is not None else None)
@@ -216,23 +217,6 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
         row = {"status": "failed", "reason": empty}
       rows.append({"key": key, **row})
   return rows
-
-
-def _check_labels(arr: np.ndarray, path, key: str, name: str, unannotated: bool) -> None:
-  """InputError unless `arr` holds labels 0..3 (gt: frames all 255 when not
-  annotated, and an LV cavity in every annotated frame)."""
-  allowed = set(range(hdf5.NUM_CLASSES)) | ({hdf5.UNANNOTATED} if unannotated else set())
-  bad = sorted(set(np.unique(arr).tolist()) - allowed)
-  if bad:
-    raise InputError(path, f"{key}: {name} has labels outside 0..{hdf5.NUM_CLASSES - 1}"
-                     f"{' and 255 (not annotated)' if unannotated else ''}: {bad[:8]}")
-  if unannotated:
-    for t, frame in enumerate(arr):
-      unann = frame == hdf5.UNANNOTATED
-      if unann.any() and not unann.all():
-        raise InputError(path, f"{key}: {name} frame {t} mixes 255 (not annotated) with labels")
-      if not unann.any() and not (frame == 1).any():
-        raise InputError(path, f"{key}: {name} frame {t} has no LV cavity (label 1)")
 
 
 def _empty_pred(pred: np.ndarray) -> str:

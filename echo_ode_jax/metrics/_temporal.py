@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from echo_ode_jax.data.resample import nearest_index
 from echo_ode_jax.metrics._shape import shape_attributes
 
 #: (row, col) mm per pixel of the grid the bounds and thresholds refer to.
@@ -70,7 +71,7 @@ def resample_nearest(labels: np.ndarray, spacing: Sequence[float],
     if s <= 0 or ts <= 0:
       raise ValueError(f"resample_nearest: spacings must be > 0, got {spacing}, {target_spacing}")
     m = max(1, int(round(n * float(s) / float(ts))))
-    idx.append(np.minimum(((np.arange(m) + 0.5) * n / m).astype(np.int64), n - 1))
+    idx.append(nearest_index(n, m))
   return labels[..., idx[0][:, None], idx[1][None, :]]
 
 

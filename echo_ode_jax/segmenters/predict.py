@@ -20,11 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._atomic import atomic_h5, check_writes
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data.hdf5 import FORMAT_VERSION, list_keys, read_sequence
 from echo_ode_jax.errors import InputError
-from echo_ode_jax.segmenters.train import ModelState, check_hdf5
+from echo_ode_jax.segmenters.inputs import check_hdf5
+from echo_ode_jax.segmenters.state import ModelState
+
 
 def _predict_fn(model_state: ModelState, out_hw: tuple[int, int]):
   """Jitted (variables, x (B, h, w, 1)) -> labels (B, H, W) uint8."""
@@ -86,7 +88,9 @@ def predict_sequences(model_state: ModelState, data_h5: str | os.PathLike,
 def write_predictions(model_state: ModelState, data_h5: str | os.PathLike,
                       out_h5: str | os.PathLike, keys: Sequence[str] | None = None,
                       batch_size: int = 16) -> list[str]:
-  """Predicts every frame of `keys` (default: all) into `out_h5`, atomically.
+  """Predicts every frame of `keys` (default: all) into `out_h5`, atomically
+  (:func:`echo_ode_jax._atomic.atomic_h5`: on any error, a full disk included,
+  `out_h5` is left as it was and no temporary file remains).
 
   Returns the keys written.
   """
@@ -96,7 +100,7 @@ def write_predictions(model_state: ModelState, data_h5: str | os.PathLike,
   cfg = model_state.config
   prog = Progress(len(keys), f"predict {cfg.model}", "sequence")
   frames = 0
-  with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as out:
+  with atomic_h5(out_h5) as out:
     out.attrs["format_version"] = root.get("format_version", FORMAT_VERSION)
     if "size" in root:
       out.attrs["size"] = root["size"]
@@ -110,6 +114,7 @@ def write_predictions(model_state: ModelState, data_h5: str | os.PathLike,
       g.attrs["pred_config"] = cfg.to_json()
       g.attrs["pred_checkpoint_epoch"] = int(model_state.epoch)
       g.attrs["pred_resized"] = bool(pred.shape[1:] != (cfg.size, cfg.size))
+      check_writes(out)      # a full disk stops here
       frames += pred.shape[0]
       prog.update(1, extra=f"{frames} frames, {frames / max(prog.elapsed, 1e-9):.3g} frames/s")
   return keys
