@@ -39,6 +39,7 @@ class FitConfig:
   lambda_sim: float = 1.0
   lambda_ncc: float = 0.0       # local NCC similarity (losses.local_ncc; not in the paper)
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
+  velocity_sigma: float = 0.0   # Gaussian smoothing of V, pixels (0: none; losses.velocity)
   velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
   pyramid_levels: int = 1       # coarse-to-fine: fit at 1/2^(L-1), ..., 1/2, then the full grid,
                                 # adding one network per level (fit.pyramid)
@@ -71,7 +72,7 @@ class FitConfig:
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
+    for name in ("lr_final", "sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
                  "lambda_smt"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")

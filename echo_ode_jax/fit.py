@@ -144,9 +144,9 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   """The coarse-to-fine levels of a fit, coarsest first: (factor, level config).
 
   Level k of L fits the sequence downsampled by 2^(L-1-k) (:func:`sequence.downsample`)
-  for cfg.coarse_steps Adam steps (cfg.steps at the full grid), with L_sim's
-  sigma scaled to that grid; the NCC window keeps its size in pixels, so it
-  covers more of the heart at the coarse levels. Each level adds a network, run
+  for cfg.coarse_steps Adam steps (cfg.steps at the full grid), with sigma and
+  velocity_sigma scaled to that grid; the NCC window keeps its size in pixels,
+  so it covers more of the heart at the coarse levels. Each level adds a network, run
   at its own grid and upsampled (:func:`losses.velocity`); the networks of the
   coarser levels keep training. pyramid_levels = 1 is the single-grid fit.
   """
@@ -155,7 +155,8 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   for k in range(levels):
     f = 2 ** (levels - 1 - k)
     out.append((f, cfg if f == 1 else
-                dataclasses.replace(cfg, steps=cfg.coarse_steps, sigma=cfg.sigma / f)))
+                dataclasses.replace(cfg, steps=cfg.coarse_steps, sigma=cfg.sigma / f,
+                                    velocity_sigma=cfg.velocity_sigma / f)))
   return out
 
 

@@ -94,16 +94,23 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
   bilinearly and rescaled to full-grid pixels: a smoother field, s^2 times
   cheaper to compute.
 
+  With cfg.velocity_sigma > 0 the velocity is smoothed with a Gaussian of
+  that many pixels (the fluid-like regularisation of SyN and demons).
+
   params is one network's parameters, or a tuple of n (coarse-to-fine fitting,
   FitConfig.pyramid_levels): then V is the sum of the n networks' velocities,
   network j run at stride s * 2^(n-1-j) (the first the coarsest).
   """
   s = cfg.velocity_stride
   if not isinstance(params, (tuple, list)):
-    return _velocity_at_stride(params, images, m0, t, i0, s, apply_fn)
-  n = len(params)
-  return sum(_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
-             for j, p in enumerate(params))
+    v = _velocity_at_stride(params, images, m0, t, i0, s, apply_fn)
+  else:
+    n = len(params)
+    v = sum(_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
+            for j, p in enumerate(params))
+  if cfg.velocity_sigma > 0:
+    v = jnp.moveaxis(gaussian_blur(jnp.moveaxis(v, -1, -3), cfg.velocity_sigma), -3, -1)
+  return v
 
 
 def velocity_knots(params, seq, cfg, apply_fn):

@@ -332,3 +332,19 @@ def test_from_dict_ignores_fields_of_earlier_versions():
   assert fit.FitConfig.from_dict(old) == cfg
   with pytest.raises(TypeError):
     fit.FitConfig.from_dict({**json.loads(cfg.to_json()), "no_such_field": 1})
+
+
+def test_velocity_sigma_smooths_v_like_scipy():
+  """cfg.velocity_sigma blurs each velocity component over (H, W) as
+  scipy.ndimage.gaussian_filter (mode "reflect"), at every knot."""
+  from scipy import ndimage
+  cfg = TINY_CFG
+  s = synthetic.make_sequence(2, size=16, num_frames=3)[0]
+  seq = jax.tree_util.tree_map(jnp.asarray, _prep(s, cfg))
+  params = _perturbed_params(cfg, jax.random.PRNGKey(0), (16, 16))
+  apply_fn = VelocityUNet(cfg.model).apply
+  raw = np.asarray(losses.velocity_knots(params, seq, cfg, apply_fn), np.float64)
+  smooth = losses.velocity_knots(params, seq, cfg.replace(velocity_sigma=1.5), apply_fn)
+  assert np.std(raw) > 1e-3
+  ref = ndimage.gaussian_filter(raw, (0, 1.5, 1.5, 0), mode="reflect")
+  np.testing.assert_allclose(smooth, ref, atol=1e-5)
