@@ -58,6 +58,7 @@ from absl import flags, logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _ants  # noqa: E402
+import _quick  # noqa: E402
 from echo_ode_jax import cli, metrics, overrides, plots, reports, runner  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
@@ -86,11 +87,9 @@ _ANTS = flags.DEFINE_boolean("ants", False, "Add ANTs SyN and SyNCC rows (antspy
 _ANTS_TRANSFORMS = flags.DEFINE_list("ants_transforms", ["SyN", "SyNCC"],
                                      "ants.registration type_of_transform values.")
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
-_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --config.steps=300 --num=12 unless "
-                              "given.")
+_QUICK = _quick.define_flag()
 _WORST = flags.DEFINE_integer("worst", 4, "Patients in worst.png.")
 
-QUICK = {"size": 64, "steps": 300, "num": 12}
 COLUMNS = ("dice_endo", "dice_epi", "hd_endo", "hd_epi", "ef_err", "fold_pct", "seconds")
 
 
@@ -332,9 +331,7 @@ def slug(name: str) -> str:
 
 def main(argv):
   del argv
-  for name, v in QUICK.items():
-    if _QUICK.value and name != "steps" and not flags.FLAGS[name].present:
-      flags.FLAGS[name].value = v
+  _quick.apply_flags(_QUICK)
   if _ANTS.value:
     _ants.import_ants()
   out, data, size = _OUT.value, _DATA.value, _SIZE.value
@@ -342,10 +339,7 @@ def main(argv):
   keys = select_keys(data, _SPLITS.value, _SPLIT.value, _NUM.value)
   pairs = os.path.join(out, "pairs.h5")
   write_pairs(data, keys, pairs)
-  base = overrides.fit_config(_CONFIG.value)
-  given = overrides.overridden(_CONFIG)
-  if _QUICK.value and "steps" not in given:
-    base = base.replace(steps=QUICK["steps"])
+  base = _quick.fit_config(_QUICK, _CONFIG)
   logging.info("%d ED/ES pairs, registration at %d^2, %d fit steps", len(keys), size,
                base.steps)
   methods: dict[str, str] = {}
@@ -381,7 +375,7 @@ def main(argv):
   table = table_markdown(summaries)
   with atomic_path(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
     f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE {base.steps} "
-            f"steps, base config {overrides.row_label(given)}\n\n{table}")
+            f"steps, base config {overrides.row_label(overrides.overridden(_CONFIG))}\n\n{table}")
   reports.write_json(os.path.join(out, "summary.json"),
                         {n: {"summary": s, **extra.get(n, {})} for n, s in summaries.items()})
   worst_figure(pairs, methods, rows, echo_names[0] if echo_names else "copy m_0",

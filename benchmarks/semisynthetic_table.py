@@ -37,6 +37,7 @@ from absl import flags, logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _ants  # noqa: E402
+import _quick  # noqa: E402
 from echo_ode_jax import cli, metrics, overrides, reports, runner, tables  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
@@ -54,10 +55,8 @@ _SEGMENTER = flags.DEFINE_string("segmenter", "unet", "Segmenter (workdir name).
 _ANTS = flags.DEFINE_boolean("ants", False, "Add ANTs SyNCC registered to each frame.")
 _ANTS_TRANSFORM = flags.DEFINE_string("ants_transform", "SyNCC", "ants type_of_transform.")
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
-_QUICK = flags.DEFINE_boolean("quick", False, "--size=64 --config.steps=300 --num=12 unless "
-                              "given.")
+_QUICK = _quick.define_flag()
 
-QUICK = {"size": 64, "steps": 300, "num": 12}
 
 
 def subset(data: str, num: int | None, path: str) -> str:
@@ -149,19 +148,14 @@ def _mean_attr(path: str, name: str) -> float:
 
 def main(argv):
   del argv
-  for name, v in QUICK.items():
-    if _QUICK.value and name != "steps" and not flags.FLAGS[name].present:
-      flags.FLAGS[name].value = v
+  _quick.apply_flags(_QUICK)
   if _ANTS.value:
     _ants.import_ants()
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   data = subset(_DATA.value, _NUM.value, os.path.join(out, "data.h5"))
   size = _SIZE.value
-  cfg = overrides.fit_config(_CONFIG.value)
-  given = overrides.overridden(_CONFIG)
-  if _QUICK.value and "steps" not in given:
-    cfg = cfg.replace(steps=QUICK["steps"])
+  cfg = _quick.fit_config(_QUICK, _CONFIG)
   seg = _SEGMENTER.value
   digest = overrides.config_digest(cfg)   # fits of other settings go to other files
   preds = {
@@ -189,7 +183,7 @@ def main(argv):
   summaries = {n: metrics.summarize(r) for n, r in results.items()}
   table = (f"{len(hdf5.list_keys(data))} semi-synthetic sequences; grid "
            f"{size or 'of the data'}; Echo-ODE {cfg.steps} steps, config "
-           f"{overrides.row_label(given)}\n\n" + table_markdown(summaries, folds))
+           f"{overrides.row_label(overrides.overridden(_CONFIG))}\n\n" + table_markdown(summaries, folds))
   extra = {n: {"pred": os.path.relpath(p, out)} for n, p in preds.items()}
   for n in preds:
     if n.startswith("Echo-ODE"):

@@ -198,16 +198,6 @@ def steps_per_call(cfg: FitConfig) -> int:
   return 1 if jax.default_backend() == "cpu" else max(1, cfg.log_every)
 
 
-def compiler_options(cfg: FitConfig | None = None) -> dict[str, str] | None:
-  """XLA compile options of the fit programs: :func:`kernels.compiler_options`
-  (cfg is not used; the options depend on the backend only)."""
-  del cfg
-  return kernels.compiler_options()
-
-
-cpu_threads = kernels.cpu_threads
-
-
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
   """jit(n steps) of one sequence, or of a vmapped batch; state is donated."""

@@ -273,11 +273,11 @@ def test_compiler_options_keep_the_function(small_seqs, monkeypatch):
   cfg = TINY_CFG
   off = {"xla_cpu_experimental_ynn_fusion_type": ""}
   on_cpu = jax.default_backend() == "cpu"
-  assert fit.compiler_options(cfg) == (off if on_cpu and fit.cpu_threads() > 1 else None)
+  assert kernels.compiler_options() == (off if on_cpu and kernels.cpu_threads() > 1 else None)
   with mock.patch.object(_backend, "cpu_threads", lambda: 1):
-    assert fit.compiler_options(cfg) is None
+    assert kernels.compiler_options() is None
   with mock.patch.object(_backend, "cpu_threads", lambda: 2):
-    assert fit.compiler_options(cfg) == (off if on_cpu else None)
+    assert kernels.compiler_options() == (off if on_cpu else None)
   assert fit.steps_per_call(cfg) == (1 if on_cpu else cfg.log_every)
   seq = jax.tree_util.tree_map(jnp.asarray, _prep(small_seqs[0]))
   params = fit.init_state(cfg, jax.random.PRNGKey(3), (32, 32))[0]
@@ -285,7 +285,7 @@ def test_compiler_options_keep_the_function(small_seqs, monkeypatch):
   def grad():
     apply = VelocityUNet(cfg.model).apply
     return jax.grad(lambda p: losses.total_loss(losses.loss_terms(p, seq, cfg, apply)[0], cfg))
-  a = jax.jit(grad(), compiler_options=fit.compiler_options(cfg))(params)   # the fit's
+  a = jax.jit(grad(), compiler_options=kernels.compiler_options())(params)   # the fit's
   monkeypatch.setenv("ECHO_ODE_NATIVE", "off")
   b = jax.jit(grad())(params)     # XLA's defaults, XLA's ops
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
