@@ -2,7 +2,7 @@ r"""Registration quality on real ED/ES pairs: the ground-truth ED mask carried t
 
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR \
       [--splits=F --split=valid] [--num=N] [--size=128] [--config.steps=1000] \
-      [--config.lambda_smt=0.01] [--grid="|lambda_sim=10|lambda_ncc=1"] \
+      [--config.lambda_smt=0.01] [--grid="|lambda_ncc=0|pyramid_levels=3"] \
       [--segmentation=PRED.h5 | --segmenter=experiments/checkpoints/unet] [--ants]
   python benchmarks/registration_quality.py --data=DATA.h5 --out=DIR --quick ...
 
@@ -76,7 +76,7 @@ _SIZE = flags.DEFINE_integer("size", 128, "Registration grid (size x size).")
 _CONFIG = overrides.define_config_flag()
 _GRID = flags.DEFINE_string("grid", "", "Echo-ODE rows: a grid over --config "
                             '("lambda_sim=1,10;lambda_smt=0.01,0.03"), or several grids '
-                            'joined by "|" for their union ("|lambda_sim=10|lambda_ncc=1": '
+                            'joined by "|" for their union ("|lambda_ncc=0|pyramid_levels=3": '
                             "the base, then two single changes); empty: the base only.")
 _SEGMENTATION = flags.DEFINE_string("segmentation", None, "Per-frame predictions of DATA.h5 "
                                     "(PRED.h5); their ES frame is the segmenter row.")

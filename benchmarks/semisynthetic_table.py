@@ -3,7 +3,7 @@ r"""Table I on semi-synthetic full-cycle sequences (ground truth on every frame)
   python experiments/make_semisynthetic.py --camus_dir=CAMUS/database_nifti \
       --splits=CAMUS/splits.json --split=valid --size=128 --out=semi_valid.h5
   python benchmarks/semisynthetic_table.py --data=semi_valid.h5 --out=DIR \
-      [--size=N] [--config.steps=1000] [--num=N] [--config.lambda_ncc=1] [--ants] [--quick]
+      [--size=N] [--config.steps=1000] [--num=N] [--config.lambda_ncc=0] [--ants] [--quick]
 
 Rows, each scored with every Table I column (consecutive-frame HD, temporal
 inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:

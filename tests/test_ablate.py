@@ -154,6 +154,11 @@ def test_config_flag_overrides_every_kind_of_field():
   # A get_config() file of one's own, then overrides.
   cfg, _ = _parse_config_flag([f"--config={overrides.DEFAULT_CONFIG_FILE}", "--config.seed=5"])
   assert cfg == FitConfig(seed=5)
+  # The paper's setting (section IV) is one named file away.
+  paper = os.path.join(os.path.dirname(overrides.DEFAULT_CONFIG_FILE), "paper.py")
+  cfg, _ = _parse_config_flag([f"--config={paper}", "--config.steps=5"])
+  assert (cfg.lambda_ncc, cfg.lr, cfg.lr_decay, cfg.clip_norm, cfg.keep_best, cfg.lambda_jdet,
+          cfg.lambda_smt, cfg.steps) == (0.0, 0.01, "constant", None, False, 1.0, 0.0, 5)
 
 
 @pytest.mark.parametrize("values, words", [
