@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from echo_ode_jax import flow
 from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
-from echo_ode_jax.sequence import frames_at
+from echo_ode_jax.sequence import frames_at, shrink
 
 LV = 1
 TERMS = ("sim", "ncc", "seg", "ef", "jdet", "smt")
@@ -78,10 +78,9 @@ def _velocity_at_stride(params, images, m0, t, i0, stride, apply_fn):
   if stride == 1:
     return apply_fn({"params": params}, images, m0, t, i0)
   k, h, w = images.shape[:3]
-  hs, ws = -(-h // stride), -(-w // stride)
-  down = lambda x: jax.image.resize(x, x.shape[:-3] + (hs, ws, x.shape[-1]), "linear",
-                                    antialias=True)
+  down = lambda x: shrink(x, stride, channels=True)
   v = apply_fn({"params": params}, down(images), down(m0), t, down(i0))
+  hs, ws = v.shape[1:3]
   return jax.image.resize(v, (k, h, w, 2), "linear") * jnp.asarray([h / hs, w / ws], v.dtype)
 
 

@@ -101,6 +101,15 @@ def prepare_sequence(images, m0, guide_es=None, guide_ed=None, cfg: FitConfig = 
   }
 
 
+def shrink(x, factor: int, channels: bool):
+  """Antialiased linear resize of the grid by 1 / factor: (..., H, W) (or
+  (..., H, W, C) with `channels`) -> ceil(H / factor) x ceil(W / factor)."""
+  lead = x.shape[:-3] if channels else x.shape[:-2]
+  h, w = x.shape[len(lead):len(lead) + 2]
+  shape = lead + (-(-h // factor), -(-w // factor)) + x.shape[len(lead) + 2:]
+  return jax.image.resize(jnp.asarray(x), shape, "linear", antialias=True)
+
+
 def downsample(seq: dict, factor: int, sigma: float) -> dict:
   """A prepared sequence on the grid ceil(H / factor) x ceil(W / factor).
 
@@ -112,22 +121,12 @@ def downsample(seq: dict, factor: int, sigma: float) -> dict:
   """
   if factor == 1:
     return seq
-  h, w = seq["images"].shape[-2:]
-  hs, ws = -(-h // factor), -(-w // factor)
-
-  def frames(x):
-    return jax.image.resize(jnp.asarray(x), x.shape[:-2] + (hs, ws), "linear", antialias=True)
-
-  def labels(x):
-    return jax.image.resize(jnp.asarray(x), x.shape[:-3] + (hs, ws, x.shape[-1]), "linear",
-                            antialias=True)
-
   out = dict(seq)
-  out["images"] = frames(seq["images"])
-  out["image_knots"] = frames(seq["image_knots"])
+  out["images"] = shrink(seq["images"], factor, channels=False)
+  out["image_knots"] = shrink(seq["image_knots"], factor, channels=False)
   out["images_smooth"] = gaussian_blur(out["images"], sigma) if sigma > 0 else out["images"]
   for k in ("m0", "guide_es", "guide_ed"):
-    out[k] = labels(seq[k])
+    out[k] = shrink(seq[k], factor, channels=True)
   return out
 
 

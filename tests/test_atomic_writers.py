@@ -44,43 +44,37 @@ def _check_untouched(folder, out, expect_files, existed):
     assert not out.exists()
 
 
+# The writers that build their sequences with synthetic.make_sequence: (output
+# name, write(path, n)).
+SYNTHETIC_WRITERS = {
+    "synthetic.make_dataset": ("synth.h5", lambda path, n: synthetic.make_dataset(
+        path, n, size=32, num_frames=3, progress=False)),
+    "demos._write_edes_train": ("train_edes.h5", lambda path, n: demos._write_edes_train(
+        str(path), n, 32, 3, 0)),
+}
+
+
 @pytest.mark.parametrize("existed", [False, True])
-def test_synthetic_make_dataset_interrupted(tmp_path, monkeypatch, existed):
-  out = tmp_path / "synth.h5"
+@pytest.mark.parametrize("writer", sorted(SYNTHETIC_WRITERS))
+def test_synthetic_writers_interrupted(tmp_path, monkeypatch, writer, existed):
+  name, write = SYNTHETIC_WRITERS[writer]
+  out = tmp_path / name
   if existed:
     out.write_bytes(OLD)
   calls = _fail_on_call(monkeypatch, synthetic, "make_sequence", 2)
   with pytest.raises(RuntimeError, match="interrupted"):
-    synthetic.make_dataset(out, 3, size=32, num_frames=3, progress=False)
+    write(out, 3)
   assert len(calls) == 2   # the first sequence was written before the failure
-  _check_untouched(tmp_path, out, ["synth.h5"] if existed else [], existed)
+  _check_untouched(tmp_path, out, [name] if existed else [], existed)
 
 
-def test_synthetic_make_dataset_full_disk(tmp_path, monkeypatch):
-  out = tmp_path / "synth.h5"
+@pytest.mark.parametrize("writer", sorted(SYNTHETIC_WRITERS))
+def test_synthetic_writers_full_disk(tmp_path, monkeypatch, writer):
+  name, write = SYNTHETIC_WRITERS[writer]
+  out = tmp_path / name
   _no_space(monkeypatch)
-  with pytest.raises(OutputError, match="synth.h5: cannot write: no space left"):
-    synthetic.make_dataset(out, 2, size=32, num_frames=3, progress=False)
-  _check_untouched(tmp_path, out, [], False)
-
-
-@pytest.mark.parametrize("existed", [False, True])
-def test_demo_edes_train_file_interrupted(tmp_path, monkeypatch, existed):
-  out = tmp_path / "train_edes.h5"
-  if existed:
-    out.write_bytes(OLD)
-  calls = _fail_on_call(monkeypatch, synthetic, "make_sequence", 2)
-  with pytest.raises(RuntimeError, match="interrupted"):
-    demos._write_edes_train(str(out), 3, 32, 3, 0)
-  assert len(calls) == 2
-  _check_untouched(tmp_path, out, ["train_edes.h5"] if existed else [], existed)
-
-
-def test_demo_edes_train_file_full_disk(tmp_path, monkeypatch):
-  out = tmp_path / "train_edes.h5"
-  _no_space(monkeypatch)
-  with pytest.raises(OutputError, match="train_edes.h5: cannot write: no space left"):
-    demos._write_edes_train(str(out), 2, 32, 3, 0)
+  with pytest.raises(OutputError, match=f"{name}: cannot write: no space left"):
+    write(out, 2)
   _check_untouched(tmp_path, out, [], False)
 
 
