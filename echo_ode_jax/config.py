@@ -11,6 +11,7 @@ from echo_ode_jax.model import ModelConfig
 
 # FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
 REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
+PROPAGATIONS = ("forward", "bidirectional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,13 @@ class FitConfig:
   pyramid_levels: int = 1       # coarse-to-fine: fit at 1/2^(L-1), ..., 1/2, then the full grid,
                                 # adding one network per level (fit.pyramid)
   coarse_steps: int = 200       # Adam steps at each coarser level (`steps` at the full grid)
+  affine_steps: int = 0         # > 0: first fit a global affine velocity alone for this many
+                                # Adam steps (affine.py), then add the network(s); 0: none
+  affine_factor: int = 4        # the affine stage fits on the grid reduced by this factor
   data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
                                 # maps (propagate_labels); False: fit-grid masks, nearest-resized
+  propagation: str = "forward"  # runner: "forward" m_0 o phi_t; "bidirectional" also carries
+                                # the ES guide back and mixes them in time (fit.propagate_labels)
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0
@@ -68,10 +74,13 @@ class FitConfig:
               and bool(np.isfinite(v)))
 
     for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride",
-                 "pyramid_levels", "coarse_steps"):
+                 "pyramid_levels", "coarse_steps", "affine_factor"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")
+    v = self.affine_steps
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      bad("affine_steps", "an integer >= 0")
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
@@ -83,6 +92,8 @@ class FitConfig:
       bad("ncc_window", "an odd integer >= 3")
     if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
       bad("clip_norm", "None or a finite number > 0")
+    if self.propagation not in PROPAGATIONS:
+      bad("propagation", f"one of {', '.join(PROPAGATIONS)}")
     if self.lr_decay not in ("constant", "cosine"):
       bad("lr_decay", "'constant' or 'cosine'")
     if self.solver not in flow.SOLVERS:

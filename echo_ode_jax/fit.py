@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from echo_ode_jax import cpu_malloc, flow, kernels, losses
+from echo_ode_jax import affine, cpu_malloc, flow, kernels, losses
 from echo_ode_jax.config import REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
 from echo_ode_jax.sequence import (NUM_CLASSES, bucket, downsample, frames_at,  # noqa: F401 (re-exported)
                                    prepare_sequence, stack, _one_hot, _repad)
@@ -141,38 +141,48 @@ def init_state(cfg: FitConfig, key, shape_hw) -> FitState:
 
 
 def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
-  """The coarse-to-fine levels of a fit, coarsest first: (factor, level config).
+  """The stages of a fit, first to last: (grid reduction factor, stage config).
 
-  Level k of L fits the sequence downsampled by 2^(L-1-k) (:func:`sequence.downsample`)
-  for cfg.coarse_steps Adam steps (cfg.steps at the full grid), with sigma and
-  velocity_sigma scaled to that grid; the NCC window keeps its size in pixels,
-  so it covers more of the heart at the coarse levels. Each level adds a network, run
-  at its own grid and upsampled (:func:`losses.velocity`); the networks of the
-  coarser levels keep training. pyramid_levels = 1 is the single-grid fit.
+  With cfg.affine_steps > 0 the first stage fits the affine velocity alone
+  (:mod:`echo_ode_jax.affine`) for affine_steps Adam steps on the grid reduced
+  by cfg.affine_factor. Then come the network levels: level k of L =
+  cfg.pyramid_levels fits the sequence downsampled by 2^(L-1-k)
+  (:func:`sequence.downsample`) for cfg.coarse_steps Adam steps (cfg.steps at
+  the full grid). sigma and velocity_sigma are scaled to each stage's grid; the
+  NCC window keeps its size in pixels, so it covers more of the heart on the
+  coarse grids. Each level adds a network, run at its own grid and upsampled
+  (:func:`losses.velocity`); what the earlier stages fitted keeps training.
   """
+  def at(f, steps):
+    return cfg if f == 1 and steps == cfg.steps else dataclasses.replace(
+        cfg, steps=steps, sigma=cfg.sigma / f, velocity_sigma=cfg.velocity_sigma / f)
+
   levels = cfg.pyramid_levels
-  out = []
+  out = [(cfg.affine_factor, at(cfg.affine_factor, cfg.affine_steps))] if cfg.affine_steps else []
   for k in range(levels):
     f = 2 ** (levels - 1 - k)
-    out.append((f, cfg if f == 1 else
-                dataclasses.replace(cfg, steps=cfg.coarse_steps, sigma=cfg.sigma / f,
-                                    velocity_sigma=cfg.velocity_sigma / f)))
+    out.append((f, at(f, cfg.steps if f == 1 else cfg.coarse_steps)))
   return out
 
 
 def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None = None
                 ) -> FitState:
-  """The state that starts `level` of cfg's pyramid (:func:`pyramid`).
+  """The state that starts stage `level` of cfg's :func:`pyramid`.
 
-  A single-grid fit: :func:`init_state`. Otherwise the parameters are the
-  previous level's returned ones plus a new network (fold_in(key, level)), whose
-  zero-initialised output layer makes the flow continue exactly where the
-  previous level left it; the optimizer starts afresh and a failure carries over.
+  A single-grid fit without the affine stage: :func:`init_state`. Otherwise
+  the parameters are a tuple: the previous stage's returned ones plus a new
+  network (fold_in(key, level)), whose zero-initialised output layer makes the
+  flow continue exactly where the previous stage left it, or, for the affine
+  stage, the zero :class:`affine.AffineVelocity`. The optimizer starts afresh
+  and a failure carries over.
   """
-  if cfg.pyramid_levels == 1:
+  if cfg.pyramid_levels == 1 and not cfg.affine_steps:
     return init_state(cfg, key, shape_hw)
   level_cfg = pyramid(cfg)[level][1]
-  new = init_params(cfg.model, jax.random.fold_in(key, level), shape_hw)
+  if cfg.affine_steps and level == 0:
+    new = affine.init(len(flow.knot_times(cfg.solver, cfg.dt)))
+  else:
+    new = init_params(cfg.model, jax.random.fold_in(key, level), shape_hw)
   if prev is None:
     params, failed, fail_step = (new,), jnp.asarray(False), jnp.asarray(-1, jnp.int32)
   else:
@@ -231,24 +241,41 @@ def _final_fn(cfg: FitConfig, batched: bool):
 
 
 @jax.jit
-def _propagate(phi, m0):
+def _propagate(phi, m0, m_es):
   big = flow.resample_map(phi, m0.shape)
-  soft = jax.vmap(lambda c: kernels.warp_labels(m0, c, NUM_CLASSES))(big)
-  return hard_labels(soft).astype(jnp.uint8)
+  fwd = jax.vmap(lambda c: kernels.warp_labels(m0, c, NUM_CLASSES))(big)
+  if m_es is None:
+    return hard_labels(fwd).astype(jnp.uint8)
+  inv_es = flow.invert_map(big[-1])
+  psi = jax.vmap(lambda c: kernels.warp(inv_es, c))(big)        # phi_ES^-1 o phi_t
+  bwd = jax.vmap(lambda c: kernels.warp_labels(m_es, c, NUM_CLASSES))(psi)
+  w = jnp.linspace(0.0, 1.0, phi.shape[0])[:, None, None, None]
+  return hard_labels((1 - w) * fwd + w * bwd).astype(jnp.uint8)
 
 
-def propagate_labels(phi: np.ndarray, m0: np.ndarray) -> np.ndarray:
-  """m_0 o phi_t on m_0's own grid: (T, h, w, 2) maps of a fit grid, (H, W) labels
-  -> (T, H, W) uint8.
+def propagate_labels(phi: np.ndarray, m0: np.ndarray, m_es: np.ndarray | None = None
+                     ) -> np.ndarray:
+  """Labels at every frame on m_0's own grid: (T, h, w, 2) maps of a fit grid (ED
+  to ES, frames evenly spaced in time), (H, W) labels -> (T, H, W) uint8.
 
   The maps are resampled to the H x W grid (:func:`flow.resample_map`) and
-  the one-hot m_0 is warped bilinearly there, so the contours are as fine as
-  m_0's grid rather than nearest-upsampled fit-grid masks.
+  the one-hot m_0 is warped bilinearly there (m_0 o phi_t), so the contours are
+  as fine as m_0's grid rather than nearest-upsampled fit-grid masks.
+
+  With an ES mask m_es (H, W) the propagation is bidirectional
+  (FitConfig.propagation): m_es is also carried back to every frame through
+  the inverse of the ES map, m_es o phi_ES^-1 o phi_t (:func:`flow.invert_map`),
+  and the two soft maps are mixed with weights 1 - t_k and t_k (t_k = k / (T - 1))
+  before the argmax, so frame 0 is m_0 and the ES frame is m_es (up to
+  interpolation) and both keyframe masks inform the frames between.
   """
   m0 = np.asarray(m0)
   if m0.ndim != 2:
     raise ValueError(f"m0: expected (H, W) labels, got shape {m0.shape}")
-  return np.asarray(_propagate(jnp.asarray(phi, jnp.float32), jnp.asarray(m0, jnp.int32)))
+  if m_es is not None and np.shape(m_es) != m0.shape:
+    raise ValueError(f"m_es: shape {np.shape(m_es)} does not match m0 {m0.shape}")
+  return np.asarray(_propagate(jnp.asarray(phi, jnp.float32), jnp.asarray(m0, jnp.int32),
+                               None if m_es is None else jnp.asarray(m_es, jnp.int32)))
 
 
 def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):

@@ -228,6 +228,20 @@ def inverse_flow(knots: Float[Array, "K H W 2"], knot_times, t: float,
   return ys[0]
 
 
+def invert_map(phi: Float[Array, "H W 2"], iters: int = 50) -> Float[Array, "H W 2"]:
+  """psi = phi^{-1} on phi's grid, so that phi(psi(p)) = p.
+
+  Fixed-point iterations psi <- psi - (phi(psi) - p) from psi = 2 id - phi
+  (the first-order inverse), phi sampled bilinearly with border clamping;
+  the error shrinks by |I - D phi| per iteration, so this converges where the
+  map neither folds nor stretches by more than 2. Where psi(p) falls outside
+  the grid (p not reached by phi) the border's value is used.
+  """
+  h, w = phi.shape[:2]
+  x = identity_grid(h, w, phi.dtype)
+  return jax.lax.fori_loop(0, iters, lambda _, psi: psi - (warp(phi, psi) - x), 2 * x - phi)
+
+
 def compose(u: Float[Array, "H W 2"], v: Float[Array, "H W 2"]) -> Float[Array, "H W 2"]:
   """Displacement of (id + u) o (id + v): x -> x + v(x) + u(x + v(x)).
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from echo_ode_jax import flow
+from echo_ode_jax import affine, flow
 from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
 from echo_ode_jax.sequence import frames_at, shrink
 
@@ -98,15 +98,22 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
 
   params is one network's parameters, or a tuple of n (coarse-to-fine fitting,
   FitConfig.pyramid_levels): then V is the sum of the n networks' velocities,
-  network j run at stride s * 2^(n-1-j) (the first the coarsest).
+  network j run at stride s * 2^(n-1-j) (the first the coarsest). The tuple
+  may start with an :class:`affine.AffineVelocity` (FitConfig.affine_steps),
+  whose field is added.
   """
   s = cfg.velocity_stride
   if not isinstance(params, (tuple, list)):
     v = _velocity_at_stride(params, images, m0, t, i0, s, apply_fn)
   else:
-    n = len(params)
-    v = sum(_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
-            for j, p in enumerate(params))
+    nets = list(params)
+    v = jnp.zeros(images.shape[:3] + (2,), images.dtype)
+    if nets and isinstance(nets[0], affine.AffineVelocity):
+      v = v + affine.velocity(nets.pop(0), t, flow.knot_times(cfg.solver, cfg.dt),
+                              images.shape[1:3])
+    n = len(nets)
+    v = v + sum((_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
+                 for j, p in enumerate(nets)), jnp.zeros_like(v))
   if cfg.velocity_sigma > 0:
     v = jnp.moveaxis(gaussian_blur(jnp.moveaxis(v, -1, -3), cfg.velocity_sigma), -3, -1)
   return v

@@ -68,6 +68,7 @@ class Inputs:
   data_shape: tuple[int, int]  # (H, W) of DATA.h5's img
   attrs: dict[str, Any]
   m0_data: np.ndarray | None = None  # (H, W) m0 on DATA.h5's grid
+  guide_es_data: np.ndarray | None = None  # (H, W) the ES guide on DATA.h5's grid
 
 
 def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
@@ -170,13 +171,14 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
   if guide != "none":
     g_es = _frame(src[guide], es, path_of[guide], key, "ES")
     g_ed = _frame(src[guide], ed, path_of[guide], key, "ED")
-  m0_data = m0
+  m0_data, g_es_data = m0, g_es
   if size and (h, w) != (size, size):
     images = resize(images, (size, size), 1)
     m0 = resize(m0, (size, size), 0)
     g_es = None if g_es is None else resize(g_es, (size, size), 0)
     g_ed = None if g_ed is None else resize(g_ed, (size, size), 0)
-  return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs, m0_data)
+  return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs, m0_data,
+                g_es_data)
 
 
 def parts_dir(out: str) -> str:
@@ -283,7 +285,9 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
-      if cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
+      if cfg.propagation == "bidirectional":
+        pred = fit_lib.propagate_labels(res.phi, inp.m0_data, inp.guide_es_data)
+      elif cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
           inp.data_shape):
         pred = fit_lib.propagate_labels(res.phi, inp.m0_data)
       else:
@@ -410,7 +414,7 @@ def run_lock(out: str, process_index: int = 0, process_count: int = 1):
 
 def check_run_args(init: str = "gt", guide: str = "gt", batch_size: int = 8,
                    size: int | None = None, process_index: int = 0, process_count: int = 1,
-                   prefix: str = "") -> None:
+                   prefix: str = "", propagation: str = "forward") -> None:
   """InputError (one line) for settings of :func:`fit_file` no run can use.
 
   prefix: put before the argument names (the command line's "--").
@@ -422,6 +426,9 @@ def check_run_args(init: str = "gt", guide: str = "gt", batch_size: int = 8,
     raise InputError(None, f"{prefix}init must be one of {', '.join(INITS)}, got {init!r}")
   if guide not in GUIDES:
     raise InputError(None, f"{prefix}guide must be one of {', '.join(GUIDES)}, got {guide!r}")
+  if propagation == "bidirectional" and guide == "none":
+    raise InputError(None, f"propagation 'bidirectional' needs an ES mask: {prefix}guide "
+                     "'gt' or 'segmenter', not 'none'")
   if not integer(batch_size) or batch_size < 1:
     raise InputError(None, f"{prefix}batch_size must be an integer >= 1, got {batch_size!r}")
   if size is not None and (not integer(size) or (size != 0 and size < MIN_SIZE) or size < 0):
@@ -502,7 +509,8 @@ def fit_file(data: str, out: str, cfg: fit_lib.FitConfig = fit_lib.FitConfig(),
     {"fitted", "skipped", "failed", "bad", "seconds"} lists / numbers.
   """
   t_start = time.perf_counter()
-  check_run_args(init, guide, batch_size, size, process_index, process_count)
+  check_run_args(init, guide, batch_size, size, process_index, process_count,
+                 propagation=cfg.propagation)
   if process_count > 1 and merge_results:
     _check_distributed(process_count)
   keys = hdf5.list_keys(data)

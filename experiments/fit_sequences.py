@@ -48,8 +48,9 @@ def main(argv):
     raise InputError(None, f"--process_id must be in 0..{_NPROC.value - 1}, got {_PID.value}")
   if _NPROC.value > 1 and not _COORD.value:
     raise InputError(None, "--num_processes > 1 needs --coordinator_address")
-  runner.check_run_args(_INIT.value, _GUIDE.value, _BATCH.value, _SIZE.value, prefix="--")
   cfg = overrides.fit_config(_CONFIG.value)
+  runner.check_run_args(_INIT.value, _GUIDE.value, _BATCH.value, _SIZE.value, prefix="--",
+                        propagation=cfg.propagation)
   if _COORD.value:
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
   res = runner.fit_file(
