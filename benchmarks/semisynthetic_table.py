@@ -14,6 +14,11 @@ inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
   U-Net (2D)                  the committed segmenter on every frame
   Echo-ODE (U-Net)            m_0 and the ES guide from the U-Net (the paper's setting)
   Echo-ODE (gt m_0, no guide) the true ED mask, image similarity only
+  ... bidirectional           the same two fits' saved flows, with the ES mask
+                              carried back too and mixed in time
+                              (fit.propagate_labels with m_es; no refit): the
+                              U-Net's ED and ES masks, and the true ED and ES
+                              masks (a user with both keyframes annotated)
   ANTs SyNCC per frame        (--ants) ED registered to each frame
                               independently, the true ED mask pulled through
 
@@ -32,13 +37,14 @@ import sys
 
 import h5py
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _ants  # noqa: E402
 import _quick  # noqa: E402
 from echo_ode_jax import cli, metrics, overrides, reports, runner, tables  # noqa: E402
+from echo_ode_jax import fit as fit_lib  # noqa: E402
 from echo_ode_jax._atomic import atomic_path  # noqa: E402
 from echo_ode_jax._progress import Progress  # noqa: E402
 from echo_ode_jax.data import hdf5  # noqa: E402
@@ -117,6 +123,29 @@ def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> st
   return path
 
 
+def bidirectional_file(data: str, fit_h5: str, keyframes_h5: str, path: str) -> str:
+  """Labels of every sequence from the flow saved in `fit_h5` (frames ED..ES),
+  propagated bidirectionally from the ED (frame 0) and ES (the flow's last
+  frame) masks of `keyframes_h5`'s pred (fit.propagate_labels); the fit's attrs
+  are kept."""
+  if os.path.exists(path):
+    return path
+  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, h5py.File(
+      fit_h5, "r") as fit_f, h5py.File(keyframes_h5, "r") as key_f:
+    f.attrs["format_version"] = hdf5.FORMAT_VERSION
+    for k in hdf5.list_keys(fit_h5):
+      src = fit_f[k]
+      if "flow" not in src:
+        raise ValueError(f"{fit_h5}: {k} has no saved flow (fit with save_flow=True)")
+      flow = src["flow"][()]
+      keys_pred = key_f[k]["pred"][()]
+      pred = fit_lib.propagate_labels(flow, keys_pred[0], keys_pred[flow.shape[0] - 1])
+      g = f.require_group(k)
+      g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
+      g.attrs.update(dict(src.attrs))
+  return path
+
+
 def _num(v, d=3):
   return f"{v:.{d}f}" if v is not None and math.isfinite(v) else "–"
 
@@ -156,6 +185,9 @@ def main(argv):
   data = subset(_DATA.value, _NUM.value, os.path.join(out, "data.h5"))
   size = _SIZE.value
   cfg = _quick.fit_config(_QUICK, _CONFIG)
+  if cfg.propagation != "forward":
+    raise app.UsageError("--config.propagation: the table fits forward and adds the "
+                         "bidirectional rows from the saved flows itself")
   seg = _SEGMENTER.value
   digest = overrides.config_digest(cfg)   # fits of other settings go to other files
   preds = {
@@ -172,6 +204,13 @@ def main(argv):
   preds["Echo-ODE (gt m_0, no guide)"] = tables.fit_stage(
       data, os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
       size, save_flow=True)
+  bidi = "bidirectional"
+  preds[f"{tables.echo_ode_label(seg)}, {bidi}"] = bidirectional_file(
+      data, preds[tables.echo_ode_label(seg)], preds[seg_name],
+      os.path.join(out, f"echo_{seg}_{size or 'data'}_{digest}_{bidi}.h5"))
+  preds[f"Echo-ODE (gt ED + ES masks), {bidi}"] = bidirectional_file(
+      data, preds["Echo-ODE (gt m_0, no guide)"], preds["ground truth"],
+      os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}_{bidi}.h5"))
   folds = {}
   if _ANTS.value:
     name = f"ANTs {_ANTS_TRANSFORM.value} per frame"

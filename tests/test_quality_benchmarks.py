@@ -145,3 +145,34 @@ def test_semisynthetic_table_label_files_and_subset(data, tmp_path):
     gt = hdf5.read_sequence(sub, k).gt
     want = np.mean([metrics.dice(gt[0] == 1, g == 1) for g in gt])
     assert r["dice_endo"] == pytest.approx(want)
+
+
+def test_semisynthetic_bidirectional_rows_from_an_identity_flow(tmp_path):
+  """With phi_t = identity the bidirectional labels are argmax of
+  (1 - t_k) onehot(m_0) + t_k onehot(m_ES), t_k = k / 3: frames 0 and 1 are m_0,
+  frames 2 and 3 m_ES, worked out by hand; the fit's attrs are carried over."""
+  h = w = 16
+  m0 = np.zeros((h, w), np.uint8)
+  m0[4:12, 4:12] = 1
+  m_es = np.zeros((h, w), np.uint8)
+  m_es[6:10, 5:11] = 1
+  m_es[2:4, 2:14] = 2
+  grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1)
+  fit_h5, keys_h5 = tmp_path / "fit.h5", tmp_path / "keys.h5"
+  with h5py.File(fit_h5, "w") as f, h5py.File(keys_h5, "w") as g:
+    f.attrs["format_version"] = g.attrs["format_version"] = hdf5.FORMAT_VERSION
+    a = f.require_group("p1/4CH")
+    a.create_dataset("flow", data=np.repeat(grid[None].astype(np.float32), 4, 0))
+    a.create_dataset("pred", data=np.zeros((4, h, w), np.uint8))
+    a.attrs.update({"status": "ok", "folding_fraction": 0.0})
+    # the keyframe file holds one frame after ES (frame 4): ES is the flow's last
+    g.require_group("p1/4CH").create_dataset(
+        "pred", data=np.stack([m0, m0, m0, m_es, np.zeros_like(m0)]))
+  out = st.bidirectional_file("unused", str(fit_h5), str(keys_h5), str(tmp_path / "b.h5"))
+  with h5py.File(out, "r") as f:
+    pred = f["p1/4CH/pred"][()]
+    assert f["p1/4CH"].attrs["status"] == "ok"
+  np.testing.assert_array_equal(pred[0], m0)
+  np.testing.assert_array_equal(pred[1], m0)
+  np.testing.assert_array_equal(pred[2], m_es)
+  np.testing.assert_array_equal(pred[3], m_es)
