@@ -14,11 +14,13 @@ inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
   U-Net (2D)                  the committed segmenter on every frame
   Echo-ODE (U-Net)            m_0 and the ES guide from the U-Net (the paper's setting)
   Echo-ODE (gt m_0, no guide) the true ED mask, image similarity only
-  ... bidirectional           the same two fits' saved flows, with the ES mask
-                              carried back too and mixed in time
-                              (fit.propagate_labels with m_es; no refit): the
-                              U-Net's ED and ES masks, and the true ED and ES
-                              masks (a user with both keyframes annotated)
+  Echo-ODE (U-Net m_0, no guide) the U-Net's ED mask, image similarity only
+  ..., bidirectional          a fit's saved flow, with the ES mask carried back
+                              too and mixed in time (fit.propagate_labels; no
+                              refit): the U-Net's ED and ES masks, or the true
+                              ED and ES masks (a user with both annotated)
+  ..., consensus              a fit's saved flow fusing the U-Net's masks of
+                              every frame (fit.consensus_labels; no refit)
   ANTs SyNCC per frame        (--ants) ED registered to each frame
                               independently, the true ED mask pulled through
 
@@ -123,25 +125,32 @@ def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> st
   return path
 
 
-def bidirectional_file(data: str, fit_h5: str, keyframes_h5: str, path: str) -> str:
-  """Labels of every sequence from the flow saved in `fit_h5` (frames ED..ES),
-  propagated bidirectionally from the ED (frame 0) and ES (the flow's last
-  frame) masks of `keyframes_h5`'s pred (fit.propagate_labels); the fit's attrs
-  are kept."""
+def relabel_file(fit_h5: str, labels_h5: str, path: str, propagation: str) -> str:
+  """Labels of every sequence from the flow saved in `fit_h5` (frames ED..ES)
+  and the pred of `labels_h5`, without refitting: "bidirectional" from its ED
+  (frame 0) and ES (the flow's last frame) masks (fit.propagate_labels),
+  "consensus" from its masks of frames ED..ES (fit.consensus_labels). The
+  fit's flow and attrs are kept."""
   if os.path.exists(path):
     return path
   with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, h5py.File(
-      fit_h5, "r") as fit_f, h5py.File(keyframes_h5, "r") as key_f:
+      fit_h5, "r") as fit_f, h5py.File(labels_h5, "r") as lab_f:
     f.attrs["format_version"] = hdf5.FORMAT_VERSION
     for k in hdf5.list_keys(fit_h5):
       src = fit_f[k]
       if "flow" not in src:
         raise ValueError(f"{fit_h5}: {k} has no saved flow (fit with save_flow=True)")
       flow = src["flow"][()]
-      keys_pred = key_f[k]["pred"][()]
-      pred = fit_lib.propagate_labels(flow, keys_pred[0], keys_pred[flow.shape[0] - 1])
+      labels = lab_f[k]["pred"][:flow.shape[0]]
+      if propagation == "bidirectional":
+        pred = fit_lib.propagate_labels(flow, labels[0], labels[-1])
+      elif propagation == "consensus":
+        pred = fit_lib.consensus_labels(flow, labels)
+      else:
+        raise ValueError(f"propagation {propagation!r}")
       g = f.require_group(k)
       g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
+      g.create_dataset("flow", data=flow, compression="gzip")   # scored for folding
       g.attrs.update(dict(src.attrs))
   return path
 
@@ -187,7 +196,7 @@ def main(argv):
   cfg = _quick.fit_config(_QUICK, _CONFIG)
   if cfg.propagation != "forward":
     raise app.UsageError("--config.propagation: the table fits forward and adds the "
-                         "bidirectional rows from the saved flows itself")
+                         "bidirectional and consensus rows from the saved flows itself")
   seg = _SEGMENTER.value
   digest = overrides.config_digest(cfg)   # fits of other settings go to other files
   preds = {
@@ -204,13 +213,18 @@ def main(argv):
   preds["Echo-ODE (gt m_0, no guide)"] = tables.fit_stage(
       data, os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}.h5"), cfg, "gt", "none", None, _BATCH.value,
       size, save_flow=True)
-  bidi = "bidirectional"
-  preds[f"{tables.echo_ode_label(seg)}, {bidi}"] = bidirectional_file(
-      data, preds[tables.echo_ode_label(seg)], preds[seg_name],
-      os.path.join(out, f"echo_{seg}_{size or 'data'}_{digest}_{bidi}.h5"))
-  preds[f"Echo-ODE (gt ED + ES masks), {bidi}"] = bidirectional_file(
-      data, preds["Echo-ODE (gt m_0, no guide)"], preds["ground truth"],
-      os.path.join(out, f"echo_gt_noguide_{size or 'data'}_{digest}_{bidi}.h5"))
+  preds["Echo-ODE (U-Net m_0, no guide)"] = tables.fit_stage(
+      data, os.path.join(out, f"echo_{seg}_noguide_{size or 'data'}_{digest}.h5"), cfg,
+      "segmenter", "none", preds[seg_name], _BATCH.value, size, save_flow=True)
+  # Other propagations of the same fits (no refit).
+  for fit_name, labels, prop, name in (
+      (tables.echo_ode_label(seg), seg_name, "bidirectional", None),
+      (tables.echo_ode_label(seg), seg_name, "consensus", None),
+      ("Echo-ODE (U-Net m_0, no guide)", seg_name, "consensus", None),
+      ("Echo-ODE (gt m_0, no guide)", "ground truth", "bidirectional",
+       "Echo-ODE (gt ED + ES masks), bidirectional")):
+    preds[name or f"{fit_name}, {prop}"] = relabel_file(
+        preds[fit_name], preds[labels], preds[fit_name][:-3] + f"_{prop}.h5", prop)
   folds = {}
   if _ANTS.value:
     name = f"ANTs {_ANTS_TRANSFORM.value} per frame"

@@ -11,7 +11,7 @@ from echo_ode_jax.model import ModelConfig
 
 # FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
 REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
-PROPAGATIONS = ("forward", "bidirectional")
+PROPAGATIONS = ("forward", "bidirectional", "consensus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,9 @@ class FitConfig:
   data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
                                 # maps (propagate_labels); False: fit-grid masks, nearest-resized
   propagation: str = "forward"  # runner: "forward" m_0 o phi_t; "bidirectional" also carries
-                                # the ES guide back and mixes them in time (fit.propagate_labels)
+                                # the ES guide back and mixes them in time (fit.propagate_labels);
+                                # "consensus" fuses the segmentation of every frame through the
+                                # flow into one mask carried by it (fit.consensus_labels)
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0

@@ -278,6 +278,36 @@ def propagate_labels(phi: np.ndarray, m0: np.ndarray, m_es: np.ndarray | None = 
                                None if m_es is None else jnp.asarray(m_es, jnp.int32)))
 
 
+@jax.jit
+def _consensus(phi, masks):
+  big = flow.resample_map(phi, masks.shape[1:])
+  inv = jax.vmap(flow.invert_map)(big)                        # phi_k^-1
+  at_ed = jax.vmap(lambda m, c: kernels.warp_labels(m, c, NUM_CLASSES))(masks, inv)
+  m0_soft = jnp.mean(at_ed, axis=0)                           # (H, W, C)
+  return hard_labels(jax.vmap(lambda c: kernels.warp(m0_soft, c))(big)).astype(jnp.uint8)
+
+
+def consensus_labels(phi: np.ndarray, masks: np.ndarray) -> np.ndarray:
+  """Labels at every frame from a segmentation of every frame, fused through the flow.
+
+  phi: (T, h, w, 2) maps of a fit grid (ED to ES); masks: (T, H, W) labels of
+  the same T frames (a 2D segmenter's, on the data grid) -> (T, H, W) uint8.
+  Each frame's mask is carried to ED through the inverse of its map,
+  masks_k o phi_k^-1 (:func:`flow.invert_map`, one-hot, bilinear), the T soft
+  maps are averaged into one ED mask, and that is carried to every frame
+  through phi_t (FitConfig.propagation="consensus"). The result is one mask
+  moved by the flow, as temporally consistent as forward propagation, and it
+  uses every frame's segmentation (label fusion, as in multi-atlas
+  segmentation) instead of the ED frame's alone.
+  """
+  masks = np.asarray(masks)
+  phi = np.asarray(phi)
+  if masks.ndim != 3 or masks.shape[0] != phi.shape[0]:
+    raise ValueError(f"masks: expected ({phi.shape[0]}, H, W) labels for {phi.shape[0]} "
+                     f"maps, got shape {masks.shape}")
+  return np.asarray(_consensus(jnp.asarray(phi, jnp.float32), jnp.asarray(masks, jnp.int32)))
+
+
 def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):
   """Runs `steps` Adam steps of each (state, seq) pair, interleaved.
 

@@ -69,6 +69,7 @@ class Inputs:
   attrs: dict[str, Any]
   m0_data: np.ndarray | None = None  # (H, W) m0 on DATA.h5's grid
   guide_es_data: np.ndarray | None = None  # (H, W) the ES guide on DATA.h5's grid
+  seg_data: np.ndarray | None = None  # (T, H, W) the segmentation of frames ED..ES, DATA.h5's grid
 
 
 def resize(x: np.ndarray, shape: Seq[int], order: int) -> np.ndarray:
@@ -178,7 +179,7 @@ def load_inputs(data: str, key: str, init: str = "gt", guide: str = "gt",
     g_es = None if g_es is None else resize(g_es, (size, size), 0)
     g_ed = None if g_ed is None else resize(g_ed, (size, size), 0)
   return Inputs(key, images.astype(np.float32), m0, g_es, g_ed, (h, w), seq.attrs, m0_data,
-                g_es_data)
+                g_es_data, None if pred is None else pred[:es + 1])
 
 
 def parts_dir(out: str) -> str:
@@ -285,7 +286,9 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
-      if cfg.propagation == "bidirectional":
+      if cfg.propagation == "consensus":
+        pred = fit_lib.consensus_labels(res.phi, inp.seg_data)
+      elif cfg.propagation == "bidirectional":
         pred = fit_lib.propagate_labels(res.phi, inp.m0_data, inp.guide_es_data)
       elif cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
           inp.data_shape):
@@ -429,6 +432,9 @@ def check_run_args(init: str = "gt", guide: str = "gt", batch_size: int = 8,
   if propagation == "bidirectional" and guide == "none":
     raise InputError(None, f"propagation 'bidirectional' needs an ES mask: {prefix}guide "
                      "'gt' or 'segmenter', not 'none'")
+  if propagation == "consensus" and "segmenter" not in (init, guide):
+    raise InputError(None, f"propagation 'consensus' fuses a segmentation of every frame: "
+                     f"{prefix}init or {prefix}guide must be 'segmenter'")
   if not integer(batch_size) or batch_size < 1:
     raise InputError(None, f"{prefix}batch_size must be an integer >= 1, got {batch_size!r}")
   if size is not None and (not integer(size) or (size != 0 and size < MIN_SIZE) or size < 0):

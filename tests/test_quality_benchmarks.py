@@ -168,7 +168,7 @@ def test_semisynthetic_bidirectional_rows_from_an_identity_flow(tmp_path):
     # the keyframe file holds one frame after ES (frame 4): ES is the flow's last
     g.require_group("p1/4CH").create_dataset(
         "pred", data=np.stack([m0, m0, m0, m_es, np.zeros_like(m0)]))
-  out = st.bidirectional_file("unused", str(fit_h5), str(keys_h5), str(tmp_path / "b.h5"))
+  out = st.relabel_file(str(fit_h5), str(keys_h5), str(tmp_path / "b.h5"), "bidirectional")
   with h5py.File(out, "r") as f:
     pred = f["p1/4CH/pred"][()]
     assert f["p1/4CH"].attrs["status"] == "ok"
@@ -176,3 +176,7 @@ def test_semisynthetic_bidirectional_rows_from_an_identity_flow(tmp_path):
   np.testing.assert_array_equal(pred[1], m0)
   np.testing.assert_array_equal(pred[2], m_es)
   np.testing.assert_array_equal(pred[3], m_es)
+  # consensus of (m0, m0, m0, m_es) under identity maps: m0, the majority, everywhere
+  out = st.relabel_file(str(fit_h5), str(keys_h5), str(tmp_path / "c.h5"), "consensus")
+  with h5py.File(out, "r") as f:
+    np.testing.assert_array_equal(f["p1/4CH/pred"][()], np.repeat(m0[None], 4, 0))
