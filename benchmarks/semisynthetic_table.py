@@ -127,10 +127,10 @@ def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> st
 
 def relabel_file(fit_h5: str, labels_h5: str, path: str, propagation: str) -> str:
   """Labels of every sequence from the flow saved in `fit_h5` (frames ED..ES)
-  and the pred of `labels_h5`, without refitting: "bidirectional" from its ED
-  (frame 0) and ES (the flow's last frame) masks (fit.propagate_labels),
-  "consensus" from its masks of frames ED..ES (fit.consensus_labels). The
-  fit's flow and attrs are kept."""
+  and the pred of `labels_h5`, without refitting (fit.labels_from_maps:
+  "bidirectional" from its ED (frame 0) and ES (the flow's last frame) masks,
+  "consensus" from its masks of frames ED..ES). The fit's flow and attrs are
+  kept."""
   if os.path.exists(path):
     return path
   with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, h5py.File(
@@ -142,12 +142,7 @@ def relabel_file(fit_h5: str, labels_h5: str, path: str, propagation: str) -> st
         raise ValueError(f"{fit_h5}: {k} has no saved flow (fit with save_flow=True)")
       flow = src["flow"][()]
       labels = lab_f[k]["pred"][:flow.shape[0]]
-      if propagation == "bidirectional":
-        pred = fit_lib.propagate_labels(flow, labels[0], labels[-1])
-      elif propagation == "consensus":
-        pred = fit_lib.consensus_labels(flow, labels)
-      else:
-        raise ValueError(f"propagation {propagation!r}")
+      pred = fit_lib.labels_from_maps(propagation, flow, labels[0], labels[-1], labels)
       g = f.require_group(k)
       g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
       g.create_dataset("flow", data=flow, compression="gzip")   # scored for folding

@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from echo_ode_jax import affine, cpu_malloc, flow, kernels, losses
-from echo_ode_jax.config import REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
+from echo_ode_jax.config import PROPAGATIONS, REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
 from echo_ode_jax.sequence import (NUM_CLASSES, bucket, downsample, frames_at,  # noqa: F401 (re-exported)
                                    prepare_sequence, stack, _one_hot, _repad)
 from echo_ode_jax._progress import Progress
@@ -306,6 +306,21 @@ def consensus_labels(phi: np.ndarray, masks: np.ndarray) -> np.ndarray:
     raise ValueError(f"masks: expected ({phi.shape[0]}, H, W) labels for {phi.shape[0]} "
                      f"maps, got shape {masks.shape}")
   return np.asarray(_consensus(jnp.asarray(phi, jnp.float32), jnp.asarray(masks, jnp.int32)))
+
+
+def labels_from_maps(propagation: str, phi: np.ndarray, m0: np.ndarray,
+                     m_es: np.ndarray | None = None, masks: np.ndarray | None = None
+                     ) -> np.ndarray:
+  """The masks of FitConfig.propagation on m_0's grid: "forward" m_0 o phi_t and
+  "bidirectional" with m_es (:func:`propagate_labels`), "consensus" from the
+  masks of every frame (:func:`consensus_labels`)."""
+  if propagation == "consensus":
+    return consensus_labels(phi, masks)
+  if propagation == "bidirectional":
+    return propagate_labels(phi, m0, m_es)
+  if propagation == "forward":
+    return propagate_labels(phi, m0)
+  raise ValueError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
 
 
 def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):

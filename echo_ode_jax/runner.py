@@ -286,10 +286,9 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
-      if cfg.propagation == "consensus":
-        pred = fit_lib.consensus_labels(res.phi, inp.seg_data)
-      elif cfg.propagation == "bidirectional":
-        pred = fit_lib.propagate_labels(res.phi, inp.m0_data, inp.guide_es_data)
+      if cfg.propagation != "forward":
+        pred = fit_lib.labels_from_maps(cfg.propagation, res.phi, inp.m0_data,
+                                        inp.guide_es_data, inp.seg_data)
       elif cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
           inp.data_shape):
         pred = fit_lib.propagate_labels(res.phi, inp.m0_data)
