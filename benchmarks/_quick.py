@@ -1,7 +1,8 @@
 """--quick, shared by the quality benchmarks: a smaller run, flag by flag unless given.
 
 --quick sets --size=64 and --num=12 unless those flags are given, and the
-fit's steps to 300 unless --config.steps is given.
+fit's steps to 300 unless --config.steps or a --config=FILE is given (a named
+setting keeps its own steps).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ def apply_flags(quick) -> None:
       flags.FLAGS[name].value = v
 
 
-def fit_config(quick, config):
+def fit_config(quick, config, flag_values=flags.FLAGS):
   """The FitConfig of the `config` flag, with QUICK's steps when `quick` is on and
-  --config.steps was not given."""
+  neither --config.steps nor a --config=FILE was given."""
   cfg = overrides.fit_config(config.value)
-  if quick.value and "steps" not in overrides.overridden(config):
+  flag = flag_values[config.name]
+  if quick.value and "steps" not in flag.override_values and not flag.present:
     cfg = cfg.replace(steps=QUICK["steps"])
   return cfg

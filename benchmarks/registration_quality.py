@@ -354,10 +354,12 @@ def main(argv):
     segmenter_method(pairs, keys, methods[name], data, _SEGMENTATION.value,
                      _SEGMENTER.value, size)
   echo_names = []
+  base_label = overrides.config_label(_CONFIG)
   for row in grid_rows(_GRID.value):
     cfg = overrides.apply_overrides(base, row)
-    label = overrides.row_label(row)
-    name = "Echo-ODE" + ("" if label == "default" else f" {label}")
+    label = " ".join(w for w in (overrides.config_file(_CONFIG), overrides.row_label(row))
+                     if w and w != "default")
+    name = "Echo-ODE" + (f" {label}" if label else "")
     path = row_file(out, row, cfg, size)
     logging.info("%s -> %s", name, path)
     echo_ode_method(pairs, keys, path, cfg, size, _BATCH.value)
@@ -374,8 +376,9 @@ def main(argv):
   summaries = {n: summarize([r for r in rows if r["method"] == n]) for n in methods}
   table = table_markdown(summaries)
   with atomic_path(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
-    f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE {base.steps} "
-            f"steps, base config {overrides.row_label(overrides.overridden(_CONFIG))}\n\n{table}")
+    f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE base config "
+            f"{base_label} ({base.steps} steps at the full grid; grid rows may change it)"
+            f"\n\n{table}")
   reports.write_json(os.path.join(out, "summary.json"),
                         {n: {"summary": s, **extra.get(n, {})} for n, s in summaries.items()})
   worst_figure(pairs, methods, rows, echo_names[0] if echo_names else "copy m_0",

@@ -231,7 +231,7 @@ def main(argv):
   summaries = {n: metrics.summarize(r) for n, r in results.items()}
   table = (f"{len(hdf5.list_keys(data))} semi-synthetic sequences; grid "
            f"{size or 'of the data'}; Echo-ODE {cfg.steps} steps, config "
-           f"{overrides.row_label(overrides.overridden(_CONFIG))}\n\n" + table_markdown(summaries, folds))
+           f"{overrides.config_label(_CONFIG)}\n\n" + table_markdown(summaries, folds))
   extra = {n: {"pred": os.path.relpath(p, out)} for n, p in preds.items()}
   for n in preds:
     if n.startswith("Echo-ODE"):

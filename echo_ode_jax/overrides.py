@@ -328,6 +328,20 @@ def overridden(holder: flags.FlagHolder) -> dict[str, Any]:
   return dict(flags.FLAGS[holder.name].override_values)
 
 
+def config_file(holder: flags.FlagHolder) -> str:
+  """The named setting of a `--config` flag: the file's name as given after its
+  folder (``coarse_to_fine.py:64``), or "" for the FitConfig defaults."""
+  flag = flags.FLAGS[holder.name]
+  return os.path.basename(flag.config_filename) if flag.present else ""
+
+
+def config_label(holder: flags.FlagHolder) -> str:
+  """The setting of a `--config` flag in words: :func:`config_file`, then the
+  `--config.KEY` overrides (:func:`row_label`), or "default"."""
+  over = overridden(holder)
+  return " ".join(w for w in (config_file(holder), over and row_label(over)) if w) or "default"
+
+
 # ---------------------------------------------------------------------------
 # Names of rows and result files
 

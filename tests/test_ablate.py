@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from echo_ode_jax import overrides, tables
+from echo_ode_jax import fit, overrides, tables
 from echo_ode_jax.data import hdf5, synthetic
 from echo_ode_jax.errors import InputError
 from echo_ode_jax.fit import FitConfig
@@ -159,6 +159,23 @@ def test_config_flag_overrides_every_kind_of_field():
   cfg, _ = _parse_config_flag([f"--config={paper}", "--config.steps=5"])
   assert (cfg.lambda_ncc, cfg.lr, cfg.lr_decay, cfg.clip_norm, cfg.keep_best, cfg.lambda_jdet,
           cfg.lambda_smt, cfg.steps) == (0.0, 0.01, "constant", None, False, 1.0, 0.0, 5)
+
+
+@pytest.mark.parametrize("size, levels, coarsest", [(128, 3, 32), (64, 2, 32), (256, 4, 32),
+                                                   (96, 2, 48), (40, 1, 40)])
+def test_coarse_to_fine_config_starts_from_a_32_pixel_grid(size, levels, coarsest):
+  path = os.path.join(os.path.dirname(overrides.DEFAULT_CONFIG_FILE), "coarse_to_fine.py")
+  cfg, _ = _parse_config_flag([f"--config={path}:{size}", "--config.seed=3"])
+  assert cfg == FitConfig(pyramid_levels=levels, coarse_steps=300, steps=50, seed=3)
+  stages = fit.pyramid(cfg)
+  assert size // stages[0][0] == coarsest and stages[-1][0] == 1
+  assert [c.steps for _, c in stages] == [300] * (levels - 1) + [50]
+
+
+def test_coarse_to_fine_config_refuses_a_size_that_is_not_a_number():
+  from echo_ode_jax.configs import coarse_to_fine
+  with pytest.raises(ValueError, match="coarse_to_fine.py:SIZE: SIZE must be the fit grid's side"):
+    coarse_to_fine.get_config("big")
 
 
 @pytest.mark.parametrize("values, words", [

@@ -31,6 +31,7 @@ def _load(name):
 
 
 rq = _load("registration_quality")
+quick = _load("_quick")
 st = _load("semisynthetic_table")
 
 
@@ -180,3 +181,22 @@ def test_semisynthetic_bidirectional_rows_from_an_identity_flow(tmp_path):
   out = st.relabel_file(str(fit_h5), str(keys_h5), str(tmp_path / "c.h5"), "consensus")
   with h5py.File(out, "r") as f:
     np.testing.assert_array_equal(f["p1/4CH/pred"][()], np.repeat(m0[None], 4, 0))
+
+
+@pytest.mark.parametrize("argv, steps", [
+    ([], 300),                                       # --quick's steps
+    (["--config.steps=7"], 7),                       # an explicit override wins
+    (["--config=CONFIGS/coarse_to_fine.py:64"], 50),  # a named setting keeps its steps
+    (["--config=CONFIGS/coarse_to_fine.py:64", "--config.steps=9"], 9),
+])
+def test_quick_sets_the_steps_unless_a_setting_gives_them(argv, steps):
+  from ml_collections import config_flags
+  from echo_ode_jax import overrides
+  configs = str(Path(overrides.DEFAULT_CONFIG_FILE).parent)
+  argv = ["prog", "--quick", *(a.replace("CONFIGS", configs) for a in argv)]
+  fv = flags.FlagValues()
+  on = flags.DEFINE_boolean("quick", False, "", flag_values=fv)
+  config = config_flags.DEFINE_config_file("config", overrides.DEFAULT_CONFIG_FILE,
+                                           flag_values=fv, sys_argv=argv)
+  fv(argv)
+  assert quick.fit_config(on, config, fv).steps == steps
