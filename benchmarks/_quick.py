@@ -29,7 +29,7 @@ def fit_config(quick, config, flag_values=flags.FLAGS):
   """The FitConfig of the `config` flag, with QUICK's steps when `quick` is on and
   neither --config.steps nor a --config=FILE was given."""
   cfg = overrides.fit_config(config.value)
-  flag = flag_values[config.name]
-  if quick.value and "steps" not in flag.override_values and not flag.present:
+  if (quick.value and "steps" not in overrides.overridden(config, flag_values)
+      and not overrides.config_file(config, flag_values)):
     cfg = cfg.replace(steps=QUICK["steps"])
   return cfg

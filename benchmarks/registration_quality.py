@@ -355,11 +355,10 @@ def main(argv):
                      _SEGMENTER.value, size)
   echo_names = []
   base_label = overrides.config_label(_CONFIG)
+  base_file = overrides.config_file(_CONFIG)
   for row in grid_rows(_GRID.value):
     cfg = overrides.apply_overrides(base, row)
-    label = " ".join(w for w in (overrides.config_file(_CONFIG), overrides.row_label(row))
-                     if w and w != "default")
-    name = "Echo-ODE" + (f" {label}" if label else "")
+    name = " ".join(w for w in ("Echo-ODE", base_file, row and overrides.row_label(row)) if w)
     path = row_file(out, row, cfg, size)
     logging.info("%s -> %s", name, path)
     echo_ode_method(pairs, keys, path, cfg, size, _BATCH.value)

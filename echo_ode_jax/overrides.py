@@ -323,15 +323,15 @@ def define_config_flag(name: str = "config") -> flags.FlagHolder:
     cli.exit_unknown_config_field(e, sys.argv)
 
 
-def overridden(holder: flags.FlagHolder) -> dict[str, Any]:
+def overridden(holder: flags.FlagHolder, flag_values=flags.FLAGS) -> dict[str, Any]:
   """{dotted key: value} of the `--config.KEY` overrides given on the command line."""
-  return dict(flags.FLAGS[holder.name].override_values)
+  return dict(flag_values[holder.name].override_values)
 
 
-def config_file(holder: flags.FlagHolder) -> str:
+def config_file(holder: flags.FlagHolder, flag_values=flags.FLAGS) -> str:
   """The named setting of a `--config` flag: the file's name as given after its
   folder (``coarse_to_fine.py:64``), or "" for the FitConfig defaults."""
-  flag = flags.FLAGS[holder.name]
+  flag = flag_values[holder.name]
   return os.path.basename(flag.config_filename) if flag.present else ""
 
 

@@ -16,8 +16,6 @@ On 12 real valid ED/ES pairs at 128² it carried the ED mask to ES with Dice
 defaults' single grid, 300 steps, at most 0.873-0.881), in a third of the
 full-grid steps (BENCHMARKS.md, "Coarse to fine, most steps coarse").
 """
-import math
-
 from echo_ode_jax import overrides
 from echo_ode_jax.fit import FitConfig
 
@@ -28,7 +26,7 @@ STEPS = 50
 
 def levels(size: int) -> int:
   """Pyramid levels from a COARSEST² grid (or the nearest above it) up to size²."""
-  return 1 + max(0, int(math.floor(math.log2(size / COARSEST) + 1e-9)))
+  return max(1, (size // COARSEST).bit_length())
 
 
 def get_config(size: str = "128"):
