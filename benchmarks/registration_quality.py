@@ -29,7 +29,9 @@ masks that lost a structure (left out of the HD means). Written to DIR:
   pred_<method>_<size>.h5  each method's masks (/<patient>/<view>/pred, (2, H, W),
                         on DATA.h5's grid whatever --size the fit ran at)
   results.csv           one row per (method, patient)
-  table.md, summary.json  the means (+- sd) per method
+  table.md, summary.json  the means (+- sd) per method, and each Echo-ODE row
+                        against --reference (ANTs SyNCC with --ants) patient by
+                        patient: mean difference, its 95% t interval, Wilcoxon p
   worst.png             the 4 patients with the lowest Echo-ODE endo Dice: ED
                         with its mask, ES with the ground truth, each method at ES
 
@@ -44,6 +46,7 @@ says how to install it); run the script with that environment's python.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -89,8 +92,14 @@ _ANTS_TRANSFORMS = flags.DEFINE_list("ants_transforms", ["SyN", "SyNCC"],
 _BATCH = flags.DEFINE_integer("batch_size", 12, "Echo-ODE sequences per compiled batch.")
 _QUICK = _quick.define_flag()
 _WORST = flags.DEFINE_integer("worst", 4, "Patients in worst.png.")
+_REFERENCE = flags.DEFINE_string(
+    "reference", None, "The method every Echo-ODE row is compared with, patient by "
+    "patient (paired table); default: the last --ants_transforms row with --ants, "
+    "else none.")
 
 COLUMNS = ("dice_endo", "dice_epi", "hd_endo", "hd_epi", "ef_err", "fold_pct", "seconds")
+PAIRED = (("dice_endo", "Dice endo"), ("dice_epi", "Dice epi"),
+          ("ef_err", "area-EF error (points)"))
 
 
 def select_keys(data: str, splits: str | None, split: str, num: int | None) -> list[str]:
@@ -294,6 +303,34 @@ def table_markdown(summaries: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paired(rows: list[dict], method: str, reference: str) -> dict[str, dict]:
+  """metrics.paired_difference of `method` minus `reference` on each PAIRED
+  column, over the patients both scored (a failed fit or a lost structure drops
+  that patient from that column)."""
+  by = {m: {r["key"]: r for r in rows if r["method"] == m and r.get("status") == "ok"}
+        for m in (method, reference)}
+  keys = sorted(set(by[method]) & set(by[reference]))
+  return {c: metrics.paired_difference([by[method][k].get(c, math.nan) for k in keys],
+                                       [by[reference][k].get(c, math.nan) for k in keys])
+          for c, _ in PAIRED}
+
+
+def paired_markdown(diffs: dict[str, dict[str, dict]], reference: str) -> str:
+  """One row per method: mean difference to `reference` [95% t interval],
+  Wilcoxon p, and the patients where it is better / worse."""
+  head = f"| method − {reference} | " + " | ".join(t for _, t in PAIRED) + " | n |"
+  lines = [head, "|---|" + ":-:|" * (len(PAIRED) + 1)]
+  for name, d in diffs.items():
+    cells = []
+    for c, _ in PAIRED:
+      better, worse = ((d[c]["b_better"], d[c]["a_better"]) if c == "ef_err" else
+                       (d[c]["a_better"], d[c]["b_better"]))
+      cells.append(f"{metrics.format_difference(d[c], 1 if c == 'ef_err' else 3)} "
+                   f"({better} better, {worse} worse)")
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {d[PAIRED[0][0]]['n']} |")
+  return "\n".join(lines) + "\n"
+
+
 def worst_figure(pairs: str, preds: dict[str, str], rows: list[dict], ref: str,
                  num: int, path: str) -> str:
   """ED with its mask, ES with the gt, then each method at ES, for the `num`
@@ -342,44 +379,59 @@ def main(argv):
   base = _quick.fit_config(_QUICK, _CONFIG)
   logging.info("%d ED/ES pairs, registration at %d^2, %d fit steps", len(keys), size,
                base.steps)
-  methods: dict[str, str] = {}
+  # Every method's name, masks file and how to make it, planned before any work.
+  plan: list[tuple[str, str, functools.partial]] = [
+      ("copy m_0", os.path.join(out, "pred_copy.h5"), functools.partial(
+          copy_method, pairs, keys))]
   extra: dict[str, dict] = {}
-  methods["copy m_0"] = os.path.join(out, "pred_copy.h5")
-  copy_method(pairs, keys, methods["copy m_0"])
   if _SEGMENTATION.value or _SEGMENTER.value:
     name = "segmenter ES" if _SEGMENTATION.value else (
         f"{os.path.basename(os.path.normpath(_SEGMENTER.value))} ES")
-    methods[name] = os.path.join(out, f"pred_{slug(name)}" + (
-        ".h5" if _SEGMENTATION.value else f"_{size}.h5"))
-    segmenter_method(pairs, keys, methods[name], data, _SEGMENTATION.value,
-                     _SEGMENTER.value, size)
+    plan.append((name, os.path.join(out, f"pred_{slug(name)}" + (
+        ".h5" if _SEGMENTATION.value else f"_{size}.h5")), functools.partial(
+            segmenter_method, pairs, keys, data=data, segmentation=_SEGMENTATION.value,
+            workdir=_SEGMENTER.value, size=size)))
   echo_names = []
   base_label = overrides.config_label(_CONFIG)
   base_file = overrides.config_file(_CONFIG)
   for row in grid_rows(_GRID.value):
     cfg = overrides.apply_overrides(base, row)
     name = " ".join(w for w in ("Echo-ODE", base_file, row and overrides.row_label(row)) if w)
-    path = row_file(out, row, cfg, size)
-    logging.info("%s -> %s", name, path)
-    echo_ode_method(pairs, keys, path, cfg, size, _BATCH.value)
-    methods[name] = path
+    plan.append((name, row_file(out, row, cfg, size), functools.partial(
+        echo_ode_method, pairs, keys, cfg=cfg, size=size, batch_size=_BATCH.value)))
     extra[name] = {"config": json.loads(cfg.to_json())}
     echo_names.append(name)
   if _ANTS.value:
     for t in _ANTS_TRANSFORMS.value:
-      name = f"ANTs {t}"
-      methods[name] = os.path.join(out, f"pred_ants_{slug(t)}_{size}.h5")
-      ants_method(pairs, keys, methods[name], t, size)
+      plan.append((f"ANTs {t}", os.path.join(out, f"pred_ants_{slug(t)}_{size}.h5"),
+                   functools.partial(ants_method, pairs, keys, transform=t, size=size)))
+  methods = {name: path for name, path, _ in plan}
+  reference = _REFERENCE.value or (f"ANTs {_ANTS_TRANSFORMS.value[-1]}" if _ANTS.value
+                                   and _ANTS_TRANSFORMS.value else None)
+  if reference is not None and reference not in methods:
+    raise InputError(None, f"--reference={reference}: no such method; the methods are "
+                     f"{', '.join(methods)}")
+  for name, path, make in plan:
+    logging.info("%s -> %s", name, path)
+    make(path)
   rows = [r for name, p in methods.items() for r in score(pairs, keys, name, p)]
   reports.write_csv(os.path.join(out, "results.csv"), rows)
   summaries = {n: summarize([r for r in rows if r["method"] == n]) for n in methods}
   table = table_markdown(summaries)
+  diffs = {n: paired(rows, n, reference) for n in echo_names} if reference else {}
+  if diffs:
+    table += (f"\nPaired, patient by patient: mean difference to {reference} [95% "
+              f"t interval], Wilcoxon signed-rank p; lower EF error is better.\n\n"
+              + paired_markdown(diffs, reference))
   with atomic_path(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
     f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE base config "
             f"{base_label} ({base.steps} steps at the full grid; grid rows may change it)"
             f"\n\n{table}")
   reports.write_json(os.path.join(out, "summary.json"),
-                        {n: {"summary": s, **extra.get(n, {})} for n, s in summaries.items()})
+                     {n: {"summary": s, **extra.get(n, {}),
+                          **({"paired": {"reference": reference, **diffs[n]}}
+                             if n in diffs else {})}
+                      for n, s in summaries.items()})
   worst_figure(pairs, methods, rows, echo_names[0] if echo_names else "copy m_0",
                _WORST.value, os.path.join(out, "worst.png"))
   print(table, end="")

@@ -200,3 +200,38 @@ def test_quick_sets_the_steps_unless_a_setting_gives_them(argv, steps):
                                            flag_values=fv, sys_argv=argv)
   fv(argv)
   assert quick.fit_config(on, config, fv).steps == steps
+
+
+def test_paired_rows_against_hand_computed_differences():
+  """Echo-ODE minus the reference, patient by patient: a failed patient of either
+  is left out; for the EF error (lower is better) "better" counts the patients
+  where Echo-ODE's error is lower."""
+  def row(m, k, endo, epi, ef, status="ok"):
+    return {"method": m, "key": k, "status": status, "dice_endo": endo, "dice_epi": epi,
+            "ef_err": ef}
+  rows = [row("E", "p1", 0.91, 0.95, 2.0), row("R", "p1", 0.90, 0.94, 4.0),
+          row("E", "p2", 0.82, 0.93, 9.0), row("R", "p2", 0.80, 0.95, 5.0),
+          row("E", "p3", 0.73, 0.90, 1.0), row("R", "p3", 0.70, 0.91, 3.0),
+          row("E", "p4", 0.10, 0.10, 50.0, "failed"), row("R", "p4", 0.88, 0.93, 1.0)]
+  d = rq.paired(rows, "E", "R")
+  assert d["dice_endo"]["n"] == 3 and d["dice_endo"]["mean"] == pytest.approx(0.02)
+  assert d["dice_epi"]["mean"] == pytest.approx((0.01 - 0.02 - 0.01) / 3)
+  assert d["ef_err"]["mean"] == pytest.approx((-2 + 4 - 2) / 3)
+  assert (d["ef_err"]["a_better"], d["ef_err"]["b_better"]) == (1, 2)
+  md = rq.paired_markdown({"E": d}, "R")
+  cells = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+  assert cells[0] == "E" and cells[-1] == "3"
+  assert cells[1].startswith("+0.020 [") and cells[1].endswith("(3 better, 0 worse)")
+  assert cells[3].endswith("(2 better, 1 worse)")      # EF: lower error is better
+
+
+def test_unknown_reference_is_one_line_before_any_work(data, tmp_path):
+  import subprocess
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, str(BENCH / "registration_quality.py"), f"--data={data}",
+                      f"--out={out}", "--segmenter=", "--reference=ANTs SyNCC"],
+                     capture_output=True, text=True, cwd=BENCH.parent, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  err = r.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: --reference=ANTs SyNCC: no such method") and "copy m_0" in err
+  assert not list(out.glob("pred_*.h5"))

@@ -1,6 +1,7 @@
 """Evaluation metrics on label maps: Dice, frame-to-frame Hausdorff distance,
 temporal inconsistency (Painchaud et al. 2022), EF (area and Simpson), and
-deformation quality of stored flows; plus the per-sequence / per-file driver.
+deformation quality of stored flows; plus the per-sequence / per-file driver
+and a paired comparison of two methods on the same cases.
 
 Labels: 0 background, 1 LV cavity (endo), 2 myocardium, 3 LA; 255 marks an
 unannotated gt frame. Spacings are (row, col) mm per pixel.
@@ -12,6 +13,7 @@ from echo_ode_jax.metrics._ef import (ef_measures, ejection_fraction, lv_area_mm
                                       simpson_volume_ml)
 from echo_ode_jax.metrics._evaluate import (evaluate_files, evaluate_sequence, summarize,
                                             table_markdown)
+from echo_ode_jax.metrics._paired import format_difference, paired_difference
 from echo_ode_jax.metrics._hausdorff import (boundary, consecutive_hausdorff,
                                              directed_hausdorff_mm, hausdorff_mm,
                                              temporal_hausdorff)
@@ -28,9 +30,10 @@ __all__ = [
     "STRUCTURES", "annotated_frames", "attribute_curves", "boundary",
     "consecutive_hausdorff", "consistency_error", "deformation_quality", "dice",
     "dice_per_frame", "dice_scores", "directed_hausdorff_mm", "ef_measures",
-    "ejection_fraction", "evaluate_files", "evaluate_sequence", "hausdorff_mm",
+    "ejection_fraction", "evaluate_files", "evaluate_sequence", "format_difference",
+    "hausdorff_mm",
     "jacobian_determinant_np", "lv_apex", "lv_area_mm2", "lv_base_points",
-    "orientation_deg", "resample_nearest", "sequence_temporal_consistency",
+    "orientation_deg", "paired_difference", "resample_nearest", "sequence_temporal_consistency",
     "shape_attributes", "simpson_volume_ml", "structure_mask", "summarize",
     "table_markdown", "temporal_consistency", "temporal_hausdorff",
 ]
