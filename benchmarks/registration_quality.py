@@ -98,8 +98,8 @@ _REFERENCE = flags.DEFINE_string(
     "else none.")
 
 COLUMNS = ("dice_endo", "dice_epi", "hd_endo", "hd_epi", "ef_err", "fold_pct", "seconds")
-PAIRED = (("dice_endo", "Dice endo"), ("dice_epi", "Dice epi"),
-          ("ef_err", "area-EF error (points)"))
+PAIRED = (("dice_endo", "Dice endo", False, 3), ("dice_epi", "Dice epi", False, 3),
+          ("ef_err", "area-EF error (points)", True, 1))
 
 
 def select_keys(data: str, splits: str | None, split: str, num: int | None) -> list[str]:
@@ -303,34 +303,6 @@ def table_markdown(summaries: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def paired(rows: list[dict], method: str, reference: str) -> dict[str, dict]:
-  """metrics.paired_difference of `method` minus `reference` on each PAIRED
-  column, over the patients both scored (a failed fit or a lost structure drops
-  that patient from that column)."""
-  by = {m: {r["key"]: r for r in rows if r["method"] == m and r.get("status") == "ok"}
-        for m in (method, reference)}
-  keys = sorted(set(by[method]) & set(by[reference]))
-  return {c: metrics.paired_difference([by[method][k].get(c, math.nan) for k in keys],
-                                       [by[reference][k].get(c, math.nan) for k in keys])
-          for c, _ in PAIRED}
-
-
-def paired_markdown(diffs: dict[str, dict[str, dict]], reference: str) -> str:
-  """One row per method: mean difference to `reference` [95% t interval],
-  Wilcoxon p, and the patients where it is better / worse."""
-  head = f"| method − {reference} | " + " | ".join(t for _, t in PAIRED) + " | n |"
-  lines = [head, "|---|" + ":-:|" * (len(PAIRED) + 1)]
-  for name, d in diffs.items():
-    cells = []
-    for c, _ in PAIRED:
-      better, worse = ((d[c]["b_better"], d[c]["a_better"]) if c == "ef_err" else
-                       (d[c]["a_better"], d[c]["b_better"]))
-      cells.append(f"{metrics.format_difference(d[c], 1 if c == 'ef_err' else 3)} "
-                   f"({better} better, {worse} worse)")
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {d[PAIRED[0][0]]['n']} |")
-  return "\n".join(lines) + "\n"
-
-
 def worst_figure(pairs: str, preds: dict[str, str], rows: list[dict], ref: str,
                  num: int, path: str) -> str:
   """ED with its mask, ES with the gt, then each method at ES, for the `num`
@@ -418,18 +390,20 @@ def main(argv):
   reports.write_csv(os.path.join(out, "results.csv"), rows)
   summaries = {n: summarize([r for r in rows if r["method"] == n]) for n in methods}
   table = table_markdown(summaries)
-  diffs = {n: paired(rows, n, reference) for n in echo_names} if reference else {}
+  of = lambda m: [r for r in rows if r["method"] == m]
+  diffs = {n: (reference, metrics.compare_rows(of(n), of(reference), [c[0] for c in PAIRED]))
+           for n in echo_names} if reference else {}
   if diffs:
-    table += (f"\nPaired, patient by patient: mean difference to {reference} [95% "
-              f"t interval], Wilcoxon signed-rank p; lower EF error is better.\n\n"
-              + paired_markdown(diffs, reference))
+    table += ("\nPaired, patient by patient: mean difference [95% t interval], Wilcoxon "
+              "signed-rank p; lower EF error is better.\n\n"
+              + metrics.paired_markdown(diffs, PAIRED))
   with atomic_path(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
     f.write(f"{len(keys)} ED/ES pairs; registration at {size}^2; Echo-ODE base config "
             f"{base_label} ({base.steps} steps at the full grid; grid rows may change it)"
             f"\n\n{table}")
   reports.write_json(os.path.join(out, "summary.json"),
                      {n: {"summary": s, **extra.get(n, {}),
-                          **({"paired": {"reference": reference, **diffs[n]}}
+                          **({"paired": {"reference": reference, **diffs[n][1]}}
                              if n in diffs else {})}
                       for n, s in summaries.items()})
   worst_figure(pairs, methods, rows, echo_names[0] if echo_names else "copy m_0",

@@ -26,7 +26,9 @@ inconsistencies, Dice endo / epi / mDice over all frames, EF MAE) plus folding:
 
 Stages are resumable (fits through fit_file's resume, ANTs per sequence, the
 evaluations cached). DIR/table.md, summary.json and metrics.csv hold the
-results. --quick is --size=64 --config.steps=300 --num=12 (flags given
+results; table.md and summary.json also compare, sequence by sequence, each
+Echo-ODE row from the U-Net's m_0 with the U-Net per frame and each row from the
+true m_0 with ANTs per frame (mean difference, 95% t interval, Wilcoxon p). --quick is --size=64 --config.steps=300 --num=12 (flags given
 explicitly win). --num keeps the first N sequences (copied to DIR/data.h5).
 --config.KEY=VALUE sets any FitConfig field (echo_ode_jax/overrides.py).
 """
@@ -150,6 +152,23 @@ def relabel_file(fit_h5: str, labels_h5: str, path: str, propagation: str) -> st
   return path
 
 
+PAIRED = (("mdice", "mDice", False, 3), ("dice_endo", "Dice endo", False, 3),
+          ("ef_area_err", "EF error area (points)", True, 1))
+
+
+def paired_references(names, seg_name: str, ants_name: str | None) -> dict[str, str]:
+  """Which method each Echo-ODE row is compared with, sequence by sequence: a
+  row from the segmenter's m_0 with the segmenter per frame, a row from the
+  ground truth with ANTs per frame (when it ran)."""
+  refs = {}
+  for n in names:
+    if n.startswith("Echo-ODE") and "gt " not in n:
+      refs[n] = seg_name
+    elif n.startswith("Echo-ODE") and ants_name:
+      refs[n] = ants_name
+  return refs
+
+
 def _num(v, d=3):
   return f"{v:.{d}f}" if v is not None and math.isfinite(v) else "–"
 
@@ -221,21 +240,30 @@ def main(argv):
     preds[name or f"{fit_name}, {prop}"] = relabel_file(
         preds[fit_name], preds[labels], preds[fit_name][:-3] + f"_{prop}.h5", prop)
   folds = {}
+  ants_name = None
   if _ANTS.value:
-    name = f"ANTs {_ANTS_TRANSFORM.value} per frame"
+    ants_name = f"ANTs {_ANTS_TRANSFORM.value} per frame"
     path = os.path.join(out, f"pred_ants_{_ANTS_TRANSFORM.value}_{size or 'data'}.h5")
-    preds[name] = ants_per_frame(data, path, _ANTS_TRANSFORM.value, size)
-    folds[name] = _mean_attr(preds[name], "folding_fraction")
+    preds[ants_name] = ants_per_frame(data, path, _ANTS_TRANSFORM.value, size)
+    folds[ants_name] = _mean_attr(preds[ants_name], "folding_fraction")
   results = {n: reports.evaluate_cached(data, p, p[:-3] + ".eval.json")
              for n, p in preds.items()}
   summaries = {n: metrics.summarize(r) for n, r in results.items()}
+  refs = paired_references(preds, seg_name, ants_name)
+  diffs = {n: (ref, metrics.compare_rows(results[n], results[ref], [c[0] for c in PAIRED]))
+           for n, ref in refs.items()}
   table = (f"{len(hdf5.list_keys(data))} semi-synthetic sequences; grid "
            f"{size or 'of the data'}; Echo-ODE {cfg.steps} steps, config "
-           f"{overrides.config_label(_CONFIG)}\n\n" + table_markdown(summaries, folds))
+           f"{overrides.config_label(_CONFIG)}\n\n" + table_markdown(summaries, folds)
+           + "\nPaired, sequence by sequence: mean difference [95% t interval], Wilcoxon "
+           "signed-rank p; lower EF error is better.\n\n"
+           + metrics.paired_markdown(diffs, PAIRED))
   extra = {n: {"pred": os.path.relpath(p, out)} for n, p in preds.items()}
   for n in preds:
     if n.startswith("Echo-ODE"):
       extra[n]["config"] = json.loads(cfg.to_json())
+    if n in diffs:
+      extra[n]["paired"] = {"reference": diffs[n][0], **diffs[n][1]}
   reports.write_report(out, results, extra, table)
   logging.info("report in %s", out)
   print(table, end="")

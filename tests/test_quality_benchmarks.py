@@ -213,16 +213,17 @@ def test_paired_rows_against_hand_computed_differences():
           row("E", "p2", 0.82, 0.93, 9.0), row("R", "p2", 0.80, 0.95, 5.0),
           row("E", "p3", 0.73, 0.90, 1.0), row("R", "p3", 0.70, 0.91, 3.0),
           row("E", "p4", 0.10, 0.10, 50.0, "failed"), row("R", "p4", 0.88, 0.93, 1.0)]
-  d = rq.paired(rows, "E", "R")
+  of = lambda m: [r for r in rows if r["method"] == m]
+  d = metrics.compare_rows(of("E"), of("R"), [c[0] for c in rq.PAIRED])
   assert d["dice_endo"]["n"] == 3 and d["dice_endo"]["mean"] == pytest.approx(0.02)
   assert d["dice_epi"]["mean"] == pytest.approx((0.01 - 0.02 - 0.01) / 3)
   assert d["ef_err"]["mean"] == pytest.approx((-2 + 4 - 2) / 3)
   assert (d["ef_err"]["a_better"], d["ef_err"]["b_better"]) == (1, 2)
-  md = rq.paired_markdown({"E": d}, "R")
+  md = metrics.paired_markdown({"E": ("R", d)}, rq.PAIRED)
   cells = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
-  assert cells[0] == "E" and cells[-1] == "3"
-  assert cells[1].startswith("+0.020 [") and cells[1].endswith("(3 better, 0 worse)")
-  assert cells[3].endswith("(2 better, 1 worse)")      # EF: lower error is better
+  assert cells[:2] == ["E", "R"] and cells[-1] == "3"
+  assert cells[2].startswith("+0.020 [") and cells[2].endswith("(3 better, 0 worse)")
+  assert cells[4].endswith("(2 better, 1 worse)")      # EF: lower error is better
 
 
 def test_unknown_reference_is_one_line_before_any_work(data, tmp_path):
@@ -235,3 +236,16 @@ def test_unknown_reference_is_one_line_before_any_work(data, tmp_path):
   err = r.stderr.strip().splitlines()[-1]
   assert err.startswith("error: --reference=ANTs SyNCC: no such method") and "copy m_0" in err
   assert not list(out.glob("pred_*.h5"))
+
+
+def test_semisynthetic_rows_are_compared_with_their_baseline():
+  names = ["ground truth", "copy m_0", "U-Net per frame", "Echo-ODE (U-Net m_0 and guide)",
+           "Echo-ODE (U-Net m_0, no guide), consensus", "Echo-ODE (gt m_0, no guide)",
+           "Echo-ODE (gt ED + ES masks), bidirectional", "ANTs SyNCC per frame"]
+  refs = st.paired_references(names, "U-Net per frame", "ANTs SyNCC per frame")
+  assert refs == {"Echo-ODE (U-Net m_0 and guide)": "U-Net per frame",
+                  "Echo-ODE (U-Net m_0, no guide), consensus": "U-Net per frame",
+                  "Echo-ODE (gt m_0, no guide)": "ANTs SyNCC per frame",
+                  "Echo-ODE (gt ED + ES masks), bidirectional": "ANTs SyNCC per frame"}
+  assert st.paired_references(names, "U-Net per frame", None) == {
+      k: v for k, v in refs.items() if v == "U-Net per frame"}

@@ -13,7 +13,8 @@ from echo_ode_jax.metrics._ef import (ef_measures, ejection_fraction, lv_area_mm
                                       simpson_volume_ml)
 from echo_ode_jax.metrics._evaluate import (evaluate_files, evaluate_sequence, summarize,
                                             table_markdown)
-from echo_ode_jax.metrics._paired import format_difference, paired_difference
+from echo_ode_jax.metrics._paired import (compare_rows, format_difference, paired_difference,
+                                          paired_markdown)
 from echo_ode_jax.metrics._hausdorff import (boundary, consecutive_hausdorff,
                                              directed_hausdorff_mm, hausdorff_mm,
                                              temporal_hausdorff)
@@ -27,13 +28,13 @@ from echo_ode_jax.metrics._temporal import (ATTRIBUTE_BOUNDS, ATTRIBUTE_THRESHOL
 
 __all__ = [
     "ATTRIBUTES", "ATTRIBUTE_BOUNDS", "ATTRIBUTE_THRESHOLDS", "CAMUS_NATIVE_SPACING",
-    "STRUCTURES", "annotated_frames", "attribute_curves", "boundary",
+    "STRUCTURES", "annotated_frames", "attribute_curves", "boundary", "compare_rows",
     "consecutive_hausdorff", "consistency_error", "deformation_quality", "dice",
     "dice_per_frame", "dice_scores", "directed_hausdorff_mm", "ef_measures",
     "ejection_fraction", "evaluate_files", "evaluate_sequence", "format_difference",
     "hausdorff_mm",
     "jacobian_determinant_np", "lv_apex", "lv_area_mm2", "lv_base_points",
-    "orientation_deg", "paired_difference", "resample_nearest", "sequence_temporal_consistency",
+    "orientation_deg", "paired_difference", "paired_markdown", "resample_nearest", "sequence_temporal_consistency",
     "shape_attributes", "simpson_volume_ml", "structure_mask", "summarize",
     "table_markdown", "temporal_consistency", "temporal_hausdorff",
 ]

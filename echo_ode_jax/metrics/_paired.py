@@ -58,3 +58,44 @@ def format_difference(p: dict, digits: int = 3) -> str:
         else f" [{p['ci_low']:+.{digits}f}, {p['ci_high']:+.{digits}f}]")
   pv = "" if not math.isfinite(p["p_wilcoxon"]) else f", p={p['p_wilcoxon']:.2g}"
   return f"{p['mean']:+.{digits}f}{ci}{pv}"
+
+
+def compare_rows(rows: list[dict], reference: list[dict], columns) -> dict[str, dict]:
+  """:func:`paired_difference` of `rows` minus `reference`, per column.
+
+  rows, reference: per-case dicts with "key" and "status" (the rows of
+  registration or evaluation, one method each); the cases are the keys "ok" in
+  both, and a non-finite value drops that case from that column only.
+  columns: names of the numeric fields.
+  """
+  a = {r["key"]: r for r in rows if r.get("status") == "ok"}
+  b = {r["key"]: r for r in reference if r.get("status") == "ok"}
+  keys = sorted(set(a) & set(b))
+
+  def value(r, c):
+    v = r.get(c)
+    return math.nan if v is None else float(v)
+
+  return {c: paired_difference([value(a[k], c) for k in keys], [value(b[k], c) for k in keys])
+          for c in columns}
+
+
+def paired_markdown(diffs: dict[str, tuple[str, dict[str, dict]]], columns) -> str:
+  """A Markdown table: per method, its reference and, per column, the mean
+  difference [t interval], Wilcoxon p and the cases where the method is better /
+  worse.
+
+  diffs: {method: (reference, :func:`compare_rows` of the two)}.
+  columns: (field, title, lower_is_better, digits) per column.
+  """
+  head = "| method | − reference | " + " | ".join(c[1] for c in columns) + " | n |"
+  lines = [head, "|---|---|" + ":-:|" * (len(columns) + 1)]
+  for name, (ref, d) in diffs.items():
+    cells = []
+    for field, _, lower_better, digits in columns:
+      p = d[field]
+      better, worse = ((p["b_better"], p["a_better"]) if lower_better else
+                       (p["a_better"], p["b_better"]))
+      cells.append(f"{format_difference(p, digits)} ({better} better, {worse} worse)")
+    lines.append(f"| {name} | {ref} | " + " | ".join(cells) + f" | {d[columns[0][0]]['n']} |")
+  return "\n".join(lines) + "\n"
