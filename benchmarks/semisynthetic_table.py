@@ -28,8 +28,8 @@ Stages are resumable (fits through fit_file's resume, ANTs per sequence, the
 evaluations cached). DIR/table.md, summary.json and metrics.csv hold the
 results; table.md and summary.json also compare, sequence by sequence, each
 Echo-ODE row from the U-Net's m_0 with the U-Net per frame and each row from the
-true m_0 with ANTs per frame (mean difference, 95% t interval, Wilcoxon p). --quick is --size=64 --config.steps=300 --num=12 (flags given
-explicitly win). --num keeps the first N sequences (copied to DIR/data.h5).
+true m_0 with ANTs per frame (mean difference, 95% t interval, Wilcoxon p).
+--quick is --size=64 --config.steps=300 --num=12 (flags given explicitly win). --num keeps the first N sequences (copied to DIR/data.h5).
 --config.KEY=VALUE sets any FitConfig field (echo_ode_jax/overrides.py).
 """
 from __future__ import annotations

@@ -59,3 +59,19 @@ def test_bad_input_is_one_line():
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="confidence"):
     metrics.paired_difference([1, 2], [1, 2], confidence=95)
+
+
+def test_compare_rows_matches_cases_by_key():
+  """Rows in different orders, a key only one method has, a None value: the
+  cases are matched by key, and each column keeps the cases it has a value for."""
+  a = [{"key": "p2", "status": "ok", "x": 0.82, "y": None},
+       {"key": "p1", "status": "ok", "x": 0.91, "y": 1.0},
+       {"key": "p3", "status": "ok", "x": 0.73, "y": 2.0},
+       {"key": "p9", "status": "ok", "x": 0.0, "y": 0.0}]
+  b = [{"key": "p1", "status": "ok", "x": 0.90, "y": 3.0},
+       {"key": "p3", "status": "ok", "x": 0.70, "y": 3.0},
+       {"key": "p2", "status": "ok", "x": 0.80, "y": 3.0},
+       {"key": "p4", "status": "missing"}]
+  d = metrics.compare_rows(a, b, ["x", "y"])
+  assert d["x"]["n"] == 3 and d["x"]["mean"] == pytest.approx(0.02)
+  assert d["y"]["n"] == 2 and d["y"]["mean"] == pytest.approx(-1.5)

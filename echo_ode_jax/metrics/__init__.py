@@ -13,11 +13,11 @@ from echo_ode_jax.metrics._ef import (ef_measures, ejection_fraction, lv_area_mm
                                       simpson_volume_ml)
 from echo_ode_jax.metrics._evaluate import (evaluate_files, evaluate_sequence, summarize,
                                             table_markdown)
-from echo_ode_jax.metrics._paired import (compare_rows, format_difference, paired_difference,
-                                          paired_markdown)
 from echo_ode_jax.metrics._hausdorff import (boundary, consecutive_hausdorff,
                                              directed_hausdorff_mm, hausdorff_mm,
                                              temporal_hausdorff)
+from echo_ode_jax.metrics._paired import (compare_rows, format_difference, paired_difference,
+                                          paired_markdown)
 from echo_ode_jax.metrics._shape import (lv_apex, lv_base_points, orientation_deg,
                                          shape_attributes)
 from echo_ode_jax.metrics._temporal import (ATTRIBUTE_BOUNDS, ATTRIBUTE_THRESHOLDS,
@@ -32,9 +32,9 @@ __all__ = [
     "consecutive_hausdorff", "consistency_error", "deformation_quality", "dice",
     "dice_per_frame", "dice_scores", "directed_hausdorff_mm", "ef_measures",
     "ejection_fraction", "evaluate_files", "evaluate_sequence", "format_difference",
-    "hausdorff_mm",
-    "jacobian_determinant_np", "lv_apex", "lv_area_mm2", "lv_base_points",
-    "orientation_deg", "paired_difference", "paired_markdown", "resample_nearest", "sequence_temporal_consistency",
-    "shape_attributes", "simpson_volume_ml", "structure_mask", "summarize",
-    "table_markdown", "temporal_consistency", "temporal_hausdorff",
+    "hausdorff_mm", "jacobian_determinant_np", "lv_apex", "lv_area_mm2", "lv_base_points",
+    "orientation_deg", "paired_difference", "paired_markdown", "resample_nearest",
+    "sequence_temporal_consistency", "shape_attributes", "simpson_volume_ml",
+    "structure_mask", "summarize", "table_markdown", "temporal_consistency",
+    "temporal_hausdorff",
 ]
