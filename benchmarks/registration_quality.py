@@ -388,10 +388,11 @@ def main(argv):
     make(path)
   rows = [r for name, p in methods.items() for r in score(pairs, keys, name, p)]
   reports.write_csv(os.path.join(out, "results.csv"), rows)
-  summaries = {n: summarize([r for r in rows if r["method"] == n]) for n in methods}
+  by_method = {n: [r for r in rows if r["method"] == n] for n in methods}
+  summaries = {n: summarize(by_method[n]) for n in methods}
   table = table_markdown(summaries)
-  of = lambda m: [r for r in rows if r["method"] == m]
-  diffs = {n: (reference, metrics.compare_rows(of(n), of(reference), [c[0] for c in PAIRED]))
+  diffs = {n: (reference, metrics.compare_rows(by_method[n], by_method[reference],
+                                               [c[0] for c in PAIRED]))
            for n in echo_names} if reference else {}
   if diffs:
     table += ("\nPaired, patient by patient: mean difference [95% t interval], Wilcoxon "

@@ -39,20 +39,18 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
   if d.size == 0:
     return out
   out["mean"] = float(d.mean())
-  if np.all(d == d[0]):
-    if d.size >= 2:
-      out["ci_low"] = out["ci_high"] = float(d[0])
-    out["p_wilcoxon"] = 1.0 if d[0] == 0 else float(stats.wilcoxon(d).pvalue)
-    return out
-  ci = stats.ttest_rel(a[keep], b[keep]).confidence_interval(confidence)
-  out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
-  out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue)
+  out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue) if d.any() else 1.0
+  if d.size >= 2 and np.all(d == d[0]):    # no spread: ttest_rel's interval is NaN
+    out["ci_low"] = out["ci_high"] = float(d[0])
+  elif d.size >= 2:
+    ci = stats.ttest_rel(a[keep], b[keep]).confidence_interval(confidence)
+    out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
   return out
 
 
 def format_difference(p: dict, digits: int = 3) -> str:
   """'+0.012 [-0.003, +0.027], p=0.08' (mean, interval, Wilcoxon p) or '-' when n = 0."""
-  if not p["n"] or not math.isfinite(p["mean"]):
+  if not p["n"]:
     return "-"
   ci = ("" if not math.isfinite(p["ci_low"])
         else f" [{p['ci_low']:+.{digits}f}, {p['ci_high']:+.{digits}f}]")
