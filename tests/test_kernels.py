@@ -205,6 +205,13 @@ def test_folding_fraction_and_penalty():
   assert float(eo.jdet_penalty(jnp.asarray(phi, jnp.float32))) == 0.0
   np.testing.assert_allclose(float(eo.jdet_penalty(jnp.asarray(flip, jnp.float32))), 1.0,
                              rtol=1e-6)
+  # A uniform shrink by 0.2 per axis: det 0.04 everywhere, no folding; a margin
+  # of 0.1 penalises it by (0.1 - 0.04)^2, the paper's margin 0 not at all.
+  shrink = jnp.asarray(phi * 0.2, jnp.float32)
+  assert float(eo.jdet_penalty(shrink)) == 0.0
+  np.testing.assert_allclose(float(eo.jdet_penalty(shrink, 0.1)), 0.06 ** 2, rtol=1e-4)
+  np.testing.assert_allclose(float(eo.jdet_penalty(jnp.asarray(flip, jnp.float32), 0.1)),
+                             1.1 ** 2, rtol=1e-6)
   half = phi.copy()
   half[:, :, 1] *= 0.5 - 1.0 * (np.arange(10) >= 5)[:, None]   # bottom half mirrored x0.5
   expect_fold = np.mean(np.gradient(half[..., 0], axis=0) * np.gradient(half[..., 1], axis=1)

@@ -77,14 +77,15 @@ def _scipy_terms(s, phi, cfg, guided=True):
   return {"sim": np.mean(sim), "ncc": np.mean(ncc) if cfg.lambda_ncc > 0 else 0.0,
           "seg": (1 - np.mean(dices)) if guided else 0.0,
           "ef": abs(ef_prop - ef_guide) if guided else 0.0,
-          "jdet": np.mean([max(-d, 0.0) ** 2 for d in dets]),
+          "jdet": np.mean([max(cfg.jdet_margin - d, 0.0) ** 2 for d in dets]),
           "smt": np.mean(grads)}
 
 
-@pytest.mark.parametrize("lambda_ncc", [0.0, 1.0])
-def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case, lambda_ncc):
+@pytest.mark.parametrize("lambda_ncc,jdet_margin", [(0.0, 0.0), (1.0, 0.0), (1.0, 0.95)])
+def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case, lambda_ncc, jdet_margin):
+  """jdet_margin 0.95 also penalises frames 2 and 4 (det 0.94, 0.86), not only the reflection."""
   s, phi = case
-  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5)
+  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5, jdet_margin=jdet_margin)
   seq = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
   assert seq["frame_valid"].tolist() == [1] * T_VALID + [0] * (T_PAD - T_VALID)
   got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)

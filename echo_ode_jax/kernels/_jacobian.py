@@ -89,6 +89,11 @@ def folding_fraction(phi: Float[Array, "H W 2"]) -> Float[Array, ""]:
   return jnp.mean((jacobian_determinant(phi) <= 0).astype(jnp.float32))
 
 
-def jdet_penalty(phi: Float[Array, "H W 2"]) -> Float[Array, ""]:
-  """The paper's R_Jdet for one map: mean(ReLU(-det D phi)^2)."""
-  return jnp.mean(jnp.square(jax.nn.relu(-jacobian_determinant(phi))))
+def jdet_penalty(phi: Float[Array, "H W 2"], margin: float = 0.0) -> Float[Array, ""]:
+  """R_Jdet for one map: mean(ReLU(margin - det D phi)^2).
+
+  margin = 0 is the paper's term (only folded pixels, det <= 0, are penalised);
+  margin > 0 also penalises pixels compressed to an area ratio below margin, so
+  the fit keeps away from folding rather than only pulling back from it.
+  """
+  return jnp.mean(jnp.square(jax.nn.relu(margin - jacobian_determinant(phi))))
