@@ -86,18 +86,6 @@ def subset(data: str, num: int | None, path: str) -> str:
   return path
 
 
-def label_file(data: str, path: str, frames_of) -> str:
-  """A prediction file whose pred is frames_of(gt) for every sequence."""
-  if os.path.exists(path):
-    return path
-  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-    f.attrs["format_version"] = hdf5.FORMAT_VERSION
-    for seq in hdf5.iter_sequences(data):
-      f.require_group(seq.key).create_dataset("pred", data=frames_of(seq.gt),
-                                              compression="gzip")
-  return path
-
-
 def ants_per_frame(data: str, path: str, transform: str, size: int | None) -> str:
   """ANTs `transform` from frame 0 to every frame at size x size, the gt ED
   mask pulled through each on the data grid; resumable per sequence; writes
@@ -214,8 +202,8 @@ def main(argv):
   seg = _SEGMENTER.value
   digest = overrides.config_digest(cfg)   # fits of other settings go to other files
   preds = {
-      "ground truth": label_file(data, os.path.join(out, "pred_gt.h5"), lambda g: g),
-      "copy m_0": label_file(data, os.path.join(out, "pred_copy.h5"),
+      "ground truth": tables.label_file(data, os.path.join(out, "pred_gt.h5")),
+      "copy m_0": tables.label_file(data, os.path.join(out, "pred_copy.h5"),
                              lambda g: np.repeat(g[:1], g.shape[0], 0)),
   }
   seg_name = tables.segmenter_label(seg)

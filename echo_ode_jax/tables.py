@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from echo_ode_jax import metrics, overrides, plots, runner
+from echo_ode_jax._atomic import atomic_path
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
@@ -46,6 +47,21 @@ def stage(path: str, fn: Callable[[], Any], what: str) -> bool:
   if not os.path.exists(path):
     raise RuntimeError(f"{what}: stage finished without writing {path}")
   return True
+
+
+def label_file(data: str, path: str,
+               frames_of: Callable[[np.ndarray], np.ndarray] = lambda gt: gt) -> str:
+  """A prediction file at `path` whose pred is frames_of(gt) for every sequence of
+  `data` (default: the ground truth itself, a reference row of a table); kept
+  if it exists, written atomically otherwise. Returns path."""
+  if os.path.exists(path):
+    return path
+  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    f.attrs["format_version"] = hdf5.FORMAT_VERSION
+    for seq in hdf5.iter_sequences(data):
+      f.require_group(seq.key).create_dataset("pred", data=frames_of(seq.gt),
+                                              compression="gzip")
+  return path
 
 
 def mean_fit_seconds(results_h5: str) -> float:

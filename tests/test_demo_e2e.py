@@ -11,7 +11,8 @@ from echo_ode_jax import reports
 from echo_ode_jax.data import hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("data.h5", "train_edes.h5", "unet_pred.h5", "echo_ode.h5", "metrics.csv",
+FILES = ("data.h5", "train_edes.h5", "unet_pred.h5", "echo_ode.h5", "ground_truth.h5",
+         "metrics.csv",
          "summary.json", "table.md", "fig2_contours.png", "fig3b_lv_length.png",
          "fig4_deformation.png", "demo_config.json")
 ARGS = ["--num=2", "--size=32", "--frames=4", "--steps=2", "--seg_steps=2", "--num_train=4"]
@@ -38,7 +39,8 @@ def test_demo_end_to_end(tmp_path):
     assert (out / name).exists() and os.path.getsize(out / name) > 0, name
   rows = _table((out / "table.md").read_text())
   assert rows[0][:6] == ["Method", "HD (mm)", "Temp. Error", "mDice", "Dice endo", "Dice epi"]
-  assert [r[0] for r in rows[2:]] == ["U-Net (2D)", "Echo-ODE (U-Net guide)"]
+  assert [r[0] for r in rows[2:]] == ["ground truth", "U-Net (2D)", "Echo-ODE (U-Net guide)"]
+  assert rows[2][3:6] == ["1.000", "1.000", "1.000"]         # the truth scores itself exactly
   for row in rows[2:]:
     assert len(row) == len(rows[0])
     assert row[-1] == "0 / 2"                               # no failed sequence
@@ -49,7 +51,7 @@ def test_demo_end_to_end(tmp_path):
     assert (hdf5.read_labels(out / "echo_ode.h5", key)[0] == gt[0]).all()
   with open(out / "metrics.csv") as f:
     csv_rows = list(csv.DictReader(f))
-  assert len(csv_rows) == 4 and {r["status"] for r in csv_rows} == {"ok"}
+  assert len(csv_rows) == 6 and {r["status"] for r in csv_rows} == {"ok"}
   summ = reports.read_summaries(out / "summary.json")
   assert summ["Echo-ODE (U-Net guide)"]["n_ok"] == 2
   assert summ["Echo-ODE (U-Net guide)"]["flow_n"] == 2       # flows stored and scored

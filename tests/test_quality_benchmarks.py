@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from echo_ode_jax import metrics
+from echo_ode_jax import metrics, tables
 from echo_ode_jax.data import hdf5, synthetic
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -136,9 +136,9 @@ def test_semisynthetic_table_label_files_and_subset(data, tmp_path):
   sub = st.subset(data, 2, str(tmp_path / "sub.h5"))
   assert hdf5.list_keys(sub) == hdf5.list_keys(data)[:2]
   assert st.subset(data, None, str(tmp_path / "x.h5")) == data
-  gt_file = st.label_file(sub, str(tmp_path / "gt.h5"), lambda g: g)
-  copy = st.label_file(sub, str(tmp_path / "copy.h5"),
-                       lambda g: np.repeat(g[:1], g.shape[0], 0))
+  gt_file = tables.label_file(sub, str(tmp_path / "gt.h5"))
+  copy = tables.label_file(sub, str(tmp_path / "copy.h5"),
+                           lambda g: np.repeat(g[:1], g.shape[0], 0))
   rows_gt = metrics.evaluate_files(sub, gt_file)
   rows_copy = metrics.evaluate_files(sub, copy)
   assert all(r["mdice"] == 1.0 for r in rows_gt)
