@@ -427,7 +427,7 @@ def loss_terms(model, s: dict, cfg: FitConfig, formulation: str = "batched"):
   seg = _soft_dice_loss(m_es, s["guide_es"]) * s["has_guide"]
   ef = (_area_ef(s["m0"], m_es) - _area_ef(s["guide_ed"], s["guide_es"])).abs()
   ef = ef * s["has_guide"]
-  jdet_t = F.relu(-jacobian_determinant(phi)).square().mean((1, 2))
+  jdet_t = F.relu(cfg.jdet_margin - jacobian_determinant(phi)).square().mean((1, 2))
   jdet = (jdet_t * valid).sum() / nvalid
   smt = (smoothness(phi) * valid).sum() / nvalid
   return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}, phi

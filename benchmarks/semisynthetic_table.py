@@ -204,7 +204,7 @@ def main(argv):
   preds = {
       "ground truth": tables.label_file(data, os.path.join(out, "pred_gt.h5")),
       "copy m_0": tables.label_file(data, os.path.join(out, "pred_copy.h5"),
-                             lambda g: np.repeat(g[:1], g.shape[0], 0)),
+                                    lambda g: np.repeat(g[:1], g.shape[0], 0)),
   }
   seg_name = tables.segmenter_label(seg)
   preds[seg_name] = tables.predict_stage(data, _CHECKPOINTS.value, seg,

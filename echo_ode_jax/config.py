@@ -60,7 +60,8 @@ class FitConfig:
   lambda_seg: float = 1.0
   lambda_ef: float = 1.0
   lambda_jdet: float = 100.0
-  jdet_margin: float = 0.0      # R_Jdet = mean(ReLU(jdet_margin - det D phi)^2); 0: the paper's
+  jdet_margin: float = 0.0      # R_Jdet = mean(ReLU(jdet_margin - det D phi)^2), in [0, 1):
+                                # 0 is the paper's (folds only); > 0 also area ratios below it
   lambda_smt: float = 0.03
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
@@ -87,10 +88,12 @@ class FitConfig:
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg", "lambda_ef", "lambda_jdet",
-                 "lambda_smt", "jdet_margin"):
+    for name in ("lr_final", "sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg",
+                 "lambda_ef", "lambda_jdet", "lambda_smt", "jdet_margin"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")
+    if self.jdet_margin >= 1:
+      bad("jdet_margin", "below 1 (a margin >= 1 penalises the identity)")
     if self.ncc_window < 3 or self.ncc_window % 2 == 0:
       bad("ncc_window", "an odd integer >= 3")
     if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):

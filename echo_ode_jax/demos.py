@@ -82,10 +82,10 @@ class DemoConfig:
   """Settings of :func:`echo_ode_demo` (defaults: under 5 minutes on a 2-core CPU).
 
   num test sequences of num_frames frames at size^2 are fitted with `steps`
-  Adam steps each (m_0 = the ED ground truth; guide = the 2D segmenter's ES
-  and ED prediction, or the ground truth with guide="gt"), FitConfig's
-  defaults otherwise except velocity_stride (the network at 1/stride of the
-  grid, upsampled: more steps in the CPU budget); the segmenter (a
+  Adam steps each at `lr`, the velocity network at 1/velocity_stride of the
+  grid (FitConfig's defaults otherwise; the paper: steps=1000,
+  velocity_stride=1), m_0 = the ED ground truth, guide = the 2D segmenter's
+  ES and ED prediction (or the ground truth with guide="gt"); the segmenter (a
   small U-Net) is trained for seg_steps steps on the ED/ES frames of
   num_train other synthetic sequences (CAMUS-like: interior frames unannotated).
   batch_size: sequences per fit_batch call (None: all 8 in one batch).
@@ -130,8 +130,8 @@ def _write_edes_train(path: str, num: int, size: int, num_frames: int, seed: int
 def _demo_files(out: str) -> list[str]:
   return [os.path.join(out, n) for n in (
       "demo_config.json", "data.h5", "train_edes.h5", "segmenter", "unet_pred.h5",
-      "echo_ode.h5", "echo_ode.h5.parts", "ground_truth.h5", "metrics.csv", "summary.json", "table.md",
-      "fig2_contours.png", "fig3b_lv_length.png", "fig4_deformation.png")]
+      "echo_ode.h5", "echo_ode.h5.parts", "ground_truth.h5", "metrics.csv", "summary.json",
+      "table.md", "fig2_contours.png", "fig3b_lv_length.png", "fig4_deformation.png")]
 
 
 def echo_ode_demo(cfg: DemoConfig = DemoConfig(), out: str = "demo_out",
@@ -142,8 +142,8 @@ def echo_ode_demo(cfg: DemoConfig = DemoConfig(), out: str = "demo_out",
   data.h5 (test sequences, every frame annotated), train_edes.h5, segmenter/
   (training workdir), unet_pred.h5 (the per-frame baseline), echo_ode.h5 (fit
   results with flows, via runner.fit_file), ground_truth.h5 (the true masks
-  as a reference row), then metrics.csv, summary.json, table.md and the figures fig2_contours.png, fig3b_lv_length.png,
-  fig4_deformation.png.
+  as a reference row), then metrics.csv, summary.json, table.md and the
+  figures fig2_contours.png, fig3b_lv_length.png, fig4_deformation.png.
 
   Args:
     fresh: delete the demo's files in `out` first (otherwise a folder holding

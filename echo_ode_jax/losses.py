@@ -8,7 +8,7 @@ Terms (each has a weight in FitConfig):
           (VoxelMorph's windowed cross-correlation; not in the paper)
   L_seg   soft Dice loss between m_0 o phi_ES and m_1 (classes 1..C-1)
   L_EF    |EF(propagated) - EF(guide)|, LV area as the volume proxy
-  R_Jdet  mean over t of mean(ReLU(-det D phi_t)^2)
+  R_Jdet  mean over t of mean(ReLU(jdet_margin - det D phi_t)^2) (margin 0: the paper's)
   R_smt   mean over t of the mean squared spatial gradient of phi_t - id
 """
 from __future__ import annotations

@@ -389,5 +389,5 @@ def row_id(overrides: Mapping[str, Any], cfg: FitConfig) -> str:
 def same_config(saved: Mapping[str, Any], cfg: FitConfig) -> bool:
   """Whether a FitConfig saved as JSON (a dict, possibly of another version, with
   fields added or removed since) holds the settings of `cfg` (runner.dict_diff)."""
-  return not runner.dict_diff(runner.flatten(dict(saved)),
+  return not runner.dict_diff(runner.saved_config(saved),
                               runner.flatten(json.loads(cfg.to_json())))

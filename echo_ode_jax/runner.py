@@ -211,6 +211,7 @@ def finished_keys(out: str) -> set[str]:
 RESUMABLE_CHANGES = frozenset({"log_every"})
 # Settings added after results were first written whose old behaviour differs
 # from their default: a result that does not record them had these values.
+# (A setting added whose old behaviour is its default reads as the default.)
 LEGACY_DEFAULTS = {"data_grid_masks": False}
 _SETTING_ATTRS = ("init", "guide", "data", "segmentation", "size")
 
@@ -226,14 +227,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A FitConfig saved as JSON by any version, flattened, with the FitConfig
+  fields it does not record filled in: LEGACY_DEFAULTS' values, else today's
+  defaults (a field added later reads as its default, which reproduces the
+  older version's behaviour); fields since removed are kept (dict_diff skips them)."""
+  return {**flatten(json.loads(fit_lib.FitConfig().to_json())), **LEGACY_DEFAULTS,
+          **flatten(dict(saved))}
+
+
 def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[str]:
   """How a finished result's attrs differ from this run's settings, as
-  "name=old (now new)" strings; settings the result does not record (results of
-  an older version) are not compared, except those in LEGACY_DEFAULTS, which
-  take the value that version had."""
+  "name=old (now new)" strings; a FitConfig field the result does not record
+  (results of an older version) takes the value that version had
+  (:func:`saved_config`)."""
   diff = []
   if "config" in attrs:
-    old = {**LEGACY_DEFAULTS, **flatten(json.loads(attrs["config"]))}
+    old = saved_config(json.loads(attrs["config"]))
     diff += dict_diff(old, flatten(json.loads(cfg.to_json())), RESUMABLE_CHANGES)
   stored = {}
   for k in _SETTING_ATTRS:

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from echo_ode_jax import metrics, overrides, plots, runner
-from echo_ode_jax._atomic import atomic_path
+from echo_ode_jax._atomic import atomic_h5, check_writes
 from echo_ode_jax._progress import Progress
 from echo_ode_jax.data import hdf5
 from echo_ode_jax.errors import InputError
@@ -52,15 +52,20 @@ def stage(path: str, fn: Callable[[], Any], what: str) -> bool:
 def label_file(data: str, path: str,
                frames_of: Callable[[np.ndarray], np.ndarray] = lambda gt: gt) -> str:
   """A prediction file at `path` whose pred is frames_of(gt) for every sequence of
-  `data` (default: the ground truth itself, a reference row of a table); kept
-  if it exists, written atomically otherwise. Returns path."""
+  `data` (default: the ground truth itself, unannotated frames included, as a
+  reference row of a table). An existing file holding the same sequences is
+  kept (a finished stage); one holding others is an InputError. Written
+  atomically (:func:`echo_ode_jax._atomic.atomic_h5`). Returns path."""
   if os.path.exists(path):
+    if hdf5.list_keys(path) != hdf5.list_keys(data):
+      raise InputError(path, f"holds other sequences than {data}; delete it to rebuild")
     return path
-  with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+  with atomic_h5(path) as f:
     f.attrs["format_version"] = hdf5.FORMAT_VERSION
     for seq in hdf5.iter_sequences(data):
       f.require_group(seq.key).create_dataset("pred", data=frames_of(seq.gt),
                                               compression="gzip")
+      check_writes(f)      # a full disk stops here
   return path
 
 

@@ -28,12 +28,12 @@ flags.DEFINE_integer("size", _D.size, "Image side in pixels.")
 flags.DEFINE_integer("frames", _D.num_frames, "Frames per sequence (ED -> ES).")
 flags.DEFINE_integer("steps", _D.steps, "Adam steps per Echo-ODE fit (the paper: 1000).")
 flags.DEFINE_integer("velocity_stride", _D.velocity_stride,
-                     "The velocity network runs at 1/stride of the grid (FitConfig default: 1).")
+                     "The velocity network runs at 1/stride of the grid (the paper: 1).")
 flags.DEFINE_integer("seg_steps", _D.seg_steps, "Training steps of the 2D U-Net.")
 flags.DEFINE_integer("num_train", _D.num_train, "Training sequences (ED/ES frames) of the U-Net.")
 flags.DEFINE_enum("guide", _D.guide, ["segmenter", "gt"], "Guide mask at ES (and ED).")
-flags.DEFINE_integer("batch_size", None, "Sequences per compiled fit (default: 1 on CPU, 8 "
-                     "otherwise).")
+flags.DEFINE_integer("batch_size", None, "Sequences per compiled fit (default: 8, all of "
+                     "the default --num in one).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of the synthetic data, the U-Net and the fits.")
 flags.DEFINE_string("out", "demo_out", "Output folder.")
 flags.DEFINE_bool("fresh", False, "Delete an earlier demo in --out first.")

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from echo_ode_jax import demos
+from echo_ode_jax import demos, tables
 from echo_ode_jax.data import synthetic
-from echo_ode_jax.errors import OutputError
+from echo_ode_jax.errors import InputError, OutputError
 from echo_ode_jax.segmenters import predict
 from echo_ode_jax.segmenters.train import ModelState, TrainConfig, build_model, create_state
 
@@ -52,6 +52,27 @@ SYNTHETIC_WRITERS = {
     "demos._write_edes_train": ("train_edes.h5", lambda path, n: demos._write_edes_train(
         str(path), n, 32, 3, 0)),
 }
+
+
+def test_label_file_full_disk_and_stale_file(tmp_path, monkeypatch):
+  """label_file: a full disk leaves no file; an existing file of the same
+  sequences is kept, one of other sequences is refused in one line."""
+  data = tmp_path / "data.h5"
+  synthetic.make_dataset(data, 2, size=32, num_frames=3, progress=False)
+  out = tmp_path / "gt.h5"
+  with monkeypatch.context() as m:
+    _no_space(m)
+    with pytest.raises(OutputError, match="gt.h5: cannot write: no space left"):
+      tables.label_file(str(data), str(out))
+  _check_untouched(tmp_path, out, ["data.h5"], False)
+  tables.label_file(str(data), str(out))
+  stamp = out.stat().st_mtime_ns
+  assert tables.label_file(str(data), str(out)) == str(out) and out.stat().st_mtime_ns == stamp
+  other = tmp_path / "other.h5"
+  synthetic.make_dataset(other, 3, size=32, num_frames=3, progress=False)
+  with pytest.raises(InputError) as e:
+    tables.label_file(str(other), str(out))
+  assert "gt.h5" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("existed", [False, True])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 
 from echo_ode_jax import reports
 from echo_ode_jax.data import hdf5
@@ -55,6 +56,9 @@ def test_demo_end_to_end(tmp_path):
   summ = reports.read_summaries(out / "summary.json")
   assert summ["Echo-ODE (U-Net guide)"]["n_ok"] == 2
   assert summ["Echo-ODE (U-Net guide)"]["flow_n"] == 2       # flows stored and scored
+  for key in hdf5.list_keys(out / "echo_ode.h5"):           # --velocity_stride's default
+    with h5py.File(out / "echo_ode.h5", "r") as f:
+      assert json.loads(f[key].attrs["config"])["velocity_stride"] == 2
   assert "wall time" in r.stdout and _table(r.stdout) == rows
 
   # A rerun with the same settings resumes (every stage done); other settings are refused.

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from echo_ode_jax import fit, metrics, runner, tables
+from echo_ode_jax import fit, metrics, overrides, runner, tables
 from echo_ode_jax.data import hdf5, synthetic
 from echo_ode_jax.errors import InputError
 
@@ -206,3 +206,20 @@ def test_results_from_before_data_grid_masks_count_as_nearest_resized():
   attrs = {"config": _json.dumps(old)}
   assert runner.settings_diff(attrs, cfg, {}) == ["data_grid_masks=False (now True)"]
   assert runner.settings_diff(attrs, cfg.replace(data_grid_masks=False), {}) == []
+
+
+def test_results_from_before_a_new_field_count_as_its_default():
+  """A field added later (jdet_margin) that a saved config lacks was run at its
+  default: a rerun at the default reuses the result, one with another value
+  does not, in the resume check and in an ablation's row matching alike."""
+  import json as _json
+  cfg = fit.FitConfig()
+  old = _json.loads(cfg.to_json())
+  del old["jdet_margin"]
+  old["scan_steps"] = 8                     # a field since removed: not compared
+  attrs = {"config": _json.dumps(old)}
+  assert runner.settings_diff(attrs, cfg, {}) == []
+  assert runner.settings_diff(attrs, cfg.replace(jdet_margin=0.1), {}) == [
+      "jdet_margin=0.0 (now 0.1)"]
+  assert overrides.same_config(old, cfg)
+  assert not overrides.same_config(old, cfg.replace(jdet_margin=0.1))

@@ -92,7 +92,7 @@ def folding_fraction(phi: Float[Array, "H W 2"]) -> Float[Array, ""]:
 def jdet_penalty(phi: Float[Array, "H W 2"], margin: float = 0.0) -> Float[Array, ""]:
   """R_Jdet for one map: mean(ReLU(margin - det D phi)^2).
 
-  margin = 0 is the paper's term (only folded pixels, det <= 0, are penalised);
+  margin = 0 is the paper's term (only folded pixels, det < 0, are penalised);
   margin > 0 also penalises pixels compressed to an area ratio below margin, so
   the fit keeps away from folding rather than only pulling back from it.
   """
