@@ -178,7 +178,7 @@ def terms_from_phi(phi, seq, cfg):
   ef = jnp.abs(area_ef(seq["m0"], m_es) - area_ef(seq["guide_ed"], seq["guide_es"]))
   ef = ef * seq["has_guide"]
 
-  jdet = jnp.sum(jax.vmap(lambda p: jdet_penalty(p, cfg.jdet_margin))(phi) * valid) / nvalid
+  jdet = jnp.sum(jax.vmap(jdet_penalty, (0, None))(phi, cfg.jdet_margin) * valid) / nvalid
   smt = jnp.sum(jax.vmap(smoothness)(phi) * valid) / nvalid
   return {"sim": sim, "ncc": ncc, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -232,8 +233,13 @@ def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
   fields it does not record filled in: LEGACY_DEFAULTS' values, else today's
   defaults (a field added later reads as its default, which reproduces the
   older version's behaviour); fields since removed are kept (dict_diff skips them)."""
-  return {**flatten(json.loads(fit_lib.FitConfig().to_json())), **LEGACY_DEFAULTS,
-          **flatten(dict(saved))}
+  return {**_default_config(), **LEGACY_DEFAULTS, **flatten(dict(saved))}
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config() -> dict[str, Any]:
+  """FitConfig()'s fields, flattened (read-only: callers copy it)."""
+  return flatten(json.loads(fit_lib.FitConfig().to_json()))
 
 
 def settings_diff(attrs, cfg: fit_lib.FitConfig, meta: dict[str, Any]) -> list[str]:
