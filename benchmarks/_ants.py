@@ -32,6 +32,49 @@ def import_ants():
   return ants
 
 
+def _images(fixed, moving, full_shape):
+  """ants images of fixed and moving on a small grid placed in full_shape's space."""
+  ants = import_ants()
+  h, w = fixed.shape
+  sp = (full_shape[0] / h, full_shape[1] / w)
+  origin = (0.5 * sp[0] - 0.5, 0.5 * sp[1] - 0.5)
+  small = lambda a: ants.from_numpy(np.ascontiguousarray(a, np.float32), origin=origin,
+                                    spacing=sp)
+  return small(fixed), small(moving), small
+
+
+def _cleanup(reg) -> None:
+  for t in set(reg["fwdtransforms"]) | set(reg["invtransforms"]):
+    if os.path.exists(t) and os.path.basename(t).startswith("tmp"):
+      os.remove(t)
+
+
+def register_map(fixed: np.ndarray, moving: np.ndarray, transform: str, seed: int = 0,
+                 full_shape: tuple[int, int] | None = None, pad: int = 64) -> np.ndarray:
+  """ANTs' map from `fixed`'s pixels to positions in `moving`, (h, w, 2) (row, col) pixels.
+
+  The registration is the one of :func:`register_labels` (same grid placement,
+  seed and thread count); the map is read by warping row and column index
+  images through the forward transforms with a linear interpolator, which is
+  exact for a linear function. The index images extend `pad` pixels beyond
+  `moving`'s grid, so positions mapped outside it are kept, not zeroed.
+  """
+  ants = import_ants()
+  h, w = fixed.shape
+  f, m, _ = _images(fixed, moving, full_shape or (h, w))
+  reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
+  rows, cols = np.meshgrid(np.arange(-pad, h + pad, dtype=np.float32),
+                           np.arange(-pad, w + pad, dtype=np.float32), indexing="ij")
+  sp, origin = m.spacing, m.origin
+  big = lambda a: ants.from_numpy(a, spacing=sp, origin=tuple(
+      o - pad * s for o, s in zip(origin, sp)))
+  phi = np.stack([ants.apply_transforms(fixed=f, moving=big(c), interpolator="linear",
+                                        transformlist=reg["fwdtransforms"]).numpy()
+                  for c in (rows, cols)], -1)
+  _cleanup(reg)
+  return phi.astype(np.float32)
+
+
 def register_labels(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray,
                     transform: str, seed: int = 0, fixed_full: np.ndarray | None = None
                     ) -> tuple[np.ndarray, float, float]:
@@ -54,13 +97,8 @@ def register_labels(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray,
     of registration).
   """
   ants = import_ants()
-  h, w = fixed.shape
   big = fixed if fixed_full is None else fixed_full
-  sp = (big.shape[0] / h, big.shape[1] / w)
-  origin = (0.5 * sp[0] - 0.5, 0.5 * sp[1] - 0.5)
-  small = lambda a: ants.from_numpy(np.ascontiguousarray(a, np.float32), origin=origin,
-                                    spacing=sp)
-  f, m = small(fixed), small(moving)
+  f, m, _ = _images(fixed, moving, big.shape)
   t0 = time.perf_counter()
   reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
   seconds = time.perf_counter() - t0
@@ -73,7 +111,5 @@ def register_labels(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray,
   if warps:
     jac = ants.create_jacobian_determinant_image(f, warps[0], do_log=False).numpy()
     fold = float(np.mean(jac <= 0))
-  for t in set(reg["fwdtransforms"]) | set(reg["invtransforms"]):
-    if os.path.exists(t) and os.path.basename(t).startswith("tmp"):
-      os.remove(t)
+  _cleanup(reg)
   return np.rint(warped.numpy()).astype(np.uint8), fold, seconds
