@@ -249,3 +249,17 @@ def test_semisynthetic_rows_are_compared_with_their_baseline():
                   "Echo-ODE (gt ED + ES masks), bidirectional": "ANTs SyNCC per frame"}
   assert st.paired_references(names, "U-Net per frame", None) == {
       k: v for k, v in refs.items() if v == "U-Net per frame"}
+
+
+def test_ants_map_of_a_known_translation_keeps_positions_outside_the_grid():
+  """_ants.register_map against a blob moved by (+3, -2) pixels of the small grid,
+  placed in a twice finer space (spacing 2): the map is p + (3, -2) everywhere,
+  also where that lies outside the grid (rows 45-47 map to 48-50)."""
+  pytest.importorskip("ants", reason="antspyx is a benchmark-only dependency (.venv-bench)")
+  _ants = _load("_ants")
+  yy, xx = np.mgrid[:48, :48].astype(np.float32)
+  blob = lambda cy, cx: np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0 ** 2))
+  phi = _ants.register_map(blob(24, 24), blob(27, 22), "Translation", full_shape=(96, 96))
+  assert phi.shape == (48, 48, 2)
+  np.testing.assert_allclose(phi[..., 0] - yy, 3.0, atol=0.05)
+  np.testing.assert_allclose(phi[..., 1] - xx, -2.0, atol=0.05)
