@@ -51,6 +51,10 @@ class FitConfig:
   affine_steps: int = 0         # > 0: first fit a global affine velocity alone for this many
                                 # Adam steps (affine.py), then add the network(s); 0: none
   affine_factor: int = 4        # the affine stage fits on the grid reduced by this factor
+  dense_steps: int = 0          # > 0: last, add a free-form velocity on a control grid (dense.py)
+                                # and fit it with the network(s) for this many Adam steps at
+                                # the full grid; 0: none
+  dense_factor: int = 4         # its control grid is the fit grid coarsened by this factor
   data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
                                 # maps (propagate_labels); False: fit-grid masks, nearest-resized
   propagation: str = "forward"  # runner: "forward" m_0 o phi_t; "bidirectional" also carries
@@ -78,13 +82,14 @@ class FitConfig:
               and bool(np.isfinite(v)))
 
     for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride",
-                 "pyramid_levels", "coarse_steps", "affine_factor"):
+                 "pyramid_levels", "coarse_steps", "affine_factor", "dense_factor"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")
-    v = self.affine_steps
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-      bad("affine_steps", "an integer >= 0")
+    for name in ("affine_steps", "dense_steps"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        bad(name, "an integer >= 0")
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from echo_ode_jax import affine, cpu_malloc, flow, kernels, losses
+from echo_ode_jax import affine, cpu_malloc, dense, flow, kernels, losses
 from echo_ode_jax.config import PROPAGATIONS, REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
 from echo_ode_jax.sequence import (NUM_CLASSES, bucket, downsample, frames_at,  # noqa: F401 (re-exported)
                                    prepare_sequence, stack, _one_hot, _repad)
@@ -148,7 +148,10 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   by cfg.affine_factor. Then come the network levels: level k of L =
   cfg.pyramid_levels fits the sequence downsampled by 2^(L-1-k)
   (:func:`sequence.downsample`) for cfg.coarse_steps Adam steps (cfg.steps at
-  the full grid). sigma and velocity_sigma are scaled to each stage's grid; the
+  the full grid). With cfg.dense_steps > 0 a last stage at the full grid adds
+  the free-form velocity (:mod:`echo_ode_jax.dense`) and fits it with the
+  networks for dense_steps Adam steps. sigma and velocity_sigma are scaled to
+  each stage's grid; the
   NCC window keeps its size in pixels, so it covers more of the heart on the
   coarse grids. Each level adds a network, run at its own grid and upsampled
   (:func:`losses.velocity`); what the earlier stages fitted keeps training.
@@ -162,6 +165,8 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   for k in range(levels):
     f = 2 ** (levels - 1 - k)
     out.append((f, at(f, cfg.steps if f == 1 else cfg.coarse_steps)))
+  if cfg.dense_steps:
+    out.append((1, at(1, cfg.dense_steps)))
   return out
 
 
@@ -176,11 +181,15 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
   stage, the zero :class:`affine.AffineVelocity`. The optimizer starts afresh
   and a failure carries over.
   """
-  if cfg.pyramid_levels == 1 and not cfg.affine_steps:
+  if cfg.pyramid_levels == 1 and not cfg.affine_steps and not cfg.dense_steps:
     return init_state(cfg, key, shape_hw)
-  level_cfg = pyramid(cfg)[level][1]
+  stages = pyramid(cfg)
+  level_cfg = stages[level][1]
+  num_knots = len(flow.knot_times(cfg.solver, cfg.dt))
   if cfg.affine_steps and level == 0:
-    new = affine.init(len(flow.knot_times(cfg.solver, cfg.dt)))
+    new = affine.init(num_knots)
+  elif cfg.dense_steps and level == len(stages) - 1:
+    new = dense.init(num_knots, shape_hw, cfg.dense_factor)
   else:
     new = init_params(cfg.model, jax.random.fold_in(key, level), shape_hw)
   if prev is None:
@@ -404,7 +413,7 @@ def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
     for h, lh in zip(hists, level_hists):
       h.append(lh)
     offset += level_cfg.steps
-  offset -= cfg.steps
+  offset -= levels[-1][1].steps
   histories = [{k: np.concatenate([lh[k] for lh in h], axis=0) for k in h[0]} for h in hists]
   return states, histories, offset
 

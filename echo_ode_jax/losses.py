@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from echo_ode_jax import affine, flow
+from echo_ode_jax import affine, dense, flow
 from echo_ode_jax.kernels import gaussian_blur, jdet_penalty, warp_data
 from echo_ode_jax.sequence import frames_at, shrink
 
@@ -99,8 +99,9 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
   params is one network's parameters, or a tuple of n (coarse-to-fine fitting,
   FitConfig.pyramid_levels): then V is the sum of the n networks' velocities,
   network j run at stride s * 2^(n-1-j) (the first the coarsest). The tuple
-  may start with an :class:`affine.AffineVelocity` (FitConfig.affine_steps),
-  whose field is added.
+  may start with an :class:`affine.AffineVelocity` (FitConfig.affine_steps)
+  and end with a :class:`dense.DenseVelocity` (FitConfig.dense_steps), whose
+  fields are added.
   """
   s = cfg.velocity_stride
   if not isinstance(params, (tuple, list)):
@@ -108,9 +109,11 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
   else:
     nets = list(params)
     v = jnp.zeros(images.shape[:3] + (2,), images.dtype)
+    kt = flow.knot_times(cfg.solver, cfg.dt)
     if nets and isinstance(nets[0], affine.AffineVelocity):
-      v = v + affine.velocity(nets.pop(0), t, flow.knot_times(cfg.solver, cfg.dt),
-                              images.shape[1:3])
+      v = v + affine.velocity(nets.pop(0), t, kt, images.shape[1:3])
+    if nets and isinstance(nets[-1], dense.DenseVelocity):
+      v = v + dense.velocity(nets.pop(), t, kt, images.shape[1:3])
     n = len(nets)
     v = v + sum((_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
                  for j, p in enumerate(nets)), jnp.zeros_like(v))
