@@ -52,8 +52,8 @@ class FitConfig:
                                 # Adam steps (affine.py), then add the network(s); 0: none
   affine_factor: int = 4        # the affine stage fits on the grid reduced by this factor
   dense_steps: int = 0          # > 0: last, add a free-form velocity on a control grid (dense.py)
-                                # and fit it with the network(s) for this many Adam steps at
-                                # the full grid; 0: none
+                                # and fit it, the network(s) held fixed, for this many Adam
+                                # steps at the full grid; 0: none
   dense_factor: int = 4         # its control grid is the fit grid coarsened by this factor
   data_grid_masks: bool = True  # runner: m_0 warped on the data grid through the upsampled
                                 # maps (propagate_labels); False: fit-grid masks, nearest-resized

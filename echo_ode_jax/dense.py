@@ -6,9 +6,10 @@ bilinearly in space (pixel centres aligned), with s half the grid's larger side,
 so U is in half-widths per unit time and the same parameters mean the same
 motion on every grid. It is the parameterisation of classical registration
 (ANTs SyN, demons, ConvexAdam's instance optimisation: the field itself is the
-unknown), fitted as the last stage after the network(s) and summed with their
-velocity (:func:`echo_ode_jax.losses.velocity`). Like the network, it does not
-depend on phi.
+unknown), fitted as the last stage after the network(s), which are then held
+fixed, and summed with their velocity (:func:`echo_ode_jax.losses.velocity`):
+it refines the flow the networks found. Like the network, it does not depend
+on phi.
 """
 from __future__ import annotations
 

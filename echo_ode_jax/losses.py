@@ -101,7 +101,8 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
   network j run at stride s * 2^(n-1-j) (the first the coarsest). The tuple
   may start with an :class:`affine.AffineVelocity` (FitConfig.affine_steps)
   and end with a :class:`dense.DenseVelocity` (FitConfig.dense_steps), whose
-  fields are added.
+  fields are added; with a dense field the other components are held fixed
+  (no gradient flows to them): the dense stage refines the flow they fitted.
   """
   s = cfg.velocity_stride
   if not isinstance(params, (tuple, list)):
@@ -110,10 +111,11 @@ def velocity(params, images, m0, t, i0, cfg, apply_fn):
     nets = list(params)
     v = jnp.zeros(images.shape[:3] + (2,), images.dtype)
     kt = flow.knot_times(cfg.solver, cfg.dt)
-    if nets and isinstance(nets[0], affine.AffineVelocity):
-      v = v + affine.velocity(nets.pop(0), t, kt, images.shape[1:3])
     if nets and isinstance(nets[-1], dense.DenseVelocity):
       v = v + dense.velocity(nets.pop(), t, kt, images.shape[1:3])
+      nets = list(jax.lax.stop_gradient(tuple(nets)))    # the dense stage refines them
+    if nets and isinstance(nets[0], affine.AffineVelocity):
+      v = v + affine.velocity(nets.pop(0), t, kt, images.shape[1:3])
     n = len(nets)
     v = v + sum((_velocity_at_stride(p, images, m0, t, i0, s * 2 ** (n - 1 - j), apply_fn)
                  for j, p in enumerate(nets)), jnp.zeros_like(v))

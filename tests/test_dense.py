@@ -95,3 +95,21 @@ def test_dense_stage_recovers_a_translation():
   inside = np.hypot(yy - 20, xx - 20) < 8
   d = res.phi[-1][inside] - np.stack([yy, xx], -1)[inside]
   np.testing.assert_allclose(np.median(d, 0), [-2.0, 3.0], atol=0.5)
+
+
+def test_the_networks_are_held_fixed_in_the_dense_stage():
+  """The loss's gradient reaches the dense field only; without it, the network."""
+  cfg = fit.FitConfig(steps=3, dense_steps=2, model=TINY)
+  seq = fit.prepare_sequence(np.random.default_rng(0).random((2, 32, 32)), np.zeros((32, 32)),
+                             cfg=cfg)
+  seq = jax.tree_util.tree_map(jnp.asarray, seq)
+  key = jax.random.PRNGKey(0)
+  st = fit.level_state(cfg, 1, key, (32, 32), fit.level_state(cfg, 0, key, (32, 32)))
+  # a non-zero network output (its zero-initialised last layer perturbed) and field
+  params = jax.tree_util.tree_map(lambda x: x + 0.01, st.params)
+  apply_fn = VelocityUNet(cfg.model).apply
+  grads = jax.grad(lambda p: losses.loss_fn(p, seq, cfg, apply_fn)[0])(params)
+  norm = lambda g: float(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(g)))
+  assert norm(grads[:-1]) == 0.0 and norm(grads[-1]) > 0.0
+  grads = jax.grad(lambda p: losses.loss_fn(p, seq, cfg, apply_fn)[0])(params[:-1])
+  assert norm(grads) > 0.0
