@@ -313,11 +313,17 @@ def jacobian_determinant(phi):
   return _diff(pr, 1) * _diff(pc, 2) - _diff(pr, 2) * _diff(pc, 1)
 
 
-def smoothness(phi):
-  """(T,) mean squared forward-difference gradient of phi - id, per map."""
+def smoothness(phi, order: int = 1):
+  """(T,) R_smt of phi - id per map: mean squared forward-difference gradient
+  (order 1) or bending energy (order 2), as losses.smoothness."""
   u = phi - identity_grid(*phi.shape[1:3])
-  return ((u[:, 1:] - u[:, :-1]).square().sum(-1).mean((1, 2))
-          + (u[:, :, 1:] - u[:, :, :-1]).square().sum(-1).mean((1, 2)))
+  sq = lambda d: d.square().sum(-1).mean((1, 2))
+  if order == 1:
+    return sq(u[:, 1:] - u[:, :-1]) + sq(u[:, :, 1:] - u[:, :, :-1])
+  uyy = u[:, 2:] - 2 * u[:, 1:-1] + u[:, :-2]
+  uxx = u[:, :, 2:] - 2 * u[:, :, 1:-1] + u[:, :, :-2]
+  uxy = u[:, 1:, 1:] - u[:, 1:, :-1] - u[:, :-1, 1:] + u[:, :-1, :-1]
+  return sq(uyy) + sq(uxx) + 2 * sq(uxy)
 
 
 # ----------------------------------------------------------------------------- data and flow
@@ -429,7 +435,7 @@ def loss_terms(model, s: dict, cfg: FitConfig, formulation: str = "batched"):
   ef = ef * s["has_guide"]
   jdet_t = F.relu(cfg.jdet_margin - jacobian_determinant(phi)).square().mean((1, 2))
   jdet = (jdet_t * valid).sum() / nvalid
-  smt = (smoothness(phi) * valid).sum() / nvalid
+  smt = (smoothness(phi, cfg.smt_order) * valid).sum() / nvalid
   return {"sim": sim, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}, phi
 
 

@@ -67,6 +67,8 @@ class FitConfig:
   jdet_margin: float = 0.0      # R_Jdet = mean(ReLU(jdet_margin - det D phi)^2), in [0, 1):
                                 # 0 is the paper's (folds only); > 0 also area ratios below it
   lambda_smt: float = 0.03
+  smt_order: int = 1            # R_smt on u = phi - id: 1, squared gradient (the paper's);
+                                # 2, bending energy (zero for affine maps; losses.smoothness)
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
   seed: int = 0
@@ -103,6 +105,8 @@ class FitConfig:
       bad("ncc_window", "an odd integer >= 3")
     if self.clip_norm is not None and (not number(self.clip_norm) or self.clip_norm <= 0):
       bad("clip_norm", "None or a finite number > 0")
+    if self.smt_order not in (1, 2):
+      bad("smt_order", "1 or 2")
     if self.propagation not in PROPAGATIONS:
       bad("propagation", f"one of {', '.join(PROPAGATIONS)}")
     if self.lr_decay not in ("constant", "cosine"):

@@ -64,11 +64,25 @@ def area_ef(ed, es, eps: float = 1e-6):
   return 1.0 - jnp.sum(es[..., LV]) / (jnp.sum(ed[..., LV]) + eps)
 
 
-def smoothness(phi):
-  """R_smt of one map (H, W, 2): mean squared forward-difference gradient of phi - id."""
+def smoothness(phi, order: int = 1):
+  """R_smt of one map (H, W, 2) (pixels); u = phi - id.
+
+  order 1 (the paper's): mean squared forward-difference gradient of u,
+    E|du/dy|^2 + E|du/dx|^2; it is zero only for translations, so it also
+    resists a uniform contraction.
+  order 2: the bending energy of u, E|d2u/dy2|^2 + E|d2u/dx2|^2 + 2 E|d2u/dydx|^2
+    (central second differences); zero for every affine map, so it penalises
+    how the motion bends, not how much the heart contracts.
+  """
   u = flow.displacement(phi)
-  return (jnp.mean(jnp.sum(jnp.diff(u, axis=0) ** 2, -1))
-          + jnp.mean(jnp.sum(jnp.diff(u, axis=1) ** 2, -1)))
+  if order == 1:
+    return (jnp.mean(jnp.sum(jnp.diff(u, axis=0) ** 2, -1))
+            + jnp.mean(jnp.sum(jnp.diff(u, axis=1) ** 2, -1)))
+  uyy = jnp.diff(u, 2, axis=0)
+  uxx = jnp.diff(u, 2, axis=1)
+  uxy = jnp.diff(jnp.diff(u, axis=0), axis=1)
+  return (jnp.mean(jnp.sum(uyy ** 2, -1)) + jnp.mean(jnp.sum(uxx ** 2, -1))
+          + 2 * jnp.mean(jnp.sum(uxy ** 2, -1)))
 
 
 def _velocity_at_stride(params, images, m0, t, i0, stride, apply_fn):
@@ -184,7 +198,7 @@ def terms_from_phi(phi, seq, cfg):
   ef = ef * seq["has_guide"]
 
   jdet = jnp.sum(jax.vmap(jdet_penalty, (0, None))(phi, cfg.jdet_margin) * valid) / nvalid
-  smt = jnp.sum(jax.vmap(smoothness)(phi) * valid) / nvalid
+  smt = jnp.sum(jax.vmap(lambda p: smoothness(p, cfg.smt_order))(phi) * valid) / nvalid
   return {"sim": sim, "ncc": ncc, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
 
 

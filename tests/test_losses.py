@@ -192,3 +192,21 @@ def test_velocity_stride_resamples_the_network_analytically():
   seen.clear()
   v1 = losses.velocity({}, images, m0, jnp.zeros(3), images[0], fit.FitConfig(), apply_fn)
   assert seen == [((3, h, w, 1), (h, w, 4), (h, w, 1))] and v1.shape == (3, h, w, 2)
+
+
+def test_bending_energy_is_zero_for_affine_maps_and_hand_computed_for_quadratics():
+  """smt_order=2: u = (a y^2 + c x y, b x^2) has d2u/dy2 = (2a, 0), d2u/dx2 =
+  (0, 2b), d2u/dydx = (c, 0) exactly under central differences, so the bending
+  energy is 4a^2 + 4b^2 + 2c^2; an affine contraction has none (and order 1 does)."""
+  contraction = jnp.asarray(_affine_phi([[0.8, 0.0], [0.0, 0.85]], [0.5, -0.3]), jnp.float32)
+  assert float(losses.smoothness(contraction, order=2)) < 1e-8
+  assert float(losses.smoothness(contraction, order=1)) > 0.01
+  a, b, c = 0.01, -0.02, 0.015
+  y, x = np.meshgrid(np.arange(SIZE, dtype=np.float64), np.arange(SIZE, dtype=np.float64),
+                     indexing="ij")
+  u = np.stack([a * y ** 2 + c * x * y, b * x ** 2], -1)
+  phi = jnp.asarray(np.stack([y, x], -1) + u, jnp.float32)
+  np.testing.assert_allclose(float(losses.smoothness(phi, order=2)),
+                             4 * a * a + 4 * b * b + 2 * c * c, rtol=2e-3)
+  with pytest.raises(ValueError, match="smt_order"):
+    fit.FitConfig(smt_order=3)
