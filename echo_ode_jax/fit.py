@@ -148,13 +148,13 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   by cfg.affine_factor. Then come the network levels: level k of L =
   cfg.pyramid_levels fits the sequence downsampled by 2^(L-1-k)
   (:func:`sequence.downsample`) for cfg.coarse_steps Adam steps (cfg.steps at
-  the full grid). With cfg.dense_steps > 0 a last stage at the full grid adds
-  the free-form velocity (:mod:`echo_ode_jax.dense`) and fits it alone, the
-  networks held fixed, for dense_steps Adam steps. sigma and velocity_sigma are scaled to
-  each stage's grid; the
+  the full grid). sigma and velocity_sigma are scaled to each stage's grid; the
   NCC window keeps its size in pixels, so it covers more of the heart on the
   coarse grids. Each level adds a network, run at its own grid and upsampled
   (:func:`losses.velocity`); what the earlier stages fitted keeps training.
+  With cfg.dense_steps > 0 a last stage at the full grid adds the free-form
+  velocity (:mod:`echo_ode_jax.dense`) and fits it alone, the networks held
+  fixed, for dense_steps Adam steps.
   """
   def at(f, steps):
     return cfg if f == 1 and steps == cfg.steps else dataclasses.replace(
