@@ -38,6 +38,34 @@ def test_levels_halve_the_grid_and_scale_sigma():
     fit.FitConfig(pyramid_levels=0)
 
 
+def _sampled(field, n, f):
+  """phi (pixels of a grid reduced f times from n) of the displacement field(y, x),
+  given in the full grid's pixels, sampled at the reduced grid's pixel centres."""
+  c = np.arange(n // f) * f + (f - 1) / 2
+  y, x = np.meshgrid(c, c, indexing="ij")
+  u = np.stack(field(y, x), -1) / f
+  ident = np.stack(np.meshgrid(np.arange(n // f), np.arange(n // f), indexing="ij"), -1)
+  return jnp.asarray(ident + u, jnp.float32)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_each_level_weighs_the_same_smoothness_of_a_continuous_field(order):
+  # Order 1: u = (0.05 x, -0.03 y), the gradient penalty is 0.05^2 + 0.03^2 on any
+  # grid. Order 2: u = (0.01 y^2, 0.004 x^2) in full-grid pixels has second
+  # differences (0.02, 0.008) per full-grid pixel^2, (0.02 f, 0.008 f) on a grid
+  # reduced f times; weighted by lambda_smt / f^2 every level reads 0.3 (0.02^2 + 0.008^2).
+  cfg = fit.FitConfig(steps=5, coarse_steps=2, pyramid_levels=3, lambda_smt=0.3, smt_order=order)
+  if order == 1:
+    field, expected = (lambda y, x: (0.05 * x, -0.03 * y)), 0.3 * (0.05 ** 2 + 0.03 ** 2)
+  else:
+    field, expected = (lambda y, x: (0.01 * y ** 2, 0.004 * x ** 2)), 0.3 * (0.02 ** 2 + 0.008 ** 2)
+  stages = fit.pyramid(cfg)
+  assert [f for f, _ in stages] == [4, 2, 1]
+  for f, c in stages:
+    got = c.lambda_smt * float(losses.smoothness(_sampled(field, 64, f), order))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, err_msg=f"level reduced {f}x")
+
+
 def test_downsample_keeps_label_areas_and_images_against_scipy(seqs):
   s = seqs[0]
   seq = _prep(s, CFG.replace(sigma=0.0))
