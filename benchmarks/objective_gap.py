@@ -48,7 +48,7 @@ _ECHO = flags.DEFINE_string("echo", None, "The Echo-ODE row's masks file in --ru
                             required=True)
 _TRANSFORM = flags.DEFINE_string("transform", "SyNCC", "ants.registration type_of_transform.")
 _METHOD = flags.DEFINE_string("method", None, "The --echo row's name in results.csv "
-                              "(default: the first Echo-ODE row).")
+                              "(needed when results.csv has several Echo-ODE rows).")
 _NUM = flags.DEFINE_integer("num", None, "Only the first N pairs (sorted).")
 
 TERMS = losses.TERMS
@@ -79,8 +79,12 @@ def main(argv):
   dice = {}
   with open(os.path.join(run, "results.csv")) as f:
     for r in csv.DictReader(f):
-      dice[(r["method"], r["key"])] = float(r["dice_endo"])
-  echo_method = _METHOD.value or next((m for m, _ in dice if m.startswith("Echo-ODE")), None)
+      dice[(r["method"], r["key"])] = float(r.get("dice_endo") or "nan")
+  echo_methods = sorted({m for m, _ in dice if m.startswith("Echo-ODE")})
+  if _METHOD.value is None and len(echo_methods) > 1:
+    raise app.UsageError(f"{run}/results.csv has {len(echo_methods)} Echo-ODE rows: name the one "
+                         f"of --echo with --method (one of: {'; '.join(echo_methods)})")
+  echo_method = _METHOD.value or (echo_methods[0] if echo_methods else None)
   rows = []
   prog = Progress(len(keys), f"ANTs {transform} maps under the objective", "pair")
   for key in keys:
@@ -91,7 +95,7 @@ def main(argv):
     seq = prepare_sequence(inp.images, inp.m0, cfg=cfg)
     phi = _ants.register_map(inp.images[1], inp.images[0], transform,
                              full_shape=inp.data_shape)
-    ident = np.asarray(flow.identity_grid(size, size, jnp.float32))
+    ident = np.asarray(flow.identity_grid(*inp.images.shape[1:3], jnp.float32))
     row = {"key": key}
     for who, terms in (("ants", objective(phi, seq, cfg)),
                        ("identity", objective(ident, seq, cfg)),

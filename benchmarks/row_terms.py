@@ -8,7 +8,8 @@ For every `pred_*.h5` in DIR (one per method) and the pairs of DIR/pairs.h5
 label 1, epi = labels 1-2), the area-EF error with its sign (propagated minus
 true, points; negative = the mask contracts too little), folding (% of
 pixels, the file's folding_fraction), and the recorded unweighted loss terms
-and total of Echo-ODE fits (each row's own weights).
+and total of Echo-ODE fits (each row's own weights). Failed fits (status other
+than ok) are left out, as registration_quality.py leaves them out of its means.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import h5py
 import numpy as np
 from absl import app, flags
 
+from echo_ode_jax import metrics
+
 _RUN = flags.DEFINE_string("run", None, "A registration_quality.py output folder.",
                            required=True)
 _PATIENTS = flags.DEFINE_list("patients", None, "Only these patients (default: all).")
@@ -26,14 +29,10 @@ _PATIENTS = flags.DEFINE_list("patients", None, "Only these patients (default: a
 TERMS = ("loss", "ncc", "sim", "smt", "jdet")
 
 
-def dice(a: np.ndarray, b: np.ndarray, labels) -> float:
-  a, b = np.isin(a, labels), np.isin(b, labels)
-  return float(2 * np.sum(a & b) / max(np.sum(a) + np.sum(b), 1))
-
-
-def area_ef(ed: np.ndarray, es: np.ndarray) -> float:
-  """100 (1 - A_ES / A_ED) of the LV cavity (label 1), points."""
-  return 100.0 * (1.0 - np.sum(es == 1) / max(np.sum(ed == 1), 1))
+def signed_ef_error(pred: np.ndarray, gt: np.ndarray) -> float:
+  """Area EF of pred (2, H, W) minus gt's, points (area ratios need no spacing)."""
+  ef = lambda m: metrics.ef_measures(m[0], m[1], (1.0, 1.0))["ef_area"]
+  return ef(pred) - ef(gt)
 
 
 def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
@@ -43,10 +42,13 @@ def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
       patient, view = key.split("/")
       if patient not in f or view not in f[patient]:
         continue
-      g, gt = f[patient][view], pairs[patient][view]["gt"]
-      pred = g["pred"]
-      got = {"dice_endo": dice(pred[1], gt[1], [1]), "dice_epi": dice(pred[1], gt[1], [1, 2]),
-             "ef_signed": area_ef(pred[0], pred[1]) - area_ef(gt[0], gt[1])}
+      g, gt = f[patient][view], pairs[patient][view]["gt"][()]
+      if g.attrs.get("status", "ok") != "ok":
+        continue
+      pred = g["pred"][()]
+      got = {f"dice_{s}": metrics.dice(metrics.structure_mask(pred[1], s),
+                                       metrics.structure_mask(gt[1], s)) for s in ("endo", "epi")}
+      got["ef_signed"] = signed_ef_error(pred, gt)
       if "folding_fraction" in g.attrs:
         got["fold_pct"] = 100.0 * float(g.attrs["folding_fraction"])
       got.update({t: float(g.attrs[f"loss_{t}"]) for t in TERMS if f"loss_{t}" in g.attrs})

@@ -2,14 +2,17 @@
 
 v(x, t) = s U(x / f, t): U is given at the solver's K knot times on a control
 grid of ceil(H / f) x ceil(W / f) points, interpolated linearly in time and
-bilinearly in space (pixel centres aligned), with s half the grid's larger side,
+bilinearly in space (jax.image.resize's half-pixel convention: the control
+grid and the fit grid share their outer edges, so x / f holds exactly when f
+divides H and W), with s half the grid's larger side,
 so U is in half-widths per unit time and the same parameters mean the same
 motion on every grid. It is the parameterisation of classical registration
 (ANTs SyN, demons, ConvexAdam's instance optimisation: the field itself is the
 unknown), fitted as the last stage after the network(s), which are then held
 fixed, and summed with their velocity (:func:`echo_ode_jax.losses.velocity`):
 it refines the flow the networks found. Like the network, it does not depend
-on phi.
+on phi. FitConfig.velocity_sigma smooths the summed velocity, this field
+included.
 """
 from __future__ import annotations
 

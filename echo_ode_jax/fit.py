@@ -180,12 +180,14 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
                 ) -> FitState:
   """The state that starts stage `level` of cfg's :func:`pyramid`.
 
-  A single-grid fit without the affine stage: :func:`init_state`. Otherwise
-  the parameters are a tuple: the previous stage's returned ones plus a new
-  network (fold_in(key, level)), whose zero-initialised output layer makes the
-  flow continue exactly where the previous stage left it, or, for the affine
-  stage, the zero :class:`affine.AffineVelocity`. The optimizer starts afresh
-  and a failure carries over.
+  A single-grid fit without the affine and dense stages: :func:`init_state`.
+  Otherwise the parameters are a tuple: the previous stage's returned ones plus
+  a new component: a network (fold_in(key, level); `key` itself for the one
+  network of a single-grid fit, as :func:`init_state`), whose zero-initialised
+  output layer makes the flow continue exactly where the previous stage left
+  it; for the affine stage the zero :class:`affine.AffineVelocity`; for the
+  dense stage the zero :class:`dense.DenseVelocity`. The optimizer starts
+  afresh and a failure carries over.
   """
   if cfg.pyramid_levels == 1 and not cfg.affine_steps and not cfg.dense_steps:
     return init_state(cfg, key, shape_hw)
@@ -197,7 +199,8 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
   elif cfg.dense_steps and level == len(stages) - 1:
     new = dense.init(num_knots, shape_hw, cfg.dense_factor)
   else:
-    new = init_params(cfg.model, jax.random.fold_in(key, level), shape_hw)
+    single = cfg.pyramid_levels == 1 and not cfg.affine_steps
+    new = init_params(cfg.model, key if single else jax.random.fold_in(key, level), shape_hw)
   if prev is None:
     params, failed, fail_step = (new,), jnp.asarray(False), jnp.asarray(-1, jnp.int32)
   else:

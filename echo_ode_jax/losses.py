@@ -71,8 +71,11 @@ def smoothness(phi, order: int = 1):
     E|du/dy|^2 + E|du/dx|^2; it is zero only for translations, so it also
     resists a uniform contraction.
   order 2: the bending energy of u, E|d2u/dy2|^2 + E|d2u/dx2|^2 + 2 E|d2u/dydx|^2
-    (central second differences); zero for every affine map, so it penalises
-    how the motion bends, not how much the heart contracts.
+    (three-point second differences along an axis, the 2x2 stencil for the
+    mixed term); zero for every affine map, so it penalises how the motion
+    bends, not how much the heart contracts. Its value in a grid reduced f
+    times is f^2 times that of the same motion in the full grid (fit.pyramid
+    divides the weight accordingly).
   """
   u = flow.displacement(phi)
   if order == 1:

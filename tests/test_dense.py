@@ -75,6 +75,28 @@ def test_the_dense_field_is_added_to_the_networks_velocity():
   np.testing.assert_allclose(v - net, dense.velocity(params[-1], kt, kt, (32, 32)), atol=1e-5)
 
 
+def test_the_best_step_is_sought_in_the_dense_stage_only():
+  """10 network steps, then 3 dense ones: the returned parameters (keep_best)
+  are chosen among history steps 10-12, not among the network's."""
+  cfg = fit.FitConfig(steps=10, dense_steps=3, log_every=500, model=TINY)
+  img = np.random.default_rng(0).random((2, 16, 16))
+  seq = fit.prepare_sequence(img, np.zeros((16, 16)), cfg=cfg)
+  _, (hist,), offset = fit._fit_levels(cfg, [jax.random.PRNGKey(0)], [seq], False, False, "fit")
+  assert len(hist["loss"]) == 13 and offset == 10
+  assert fit.fit_sequence(seq, cfg).best_step >= 10
+
+
+def test_a_single_grid_fit_starts_its_network_as_without_the_dense_stage():
+  key = jax.random.PRNGKey(3)
+  base = fit.FitConfig(steps=2, model=TINY)
+  with_dense = base.replace(dense_steps=2)
+  want = fit.init_state(base, key, (16, 16)).params
+  got = fit.level_state(with_dense, 0, key, (16, 16)).params
+  assert isinstance(got, tuple) and len(got) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got[0])):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_dense_stage_recovers_a_translation():
   """A textured blob moved by (+2, -3) pixels: one network step, then the dense
   stage alone; the fitted map inside the blob is the translation within 0.5 px
