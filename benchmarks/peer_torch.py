@@ -487,13 +487,15 @@ class TorchFit:
     self.num_steps = 0
 
   def lr(self, step: int) -> float:
-    """optax.cosine_decay_schedule(cfg.lr, cfg.steps, cfg.lr_final) or cfg.lr."""
+    """fit.lr_schedule: optax.cosine_decay_schedule(cfg.lr, cfg.steps, cfg.lr_final)
+    or cfg.lr, times min(1, step / cfg.warmup_steps) with a warm-up."""
     cfg = self.cfg
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_decay == "constant":
-      return cfg.lr
+      return cfg.lr * warm
     n = max(1, cfg.steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(step, n) / n))
-    return cfg.lr * ((1 - cfg.lr_final) * cosine + cfg.lr_final)
+    return cfg.lr * ((1 - cfg.lr_final) * cosine + cfg.lr_final) * warm
 
   def loss_terms(self, i: int = 0):
     """(terms, phi) of sequence i with the current parameters (no update)."""

@@ -35,6 +35,8 @@ class FitConfig:
   lr: float = 0.01
   lr_decay: str = "cosine"      # "cosine": decay from lr to lr * lr_final; "constant"
   lr_final: float = 0.1
+  warmup_steps: int = 0         # > 0: the lr rises linearly from 0 over the first warmup_steps
+                                # Adam steps of every stage (fit.lr_schedule); 0: none
   clip_norm: float | None = 1.0  # clip the global gradient norm before Adam (None: off)
   keep_best: bool = True        # return the parameters with the lowest loss seen
   solver: str = "euler"
@@ -88,7 +90,7 @@ class FitConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")
-    for name in ("affine_steps", "dense_steps"):
+    for name in ("affine_steps", "dense_steps", "warmup_steps"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         bad(name, "an integer >= 0")

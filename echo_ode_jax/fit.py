@@ -65,15 +65,25 @@ def _model(cfg: FitConfig):
   return VelocityUNet(cfg.model)
 
 
-def _optimizer(cfg: FitConfig):
-  """Adam (the paper), optionally with gradient clipping and a cosine lr decay."""
+def lr_schedule(cfg: FitConfig):
+  """The lr at Adam step k of a stage (k from 0): cfg.lr, or its cosine decay to
+  lr * lr_final over cfg.steps, times min(1, k / warmup_steps) when
+  cfg.warmup_steps > 0 (a linear warm-up from 0)."""
   if cfg.lr_decay == "constant":
-    lr = cfg.lr
+    base = optax.constant_schedule(cfg.lr)
   elif cfg.lr_decay == "cosine":
-    lr = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.steps), alpha=cfg.lr_final)
+    base = optax.cosine_decay_schedule(cfg.lr, max(1, cfg.steps), alpha=cfg.lr_final)
   else:
     raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {cfg.lr_decay!r}")
-  adam = optax.adam(lr)
+  if not cfg.warmup_steps:
+    return base
+  return lambda k: base(k) * jnp.minimum(1.0, k / cfg.warmup_steps)
+
+
+def _optimizer(cfg: FitConfig):
+  """Adam (the paper), optionally with gradient clipping and lr_schedule's decay
+  and warm-up (every stage of a pyramid starts a fresh one)."""
+  adam = optax.adam(lr_schedule(cfg))
   if cfg.clip_norm is None:
     return adam
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)

@@ -153,6 +153,25 @@ def test_optimizer_clipping_and_cosine_decay_against_hand_computed_adam():
     fit._optimizer(fit.FitConfig(lr_decay="linear"))
 
 
+@pytest.mark.parametrize("decay", ["cosine", "constant"])
+def test_warmup_scales_the_lr_linearly_from_zero(decay):
+  """With warmup_steps = 4 Adam's update at step t is the same as without, times
+  min(1, t / 4) (a constant gradient: -lr_t * sign(g)); the first is zero."""
+  params = {"w": jnp.zeros(2)}
+  g = {"w": jnp.asarray([0.3, -2.0])}
+  cfg = fit.FitConfig(steps=10, lr=0.1, lr_decay=decay, lr_final=0.2, clip_norm=None,
+                      warmup_steps=4)
+  opt = fit._optimizer(cfg)
+  state = opt.init(params)
+  for t in range(cfg.steps):
+    upd, state = opt.update(g, state, params)
+    lr_t = 0.1 * (0.2 + 0.8 * (1 + np.cos(np.pi * t / 10)) / 2) if decay == "cosine" else 0.1
+    np.testing.assert_allclose(upd["w"], -lr_t * min(1.0, t / 4) * np.sign([0.3, -2.0]),
+                               rtol=1e-4, atol=1e-9)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    fit.FitConfig(warmup_steps=-1)
+
+
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_sharded_over_4_devices_equals_single_device(small_seqs, mode):
   if jax.device_count() < 4:
