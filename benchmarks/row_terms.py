@@ -8,19 +8,23 @@ For every `pred_*.h5` in DIR (one per method) and the pairs of DIR/pairs.h5
 label 1, epi = labels 1-2), the area-EF error with its sign (propagated minus
 true, points; negative = the mask contracts too little), folding (% of
 pixels, the file's folding_fraction), and the recorded unweighted loss terms
-and total of Echo-ODE fits (each row's own weights). Failed fits (status other
+and total of Echo-ODE fits (each row's own weights), and last_stage_idle_pct:
+the % of fits whose returned (lowest-loss) parameters are those the last stage
+started from, i.e. whose last stage never lowered the loss. Failed fits (status other
 than ok) are left out, as registration_quality.py leaves them out of its means.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import h5py
 import numpy as np
 from absl import app, flags
 
-from echo_ode_jax import metrics
+from echo_ode_jax import fit, metrics
+from echo_ode_jax.config import FitConfig
 
 _RUN = flags.DEFINE_string("run", None, "A registration_quality.py output folder.",
                            required=True)
@@ -33,6 +37,11 @@ def signed_ef_error(pred: np.ndarray, gt: np.ndarray) -> float:
   """Area EF of pred (2, H, W) minus gt's, points (area ratios need no spacing)."""
   ef = lambda m: metrics.ef_measures(m[0], m[1], (1.0, 1.0))["ef_area"]
   return ef(pred) - ef(gt)
+
+
+def last_stage_start(config: dict) -> int:
+  """The history step at which a fit of this saved FitConfig starts its last stage."""
+  return sum(c.steps for _, c in fit.pyramid(FitConfig.from_dict(config))[:-1])
 
 
 def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
@@ -52,6 +61,9 @@ def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
       if "folding_fraction" in g.attrs:
         got["fold_pct"] = 100.0 * float(g.attrs["folding_fraction"])
       got.update({t: float(g.attrs[f"loss_{t}"]) for t in TERMS if f"loss_{t}" in g.attrs})
+      if "config" in g.attrs and "best_step" in g.attrs:
+        got["last_stage_idle_pct"] = 100.0 * float(
+            int(g.attrs["best_step"]) == last_stage_start(json.loads(g.attrs["config"])))
       for k, v in got.items():
         vals.setdefault(k, []).append(v)
   return {k: float(np.mean(v)) for k, v in vals.items()} | {"n": len(vals.get("dice_endo", []))}
@@ -64,7 +76,7 @@ def main(argv):
     keys = sorted(f"{p}/{v}" for p in pairs for v in pairs[p])
     if _PATIENTS.value:
       keys = [k for k in keys if k.split("/")[0] in set(_PATIENTS.value)]
-    cols = ("dice_endo", "dice_epi", "ef_signed", "fold_pct") + TERMS
+    cols = ("dice_endo", "dice_epi", "ef_signed", "fold_pct") + TERMS + ("last_stage_idle_pct",)
     print("| method file | n | " + " | ".join(cols) + " |")
     print("|---|" + ":-:|" * (len(cols) + 1))
     for path in sorted(glob.glob(os.path.join(run, "pred_*.h5"))):
