@@ -11,10 +11,12 @@ started from.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from absl import app, flags
 
 from echo_ode_jax import fit, overrides, runner
+from echo_ode_jax.data import hdf5
 
 _PAIRS = flags.DEFINE_string("pairs", None, "A registration_quality.py pairs.h5.", required=True)
 _KEY = flags.DEFINE_string("key", None, "patient/view.", required=True)
@@ -27,7 +29,9 @@ def main(argv):
   del argv
   cfg = overrides.fit_config(_CONFIG.value)
   inp = runner.load_inputs(_PAIRS.value, _KEY.value, init="gt", guide="none", size=_SIZE.value)
-  res = fit.fit_sequence(fit.prepare_sequence(inp.images, inp.m0, cfg=cfg), cfg)
+  index = hdf5.list_keys(_PAIRS.value).index(_KEY.value)
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), index)
+  res = fit.fit_sequence(fit.prepare_sequence(inp.images, inp.m0, cfg=cfg), cfg, key=key)
   loss = np.asarray(res.history["loss"], np.float64)
   start = 0
   print(f"{_KEY.value}, {_SIZE.value}², returned step {res.best_step}")
@@ -39,6 +43,11 @@ def main(argv):
     print(f"| {i + 1} | {f} | {c.steps} | {first} | {seg.min():.4f} ({start + int(seg.argmin())})"
           f" | {seg[-1]:.4f} |")
     start += c.steps
+  gt_es = runner.resize(hdf5.read_sequence(_PAIRS.value, _KEY.value).gt[1], inp.images.shape[1:], 0)
+  def ef(ed, es):
+    return 100 * (1 - np.sum(es == 1) / np.sum(ed == 1))
+  print(f"area EF at the fit grid: propagated {ef(res.masks[0], res.masks[-1]):.1f}, "
+        f"true {ef(res.masks[0], gt_es):.1f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class FitConfig:
   clip_norm=None, keep_best=False, lambda_jdet=1 and lambda_smt=0 give plain
   Adam on the paper's terms.
 
-  Units: sigma and ncc_window are pixels of the fitted grid; steps count Adam
+  Units: sigma, ncc_sigma and ncc_window are pixels of the fitted grid; steps count Adam
   updates at the full grid (coarse_steps at each coarser pyramid level).
   """
   steps: int = 1000
@@ -45,6 +45,8 @@ class FitConfig:
   lambda_sim: float = 1.0
   lambda_ncc: float = 1.0       # local NCC similarity (losses.local_ncc; not in the paper)
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
+  ncc_sigma: float = 0.0        # L_ncc compares both images smoothed by a Gaussian of this
+                                # many pixels (0: the raw images; losses.terms_from_phi)
   velocity_sigma: float = 0.0   # Gaussian smoothing of V, pixels (0: none; losses.velocity)
   velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
   pyramid_levels: int = 1       # coarse-to-fine: fit at 1/2^(L-1), ..., 1/2, then the full grid,
@@ -97,7 +99,7 @@ class FitConfig:
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg",
+    for name in ("lr_final", "sigma", "ncc_sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg",
                  "lambda_ef", "lambda_jdet", "lambda_smt", "jdet_margin"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")

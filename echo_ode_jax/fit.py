@@ -158,7 +158,7 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   by cfg.affine_factor. Then come the network levels: level k of L =
   cfg.pyramid_levels fits the sequence downsampled by 2^(L-1-k)
   (:func:`sequence.downsample`) for cfg.coarse_steps Adam steps (cfg.steps at
-  the full grid). sigma and velocity_sigma are scaled to each stage's grid, and
+  the full grid). sigma, ncc_sigma and velocity_sigma are scaled to each stage's grid, and
   with cfg.smt_order == 2 lambda_smt is divided by f^2, so the bending energy
   is weighed in the fit grid's pixels on every level (a second difference in a
   grid reduced f times reads f times larger; R_smt of order 1 and R_Jdet are
@@ -173,7 +173,7 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
     if f == 1 and steps == cfg.steps:
       return cfg
     smt = cfg.lambda_smt / f ** 2 if cfg.smt_order == 2 else cfg.lambda_smt
-    return dataclasses.replace(cfg, steps=steps, sigma=cfg.sigma / f,
+    return dataclasses.replace(cfg, steps=steps, sigma=cfg.sigma / f, ncc_sigma=cfg.ncc_sigma / f,
                                velocity_sigma=cfg.velocity_sigma / f, lambda_smt=smt)
 
   levels = cfg.pyramid_levels

@@ -5,7 +5,8 @@ The sequence is a prepared sequence (:mod:`echo_ode_jax.sequence`: keys, shapes,
 Terms (each has a weight in FitConfig):
   L_sim   mean over frames of MSE(K * (I_0 o phi_t), K * I_t)
   L_ncc   mean over frames of 1 - local NCC^2(I_0 o phi_t, I_t) in w x w windows
-          (VoxelMorph's windowed cross-correlation; not in the paper)
+          (VoxelMorph's windowed cross-correlation; not in the paper), both images
+          first smoothed by a Gaussian of ncc_sigma pixels when ncc_sigma > 0
   L_seg   soft Dice loss between m_0 o phi_ES and m_1 (classes 1..C-1)
   L_EF    |EF(propagated) - EF(guide)|, LV area as the volume proxy
   R_Jdet  mean over t of mean(ReLU(jdet_margin - det D phi_t)^2) (margin 0: the paper's)
@@ -189,7 +190,10 @@ def terms_from_phi(phi, seq, cfg):
   sim_t = jnp.mean((warped - seq["images_smooth"]) ** 2, axis=(1, 2))
   sim = jnp.sum(sim_t * valid) / nvalid
   if cfg.lambda_ncc > 0:
-    ncc_t = 1.0 - local_ncc(raw, seq["images"], cfg.ncc_window)
+    a, b = raw, seq["images"]
+    if cfg.ncc_sigma > 0:
+      a, b = gaussian_blur(a, cfg.ncc_sigma), gaussian_blur(b, cfg.ncc_sigma)
+    ncc_t = 1.0 - local_ncc(a, b, cfg.ncc_window)
     ncc = jnp.sum(ncc_t * valid) / nvalid
   else:
     ncc = jnp.zeros((), sim.dtype)

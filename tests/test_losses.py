@@ -61,7 +61,11 @@ def _scipy_terms(s, phi, cfg, guided=True):
                                   mode="nearest")
     warped = ndimage.gaussian_filter(raw, cfg.sigma, mode="reflect")
     sim.append(np.mean((warped - sm[t]) ** 2))
-    ncc.append(1 - _np_ncc(raw, img[t], cfg.ncc_window))
+    a, b = raw, img[t]
+    if cfg.ncc_sigma > 0:
+      a = ndimage.gaussian_filter(a, cfg.ncc_sigma, mode="reflect")
+      b = ndimage.gaussian_filter(b, cfg.ncc_sigma, mode="reflect")
+    ncc.append(1 - _np_ncc(a, b, cfg.ncc_window))
   m0 = np.eye(4)[s.gt[0]]
   m_es = np.stack([ndimage.map_coordinates(m0[..., c], np.moveaxis(phi[T_VALID - 1], -1, 0),
                                            order=1, mode="nearest") for c in range(4)], -1)
@@ -81,12 +85,16 @@ def _scipy_terms(s, phi, cfg, guided=True):
           "smt": np.mean(grads)}
 
 
-@pytest.mark.parametrize("lambda_ncc,jdet_margin", [(0.0, 0.0), (1.0, 0.0), (1.0, 0.95)])
-def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case, lambda_ncc, jdet_margin):
+@pytest.mark.parametrize("lambda_ncc,jdet_margin,ncc_sigma",
+                         [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.95, 0.0), (1.0, 0.0, 1.5)])
+def test_terms_at_affine_maps_match_scipy_and_ignore_padding(case, lambda_ncc, jdet_margin,
+                                                             ncc_sigma):
   """jdet_margin 0.95 also penalises frame 4 (det 0.86: 0.3% of the term, above
-  the tolerance) besides the reflection (frame 2's det 0.94 adds too little to see)."""
+  the tolerance) besides the reflection (frame 2's det 0.94 adds too little to see);
+  ncc_sigma smooths both images before the NCC as scipy's gaussian_filter does."""
   s, phi = case
-  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5, jdet_margin=jdet_margin)
+  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5, jdet_margin=jdet_margin,
+                      ncc_sigma=ncc_sigma)
   seq = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
   assert seq["frame_valid"].tolist() == [1] * T_VALID + [0] * (T_PAD - T_VALID)
   got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)

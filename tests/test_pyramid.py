@@ -27,11 +27,12 @@ def _prep(s, cfg=CFG):
 
 
 def test_levels_halve_the_grid_and_scale_sigma():
-  cfg = fit.FitConfig(steps=50, coarse_steps=7, pyramid_levels=3, sigma=2.0)
+  cfg = fit.FitConfig(steps=50, coarse_steps=7, pyramid_levels=3, sigma=2.0, ncc_sigma=4.0)
   levels = fit.pyramid(cfg)
   assert [f for f, _ in levels] == [4, 2, 1]
   assert [c.steps for _, c in levels] == [7, 7, 50]
   assert [c.sigma for _, c in levels] == [0.5, 1.0, 2.0]
+  assert [c.ncc_sigma for _, c in levels] == [1.0, 2.0, 4.0]
   assert levels[-1][1] == cfg
   assert fit.pyramid(fit.FitConfig()) == [(1, fit.FitConfig())]
   with pytest.raises(ValueError, match="pyramid_levels"):
