@@ -99,8 +99,8 @@ class FitConfig:
     for name in ("lr", "dt"):
       if not number(getattr(self, name)) or getattr(self, name) <= 0:
         bad(name, "a finite number > 0")
-    for name in ("lr_final", "sigma", "ncc_sigma", "velocity_sigma", "lambda_sim", "lambda_ncc", "lambda_seg",
-                 "lambda_ef", "lambda_jdet", "lambda_smt", "jdet_margin"):
+    for name in ("lr_final", "sigma", "ncc_sigma", "velocity_sigma", "lambda_sim", "lambda_ncc",
+                 "lambda_seg", "lambda_ef", "lambda_jdet", "lambda_smt", "jdet_margin"):
       if not number(getattr(self, name)) or getattr(self, name) < 0:
         bad(name, "a finite number >= 0")
     if self.jdet_margin >= 1:

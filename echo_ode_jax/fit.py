@@ -158,13 +158,14 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   by cfg.affine_factor. Then come the network levels: level k of L =
   cfg.pyramid_levels fits the sequence downsampled by 2^(L-1-k)
   (:func:`sequence.downsample`) for cfg.coarse_steps Adam steps (cfg.steps at
-  the full grid). sigma, ncc_sigma and velocity_sigma are scaled to each stage's grid, and
-  with cfg.smt_order == 2 lambda_smt is divided by f^2, so the bending energy
-  is weighed in the fit grid's pixels on every level (a second difference in a
-  grid reduced f times reads f times larger; R_smt of order 1 and R_Jdet are
-  scale-free); the NCC window keeps its size in pixels, so it covers more of
-  the heart on the coarse grids. Each level adds a network, run at its own grid and upsampled
-  (:func:`losses.velocity`); what the earlier stages fitted keeps training.
+  the full grid). sigma, ncc_sigma and velocity_sigma are scaled to each
+  stage's grid, and with cfg.smt_order == 2 lambda_smt is divided by f^2, so
+  the bending energy is weighed in the fit grid's pixels on every level (a
+  second difference in a grid reduced f times reads f times larger; R_smt of
+  order 1 and R_Jdet are scale-free); the NCC window keeps its size in pixels,
+  so it covers more of the heart on the coarse grids. Each level adds a
+  network, run at its own grid and upsampled (:func:`losses.velocity`); what
+  the earlier stages fitted keeps training.
   With cfg.dense_steps > 0 a last stage at the full grid adds the free-form
   velocity (:mod:`echo_ode_jax.dense`) and fits it alone, the networks held
   fixed, for dense_steps Adam steps.
