@@ -15,6 +15,7 @@ than ok) are left out, as registration_quality.py leaves them out of its means.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -39,9 +40,10 @@ def signed_ef_error(pred: np.ndarray, gt: np.ndarray) -> float:
   return ef(pred) - ef(gt)
 
 
-def last_stage_start(config: dict) -> int:
-  """The history step at which a fit of this saved FitConfig starts its last stage."""
-  return sum(c.steps for _, c in fit.pyramid(FitConfig.from_dict(config))[:-1])
+@functools.lru_cache(maxsize=None)
+def last_stage_start(config: str) -> int:
+  """The history step at which a fit of this saved FitConfig (JSON) starts its last stage."""
+  return sum(c.steps for _, c in fit.pyramid(FitConfig.from_dict(json.loads(config)))[:-1])
 
 
 def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
@@ -63,7 +65,7 @@ def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
       got.update({t: float(g.attrs[f"loss_{t}"]) for t in TERMS if f"loss_{t}" in g.attrs})
       if "config" in g.attrs and "best_step" in g.attrs:
         got["last_stage_idle_pct"] = 100.0 * float(
-            int(g.attrs["best_step"]) == last_stage_start(json.loads(g.attrs["config"])))
+            int(g.attrs["best_step"]) == last_stage_start(str(g.attrs["config"])))
       for k, v in got.items():
         vals.setdefault(k, []).append(v)
   return {k: float(np.mean(v)) for k, v in vals.items()} | {"n": len(vals.get("dice_endo", []))}

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from echo_ode_jax import fit, overrides, runner
+from echo_ode_jax import fit, metrics, overrides, runner
 from echo_ode_jax.data import hdf5
 
 _PAIRS = flags.DEFINE_string("pairs", None, "A registration_quality.py pairs.h5.", required=True)
@@ -45,7 +45,7 @@ def main(argv):
     start += c.steps
   gt_es = runner.resize(hdf5.read_sequence(_PAIRS.value, _KEY.value).gt[1], inp.images.shape[1:], 0)
   def ef(ed, es):
-    return 100 * (1 - np.sum(es == 1) / np.sum(ed == 1))
+    return metrics.ejection_fraction(metrics.lv_area_mm2(ed), metrics.lv_area_mm2(es))
   print(f"area EF at the fit grid: propagated {ef(res.masks[0], res.masks[-1]):.1f}, "
         f"true {ef(res.masks[0], gt_es):.1f}")
 
