@@ -76,6 +76,9 @@ class FitConfig:
   t_bucket: int = 4             # frame counts are padded up to a multiple of this
   log_every: int = 50           # steps per progress line
   seed: int = 0
+  ensemble: int = 1             # > 1: this many fits from different initialisations (member m
+                                # from fold_in(key, m), member 0 from the key itself), phi the
+                                # flow of their mean velocity (fit.py, "Ensembles")
   model: ModelConfig = ModelConfig()
 
   def __post_init__(self):
@@ -88,7 +91,7 @@ class FitConfig:
               and bool(np.isfinite(v)))
 
     for name in ("steps", "t_bucket", "log_every", "ncc_window", "velocity_stride",
-                 "pyramid_levels", "coarse_steps", "affine_factor", "dense_factor"):
+                 "pyramid_levels", "coarse_steps", "affine_factor", "dense_factor", "ensemble"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         bad(name, "an integer >= 1")

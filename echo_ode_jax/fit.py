@@ -112,7 +112,10 @@ class FitState(NamedTuple):
 def make_step(cfg: FitConfig, formulation: str = "batched"):
   """One Adam step of one sequence with a non-finite guard.
 
-  state: :class:`FitState`; returns (state, terms).
+  state: :class:`FitState`; returns (state, terms). With cfg.ensemble = K > 1
+  the state holds K members along a leading axis, each stepped on its own
+  (its own gradient clipping, Adam, guard and best parameters), and every
+  term has shape (K,).
   A step whose loss or gradient is non-finite is not applied; the sequence is
   marked failed and its parameters stay frozen from then on. The loss of step
   i belongs to the parameters before its update, so those are the candidates
@@ -139,7 +142,7 @@ def make_step(cfg: FitConfig, formulation: str = "batched"):
     return (FitState(params, opt_state, failed, fail_step, best_params, best_loss),
             dict(terms, loss=loss))
 
-  return step
+  return jax.vmap(step, in_axes=(0, None, None)) if cfg.ensemble > 1 else step
 
 
 def init_state(cfg: FitConfig, key, shape_hw) -> FitState:
@@ -187,9 +190,17 @@ def pyramid(cfg: FitConfig) -> list[tuple[int, FitConfig]]:
   return out
 
 
+def member_keys(cfg: FitConfig, key) -> jax.Array:
+  """The K = cfg.ensemble members' keys (K, 2): `key` itself, then fold_in(key, m)."""
+  return jnp.stack([key] + [jax.random.fold_in(key, m) for m in range(1, cfg.ensemble)])
+
+
 def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None = None
                 ) -> FitState:
   """The state that starts stage `level` of cfg's :func:`pyramid`.
+
+  With cfg.ensemble = K > 1: K such states stacked, member m started from
+  :func:`member_keys`' m-th key (and from member m of `prev`).
 
   A single-grid fit without the affine and dense stages: :func:`init_state`.
   Otherwise the parameters are a tuple: the previous stage's returned ones plus
@@ -200,6 +211,15 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
   dense stage the zero :class:`dense.DenseVelocity`. The optimizer starts
   afresh and a failure carries over.
   """
+  if cfg.ensemble > 1:
+    keys = member_keys(cfg, key)
+    if prev is None:
+      return jax.vmap(lambda k: _member_level_state(cfg, level, k, shape_hw, None))(keys)
+    return jax.vmap(lambda k, p: _member_level_state(cfg, level, k, shape_hw, p))(keys, prev)
+  return _member_level_state(cfg, level, key, shape_hw, prev)
+
+
+def _member_level_state(cfg, level, key, shape_hw, prev):
   if cfg.pyramid_levels == 1 and not cfg.affine_steps and not cfg.dense_steps:
     return init_state(cfg, key, shape_hw)
   stages = pyramid(cfg)
@@ -215,14 +235,21 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
   if prev is None:
     params, failed, fail_step = (new,), jnp.asarray(False), jnp.asarray(-1, jnp.int32)
   else:
-    params = tuple(final_params(cfg, prev)) + (new,)
+    params = tuple(_member_params(cfg, prev)) + (new,)
     failed, fail_step = prev.failed, prev.fail_step
   return FitState(params, _optimizer(level_cfg).init(params), failed, fail_step,
                   jax.tree_util.tree_map(jnp.array, params), jnp.asarray(jnp.inf, jnp.float32))
 
 
 def final_params(cfg: FitConfig, state: FitState):
-  """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last."""
+  """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last
+  (with cfg.ensemble > 1, each member's, stacked)."""
+  if cfg.ensemble > 1:
+    return jax.vmap(lambda st: _member_params(cfg, st))(state)
+  return _member_params(cfg, state)
+
+
+def _member_params(cfg, state):
   if cfg.keep_best:
     # best_loss stays inf only if the very first step failed; then params = init.
     return _select(jnp.isfinite(state.best_loss), state.best_params, state.params)
@@ -257,13 +284,30 @@ def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
 
 @functools.lru_cache(maxsize=32)
 def _final_fn(cfg: FitConfig, batched: bool):
-  """jit: (params, seq) -> (phi (T,H,W,2), masks (T,H,W) uint8, folding fraction (T,))."""
+  """jit: (state, seq) -> (phi (T,H,W,2), masks (T,H,W) uint8, folding fraction (T,),
+  terms).
+
+  phi is the flow of the returned parameters (:func:`final_params`). With
+  cfg.ensemble > 1 it is the flow of the members' mean velocity at the knot
+  times, over the members that did not fail (all of them if every one did),
+  and terms holds the loss terms and "loss" at that phi; otherwise terms is {}.
+  """
   apply_fn = _model(cfg).apply
 
-  def final(params, seq):
-    phi = losses.flow_batched(params, seq, cfg, apply_fn)
+  def final(state, seq):
+    params = final_params(cfg, state)
+    terms = {}
+    if cfg.ensemble > 1:
+      knots = jax.vmap(lambda p: losses.velocity_knots(p, seq, cfg, apply_fn))(params)
+      ok = (~state.failed).astype(knots.dtype)
+      w = jnp.where(jnp.any(~state.failed), ok, jnp.ones_like(ok))
+      phi = losses.flow_of_knots(jnp.tensordot(w / jnp.sum(w), knots, axes=1), seq, cfg)
+      terms = losses.terms_from_phi(phi, seq, cfg)
+      terms["loss"] = losses.total_loss(terms, cfg)
+    else:
+      phi = losses.flow_batched(params, seq, cfg, apply_fn)
     masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
-    return phi, masks, jax.vmap(folding_fraction)(phi)
+    return phi, masks, jax.vmap(folding_fraction)(phi), terms
 
   return jax.jit(jax.vmap(final) if batched else final,
                  compiler_options=kernels.compiler_options())
@@ -388,8 +432,21 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):
 
 
 def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
-            keep_best=False, offset=0) -> FitResult:
+            keep_best=False, offset=0, terms=None) -> FitResult:
+  """One sequence's FitResult. failed / fail_step: scalars, or (K,) for an
+  ensemble's members (history's terms then (steps, K)), whose `terms` at the
+  returned phi are its final terms."""
   t_valid = int(seq["es_index"]) + 1
+  failed, fail_step = np.asarray(failed), np.asarray(fail_step)
+  if failed.ndim:     # an ensemble: it fails only if every member failed
+    history = {k: np.mean(v, axis=-1) for k, v in history.items()}
+    reason = ""
+    if failed.any():
+      reason = (f"{int(failed.sum())} of {failed.size} ensemble members: non-finite loss or "
+                f"gradient (first at step {int(fail_step[failed].min())})")
+    return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
+                     history, {k: float(v) for k, v in terms.items()},
+                     float(np.mean(fold[:t_valid])), seconds, bool(failed.all()), reason)
   final = {k: float(v[-1]) for k, v in history.items()}
   best = -1
   if keep_best:
@@ -445,9 +502,9 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
   key = jax.random.PRNGKey(cfg.seed) if key is None else key
   seq = jax.tree_util.tree_map(jnp.asarray, seq)
   (state,), (history,), offset = _fit_levels(cfg, [key], [seq], False, progress, "fit")
-  phi, masks, fold = jax.device_get(_final_fn(cfg, False)(final_params(cfg, state), seq))
-  return _result(phi, masks, fold, jax.device_get(seq), history, bool(state.failed),
-                 int(state.fail_step), time.perf_counter() - t0, cfg.keep_best, offset)
+  phi, masks, fold, terms = jax.device_get(_final_fn(cfg, False)(state, seq))
+  return _result(phi, masks, fold, jax.device_get(seq), history, state.failed,
+                 state.fail_step, time.perf_counter() - t0, cfg.keep_best, offset, terms)
 
 
 def batch_mesh(devices=None) -> Mesh:
@@ -499,14 +556,13 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   batch = jax.tree_util.tree_map(put, batch)
   (state,), (history,), offset = _fit_levels(cfg, [jnp.stack(keys)], [batch], True, progress,
                                              f"fit batch of {b}", [put])
-  params = jax.vmap(functools.partial(final_params, cfg))(state)
-  phi, masks, fold = jax.device_get(_final_fn(cfg, True)(params, batch))
+  phi, masks, fold, terms = jax.device_get(_final_fn(cfg, True)(state, batch))
   seconds = time.perf_counter() - t0
   failed, fail_step = np.asarray(state.failed), np.asarray(state.fail_step)
   es = np.asarray(jax.device_get(batch["es_index"]))
   return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
                   {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
-                  seconds / b, cfg.keep_best, offset)
+                  seconds / b, cfg.keep_best, offset, {k: v[i] for k, v in terms.items()})
           for i in range(b)]
 
 
@@ -526,9 +582,8 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   states, histories, offset = _fit_levels(cfg, keys, dev_seqs, False, progress,
                                           f"fit batch of {b}", puts)
   final = _final_fn(cfg, False)
-  outs = [final(final_params(cfg, st), s) for st, s in zip(states, dev_seqs)]
-  outs = jax.device_get(outs)
+  outs = jax.device_get([final(st, s) for st, s in zip(states, dev_seqs)])
   seconds = time.perf_counter() - t0
-  return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, bool(st.failed),
-                  int(st.fail_step), seconds / b, cfg.keep_best, offset)
-          for (phi, masks, fold), s, h, st in zip(outs, seqs, histories, states)]
+  return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, st.failed, st.fail_step,
+                  seconds / b, cfg.keep_best, offset, terms)
+          for (phi, masks, fold, terms), s, h, st in zip(outs, seqs, histories, states)]

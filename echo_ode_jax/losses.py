@@ -151,8 +151,13 @@ def velocity_knots(params, seq, cfg, apply_fn):
 
 def flow_batched(params, seq, cfg, apply_fn):
   """phi at the frame times: (T, H, W, 2); the network runs once at all knot times."""
+  return flow_of_knots(velocity_knots(params, seq, cfg, apply_fn), seq, cfg)
+
+
+def flow_of_knots(knots, seq, cfg):
+  """phi at the frame times (T, H, W, 2) of a velocity given at the knot times
+  (K, H, W, 2), pixels per unit time."""
   kt = flow.knot_times(cfg.solver, cfg.dt)
-  knots = velocity_knots(params, seq, cfg, apply_fn)
   return flow.integrate_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt, t1=1.0)
 
 
