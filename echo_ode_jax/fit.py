@@ -16,6 +16,15 @@ convolution to a grouped one, which is slower per sequence on CPU and GPU
 (BENCHMARKS.md, "Batch modes"). Both give the same results up to float
 rounding. Sequences of different lengths are padded to a common T bucket and
 masked.
+
+Ensembles: with FitConfig.ensemble = K > 1 every sequence is fitted K times
+from K initialisations (member m's networks from fold_in(key, m); member 0 is
+the fit from the key itself), each member on its own along a leading axis of
+the state (vmapped). The returned phi is the flow of the members' mean
+velocity at the knot times: one map, diffeomorphic like each member's (the
+velocities are averaged, not the masks), whose loss terms are evaluated at
+that phi. A member whose loss turns non-finite is left out of the mean; the
+sequence fails only if every member does.
 """
 from __future__ import annotations
 
