@@ -51,6 +51,10 @@ from echo_ode_jax.kernels import gaussian_kernel1d
 from echo_ode_jax.model import ModelConfig
 
 TERMS = ("sim", "seg", "ef", "jdet", "smt")
+# FitConfig fields beyond the paper's single-grid step, and the values that turn
+# them off: the peer refuses any other value.
+PAPER_STEP = {"lambda_ncc": 0.0, "pyramid_levels": 1, "affine_steps": 0, "dense_steps": 0,
+              "velocity_stride": 1, "velocity_sigma": 0.0, "ensemble": 1}
 LV = 1
 
 
@@ -352,6 +356,10 @@ def seq_tensors(seq: dict) -> dict:
 def _euler_grid(cfg: FitConfig) -> np.ndarray:
   if cfg.solver.lower() != "euler":
     raise ValueError(f"peer_torch reproduces the Euler solver only, got {cfg.solver!r}")
+  beyond = {k: getattr(cfg, k) for k, off in PAPER_STEP.items() if getattr(cfg, k) != off}
+  if beyond:
+    raise ValueError(f"peer_torch reproduces the paper's step only; set {beyond} to "
+                     f"{ {k: PAPER_STEP[k] for k in beyond} }")
   n = flow.num_steps(0.0, 1.0, cfg.dt)
   return np.minimum(cfg.dt * np.arange(n + 1), 1.0)
 
@@ -543,7 +551,7 @@ def _main(argv=None):
   args = ap.parse_args(argv)
   from echo_ode_jax.data import synthetic
   from echo_ode_jax.fit import prepare_sequence
-  cfg = FitConfig()
+  cfg = FitConfig(lambda_ncc=0.0)   # the paper's terms (PAPER_STEP)
   seqs = []
   for i in range(args.batch):
     sq, _ = synthetic.make_sequence(i, size=args.size, num_frames=args.frames)
