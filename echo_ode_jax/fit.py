@@ -121,10 +121,7 @@ class FitState(NamedTuple):
 def make_step(cfg: FitConfig, formulation: str = "batched"):
   """One Adam step of one sequence with a non-finite guard.
 
-  state: :class:`FitState`; returns (state, terms). With cfg.ensemble = K > 1
-  the state holds K members along a leading axis, each stepped on its own
-  (its own gradient clipping, Adam, guard and best parameters), and every
-  term has shape (K,).
+  state: :class:`FitState`; returns (state, terms).
   A step whose loss or gradient is non-finite is not applied; the sequence is
   marked failed and its parameters stay frozen from then on. The loss of step
   i belongs to the parameters before its update, so those are the candidates
@@ -151,7 +148,7 @@ def make_step(cfg: FitConfig, formulation: str = "batched"):
     return (FitState(params, opt_state, failed, fail_step, best_params, best_loss),
             dict(terms, loss=loss))
 
-  return jax.vmap(step, in_axes=(0, None, None)) if cfg.ensemble > 1 else step
+  return step
 
 
 def init_state(cfg: FitConfig, key, shape_hw) -> FitState:
@@ -208,8 +205,6 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
                 ) -> FitState:
   """The state that starts stage `level` of cfg's :func:`pyramid`.
 
-  With cfg.ensemble = K > 1: K such states stacked, member m started from
-  :func:`member_keys`' m-th key (and from member m of `prev`).
 
   A single-grid fit without the affine and dense stages: :func:`init_state`.
   Otherwise the parameters are a tuple: the previous stage's returned ones plus
@@ -220,15 +215,6 @@ def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None
   dense stage the zero :class:`dense.DenseVelocity`. The optimizer starts
   afresh and a failure carries over.
   """
-  if cfg.ensemble > 1:
-    keys = member_keys(cfg, key)
-    if prev is None:
-      return jax.vmap(lambda k: _member_level_state(cfg, level, k, shape_hw, None))(keys)
-    return jax.vmap(lambda k, p: _member_level_state(cfg, level, k, shape_hw, p))(keys, prev)
-  return _member_level_state(cfg, level, key, shape_hw, prev)
-
-
-def _member_level_state(cfg, level, key, shape_hw, prev):
   if cfg.pyramid_levels == 1 and not cfg.affine_steps and not cfg.dense_steps:
     return init_state(cfg, key, shape_hw)
   stages = pyramid(cfg)
@@ -244,7 +230,7 @@ def _member_level_state(cfg, level, key, shape_hw, prev):
   if prev is None:
     params, failed, fail_step = (new,), jnp.asarray(False), jnp.asarray(-1, jnp.int32)
   else:
-    params = tuple(_member_params(cfg, prev)) + (new,)
+    params = tuple(final_params(cfg, prev)) + (new,)
     failed, fail_step = prev.failed, prev.fail_step
   return FitState(params, _optimizer(level_cfg).init(params), failed, fail_step,
                   jax.tree_util.tree_map(jnp.array, params), jnp.asarray(jnp.inf, jnp.float32))
@@ -252,13 +238,7 @@ def _member_level_state(cfg, level, key, shape_hw, prev):
 
 def final_params(cfg: FitConfig, state: FitState):
   """The parameters a fit returns: the best-loss ones (cfg.keep_best) or the last
-  (with cfg.ensemble > 1, each member's, stacked)."""
-  if cfg.ensemble > 1:
-    return jax.vmap(lambda st: _member_params(cfg, st))(state)
-  return _member_params(cfg, state)
-
-
-def _member_params(cfg, state):
+  (of one member of an ensemble: vmap it over their stacked states)."""
   if cfg.keep_best:
     # best_loss stays inf only if the very first step failed; then params = init.
     return _select(jnp.isfinite(state.best_loss), state.best_params, state.params)
@@ -304,9 +284,9 @@ def _final_fn(cfg: FitConfig, batched: bool):
   apply_fn = _model(cfg).apply
 
   def final(state, seq):
-    params = final_params(cfg, state)
     terms = {}
     if cfg.ensemble > 1:
+      params = jax.vmap(functools.partial(final_params, cfg))(state)
       knots = jax.vmap(lambda p: losses.velocity_knots(p, seq, cfg, apply_fn))(params)
       ok = (~state.failed).astype(knots.dtype)
       w = jnp.where(jnp.any(~state.failed), ok, jnp.ones_like(ok))
@@ -314,7 +294,7 @@ def _final_fn(cfg: FitConfig, batched: bool):
       terms = losses.terms_from_phi(phi, seq, cfg)
       terms["loss"] = losses.total_loss(terms, cfg)
     else:
-      phi = losses.flow_batched(params, seq, cfg, apply_fn)
+      phi = losses.flow_batched(final_params(cfg, state), seq, cfg, apply_fn)
     masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
     return phi, masks, jax.vmap(folding_fraction)(phi), terms
 
@@ -479,6 +459,9 @@ def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
   jnp.asarray). Returns (states, histories over all levels, offset of the last
   level's first step)."""
   puts = puts or [jnp.asarray] * len(seqs)
+  if cfg.ensemble > 1:
+    return _fit_members(cfg, keys, seqs, batched, progress, what, puts)
+
   def start(level, key, hw, prev):
     if batched:
       return jax.vmap(lambda k, p: level_state(cfg, level, k, hw, p))(key, prev)
@@ -502,6 +485,31 @@ def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
   offset -= levels[-1][1].steps
   histories = [{k: np.concatenate([lh[k] for lh in h], axis=0) for k in h[0]} for h in hists]
   return states, histories, offset
+
+
+def _fit_members(cfg, keys, seqs, batched, progress, what, puts):
+  """_fit_levels for an ensemble: its K members are fitted as K more sequences
+  (the same compiled programs as a single fit), then regrouped, each pair's
+  states stacked along a leading member axis and its history terms (steps, K)
+  ((steps, B, K) when batched)."""
+  k, single = cfg.ensemble, cfg.replace(ensemble=1)
+  if batched:
+    (key,), (seq,), (put,) = keys, seqs, puts
+    b = key.shape[0]
+    mkeys = jax.vmap(functools.partial(member_keys, cfg))(key).reshape(b * k, *key.shape[1:])
+    mseq = jax.tree_util.tree_map(lambda x: put(jnp.repeat(x, k, axis=0)), seq)
+    (state,), (hist,), offset = _fit_levels(single, [put(mkeys)], [mseq], True, progress, what,
+                                            [put])
+    state = jax.tree_util.tree_map(lambda x: x.reshape(b, k, *x.shape[1:]), state)
+    hist = {n: v.reshape(v.shape[0], b, k) for n, v in hist.items()}
+    return [state], [hist], offset
+  mkeys = [m for key in keys for m in member_keys(cfg, key)]
+  states, hists, offset = _fit_levels(single, mkeys, [s for s in seqs for _ in range(k)],
+                                      False, progress, what, [p for p in puts for _ in range(k)])
+  groups = [slice(i * k, (i + 1) * k) for i in range(len(seqs))]
+  states = [jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states[g]) for g in groups]
+  hists = [{n: np.stack([h[n] for h in hists[g]], -1) for n in hists[0]} for g in groups]
+  return states, hists, offset
 
 
 def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=None,

@@ -21,6 +21,8 @@ def seq():
 
 def _params(cfg, key, seq):
   (state,), _, _ = fit._fit_levels(cfg, [key], [seq], False, False, "test")
+  if cfg.ensemble > 1:
+    return jax.vmap(lambda st: fit.final_params(cfg, st))(state)
   return fit.final_params(cfg, state)
 
 
@@ -45,7 +47,8 @@ def test_members_are_the_single_fits_from_their_keys(seq):
 def _translation_state(cfg, biases, failed):
   """An ensemble state whose member m's velocity is the constant biases[m]
   (the zero-initialised last layer's bias), marked failed[m]."""
-  state = fit.level_state(cfg, 0, jax.random.PRNGKey(0), (SIZE, SIZE))
+  keys = jnp.stack([jax.random.PRNGKey(m) for m in range(len(biases))])
+  state = jax.vmap(lambda k: fit.level_state(cfg, 0, k, (SIZE, SIZE)))(keys)
   params = dict(state.best_params)
   params["flow"] = dict(params["flow"], bias=jnp.asarray(biases, jnp.float32))
   return state._replace(params=params, best_params=params,
