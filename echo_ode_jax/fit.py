@@ -19,8 +19,9 @@ masked.
 
 Ensembles: with FitConfig.ensemble = K > 1 every sequence is fitted K times
 from K initialisations (member m's networks from fold_in(key, m); member 0 is
-the fit from the key itself), each member on its own along a leading axis of
-the state (vmapped). The returned phi is the flow of the members' mean
+the fit from the key itself), the members fitted as more sequences of the
+batch (the single fit's compiled programs) and their states then stacked
+along a leading member axis. The returned phi is the flow of the members' mean
 velocity at the knot times: one map, diffeomorphic like each member's (the
 velocities are averaged, not the masks), whose loss terms are evaluated at
 that phi. A member whose loss turns non-finite is left out of the mean; the
@@ -204,7 +205,6 @@ def member_keys(cfg: FitConfig, key) -> jax.Array:
 def level_state(cfg: FitConfig, level: int, key, shape_hw, prev: FitState | None = None
                 ) -> FitState:
   """The state that starts stage `level` of cfg's :func:`pyramid`.
-
 
   A single-grid fit without the affine and dense stages: :func:`init_state`.
   Otherwise the parameters are a tuple: the previous stage's returned ones plus
