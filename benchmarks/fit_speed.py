@@ -164,9 +164,11 @@ def main(_):
   if _BASE.value:
     cfg = experiment.base_config(_BASE.value, cfg)
     print(f"config overrides: {_BASE.value}")
+  if cfg.ensemble != 1:
+    raise SystemExit("fit_speed.py times one fit per sequence: set ensemble=1")
   if _TORCH.value and cfg.lambda_ncc:
     cfg = cfg.replace(lambda_ncc=0.0)
-    print("--torch: lambda_ncc=0 on both sides (the peer reproduces the paper's step)")
+    print("--vs_torch: lambda_ncc=0 on both sides (the peer reproduces the paper's step)")
   mode = _MODE.value or "loop"
   peak = matmul_gflops(_MATMUL.value)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "

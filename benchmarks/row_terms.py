@@ -63,7 +63,7 @@ def row(pred_path: str, pairs: h5py.File, keys: list[str]) -> dict[str, float]:
       if "folding_fraction" in g.attrs:
         got["fold_pct"] = 100.0 * float(g.attrs["folding_fraction"])
       got.update({t: float(g.attrs[f"loss_{t}"]) for t in TERMS if f"loss_{t}" in g.attrs})
-      if "config" in g.attrs and "best_step" in g.attrs:
+      if "config" in g.attrs and int(g.attrs.get("best_step", -1)) >= 0:
         got["last_stage_idle_pct"] = 100.0 * float(
             int(g.attrs["best_step"]) == last_stage_start(str(g.attrs["config"])))
       for k, v in got.items():

@@ -20,11 +20,11 @@ masked.
 Ensembles: with FitConfig.ensemble = K > 1 every sequence is fitted K times
 from K initialisations (member m's networks from fold_in(key, m); member 0 is
 the fit from the key itself), the members fitted as more sequences of the
-batch (the single fit's compiled programs) and their states then stacked
-along a leading member axis. The returned phi is the flow of the members' mean
-velocity at the knot times: one map, diffeomorphic like each member's (the
-velocities are averaged, not the masks), whose loss terms are evaluated at
-that phi. A member whose loss turns non-finite is left out of the mean; the
+batch (in "loop" mode with the single fit's compiled programs) and their
+states then stacked along a leading member axis. The returned phi is the flow
+of the members' mean velocity at the knot times: one map, the flow of a
+velocity field like each member's (the velocities are averaged, not the
+masks), whose loss terms are evaluated at that phi. A member whose loss turns non-finite is left out of the mean; the
 sequence fails only if every member does.
 """
 from __future__ import annotations
@@ -59,6 +59,10 @@ class FitResult:
   history: {"loss": (steps,), "<term>": (steps,)}. failed / reason: a non-finite loss.
   final: the loss terms of the returned parameters: those of step best_step
   (cfg.keep_best; the lowest loss) or of the last step (best_step = -1).
+  An ensemble (FitConfig.ensemble > 1): history is the mean over the members
+  that did not fail, final holds the terms at the returned phi (no step of
+  history; best_step = -1), and reason names members that failed even when
+  the fit did not.
   """
   masks: np.ndarray
   phi: np.ndarray
@@ -428,7 +432,8 @@ def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
   t_valid = int(seq["es_index"]) + 1
   failed, fail_step = np.asarray(failed), np.asarray(fail_step)
   if failed.ndim:     # an ensemble: it fails only if every member failed
-    history = {k: np.mean(v, axis=-1) for k, v in history.items()}
+    kept = ~failed if not failed.all() else np.ones_like(failed)
+    history = {k: np.mean(np.asarray(v)[..., kept], axis=-1) for k, v in history.items()}
     reason = ""
     if failed.any():
       reason = (f"{int(failed.sum())} of {failed.size} ensemble members: non-finite loss or "

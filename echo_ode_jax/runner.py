@@ -586,8 +586,8 @@ def _fit_keys(data, out, keys, cfg, init, guide, segmentation, batch_size, size,
     _write_part(out, list(zip(batch, results)), cfg, meta, save_flow)
     for i, r in zip(batch, results):
       (failed if r.failed else fitted).append(i.key)
-      if r.failed:
-        logging.warning("%s failed: %s", i.key, r.reason)
+      if r.reason:
+        logging.warning("%s %s: %s", i.key, "failed" if r.failed else "fitted", r.reason)
     prog.update(len(batch), extra=f"loss {np.mean([r.final['loss'] for r in results]):.4g}")
   if merge_results:
     if process_count > 1:
