@@ -292,8 +292,7 @@ def _final_fn(cfg: FitConfig, batched: bool):
     if cfg.ensemble > 1:
       params = jax.vmap(functools.partial(final_params, cfg))(state)
       knots = jax.vmap(lambda p: losses.velocity_knots(p, seq, cfg, apply_fn))(params)
-      ok = (~state.failed).astype(knots.dtype)
-      w = jnp.where(jnp.any(~state.failed), ok, jnp.ones_like(ok))
+      w = _kept_members(state.failed).astype(knots.dtype)
       phi = losses.flow_of_knots(jnp.tensordot(w / jnp.sum(w), knots, axes=1), seq, cfg)
       terms = losses.terms_from_phi(phi, seq, cfg)
       terms["loss"] = losses.total_loss(terms, cfg)
@@ -424,6 +423,12 @@ def _run_chunks(cfg, states, seqs, steps, batched, progress, what, offset=0):
   return states, histories
 
 
+def _kept_members(failed):
+  """The members an ensemble keeps: those that did not fail, all if every one
+  did. failed: (K,) bool (numpy or jax)."""
+  return failed == failed.all()
+
+
 def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
             keep_best=False, offset=0, terms=None) -> FitResult:
   """One sequence's FitResult. failed / fail_step: scalars, or (K,) for an
@@ -431,28 +436,28 @@ def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
   returned phi are its final terms."""
   t_valid = int(seq["es_index"]) + 1
   failed, fail_step = np.asarray(failed), np.asarray(fail_step)
+  best = -1
   if failed.ndim:     # an ensemble: it fails only if every member failed
-    kept = ~failed if not failed.all() else np.ones_like(failed)
+    kept = _kept_members(failed)
     history = {k: np.mean(np.asarray(v)[..., kept], axis=-1) for k, v in history.items()}
+    final = {k: float(v) for k, v in terms.items()}
     reason = ""
     if failed.any():
       reason = (f"{int(failed.sum())} of {failed.size} ensemble members: non-finite loss or "
                 f"gradient (first at step {int(fail_step[failed].min())})")
-    return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
-                     history, {k: float(v) for k, v in terms.items()},
-                     float(np.mean(fold[:t_valid])), seconds, bool(failed.all()), reason)
-  final = {k: float(v[-1]) for k, v in history.items()}
-  best = -1
-  if keep_best:
-    # The terms of the returned (best-loss) parameters: candidates are the steps
-    # of the last level (from `offset`) before any failure (not applied).
-    loss = np.asarray(history["loss"], np.float64)
-    n = int(fail_step) if failed else loss.size
-    ok = np.isfinite(loss[offset:n])
-    if ok.any():
-      best = offset + int(np.argmin(np.where(ok, loss[offset:n], np.inf)))
-      final = {k: float(v[best]) for k, v in history.items()}
-  reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
+    failed = failed.all()
+  else:
+    final = {k: float(v[-1]) for k, v in history.items()}
+    if keep_best:
+      # The terms of the returned (best-loss) parameters: candidates are the steps
+      # of the last level (from `offset`) before any failure (not applied).
+      loss = np.asarray(history["loss"], np.float64)
+      n = int(fail_step) if failed else loss.size
+      ok = np.isfinite(loss[offset:n])
+      if ok.any():
+        best = offset + int(np.argmin(np.where(ok, loss[offset:n], np.inf)))
+        final = {k: float(v[best]) for k, v in history.items()}
+    reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
   return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
                    history, final, float(np.mean(fold[:t_valid])), seconds, bool(failed),
                    reason, best)
