@@ -12,6 +12,7 @@ from echo_ode_jax.model import ModelConfig
 # FitConfig fields of earlier versions about how the fit ran: ignored in saved configs.
 REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
 PROPAGATIONS = ("forward", "bidirectional", "consensus")
+ENSEMBLE_FUSIONS = ("velocity", "labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,9 @@ class FitConfig:
   ensemble: int = 1             # > 1: this many fits from different initialisations (member m
                                 # from fold_in(key, m), member 0 from the key itself), phi the
                                 # flow of their mean velocity (fit.py, "Ensembles")
+  ensemble_fusion: str = "velocity"  # how an ensemble's members make its masks: "velocity",
+                                # m_0 carried by the flow of their mean velocity; "labels", the
+                                # mean of their soft m_0 o phi_k, then argmax (label fusion)
   model: ModelConfig = ModelConfig()
 
   def __post_init__(self):
@@ -116,6 +120,8 @@ class FitConfig:
       bad("smt_order", "1 or 2")
     if self.propagation not in PROPAGATIONS:
       bad("propagation", f"one of {', '.join(PROPAGATIONS)}")
+    if self.ensemble_fusion not in ENSEMBLE_FUSIONS:
+      bad("ensemble_fusion", f"one of {', '.join(ENSEMBLE_FUSIONS)}")
     if self.lr_decay not in ("constant", "cosine"):
       bad("lr_decay", "'constant' or 'cosine'")
     if self.solver not in flow.SOLVERS:

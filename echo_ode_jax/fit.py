@@ -23,9 +23,14 @@ the fit from the key itself), the members fitted as more sequences of the
 batch (in "loop" mode with the single fit's compiled programs) and their
 states then stacked along a leading member axis. The returned phi is the flow
 of the members' mean velocity at the knot times: one map, the flow of a
-velocity field like each member's (the velocities are averaged, not the
-masks), whose loss terms are evaluated at that phi. A member whose loss turns non-finite is left out of the mean; the
-sequence fails only if every member does.
+velocity field like each member's. FitConfig.ensemble_fusion says where the
+masks come from: "velocity", m_0 carried by that phi (the loss terms are
+evaluated at it); "labels", the mean of the members' soft m_0 o phi_k before
+the argmax (label fusion: a pixel takes the label most members carry there,
+so one member that moves differently shifts a contour less than it shifts a
+mean velocity), with FitResult.member_phi the members' maps and the terms
+and folding the means of the members'. A member whose loss turns non-finite
+is left out of either mean; the sequence fails only if every member does.
 """
 from __future__ import annotations
 
@@ -62,7 +67,9 @@ class FitResult:
   An ensemble (FitConfig.ensemble > 1): history is the mean over the members
   that did not fail, final holds the terms at the returned phi (no step of
   history; best_step = -1), and reason names members that failed even when
-  the fit did not.
+  the fit did not. With ensemble_fusion "labels", member_phi (K', T, H, W, 2)
+  holds the maps of the K' members kept, masks fuse their labels, and final
+  and folding_fraction are the means of the members' terms and folding.
   """
   masks: np.ndarray
   phi: np.ndarray
@@ -73,6 +80,7 @@ class FitResult:
   failed: bool = False
   reason: str = ""
   best_step: int = -1
+  member_phi: np.ndarray | None = None
 
 
 def _model(cfg: FitConfig):
@@ -278,44 +286,71 @@ def _chunk_fn(cfg: FitConfig, n: int, batched: bool):
 @functools.lru_cache(maxsize=32)
 def _final_fn(cfg: FitConfig, batched: bool):
   """jit: (state, seq) -> (phi (T,H,W,2), masks (T,H,W) uint8, folding fraction (T,),
-  terms).
+  terms, member maps (K,T,H,W,2) or None).
 
   phi is the flow of the returned parameters (:func:`final_params`). With
   cfg.ensemble > 1 it is the flow of the members' mean velocity at the knot
   times, over the members that did not fail (all of them if every one did),
-  and terms holds the loss terms and "loss" at that phi; otherwise terms is {}.
+  and terms holds the loss terms and "loss"; otherwise terms is {}. With
+  cfg.ensemble_fusion "labels" the masks fuse the members' soft m_0 o phi_k
+  (weights those of the mean), whose maps are returned, and terms and folding
+  are the weighted means of the members' own; else they are at phi.
   """
   apply_fn = _model(cfg).apply
+  frames = lambda f: jax.vmap(f, (None, 0))
+  fuse = cfg.ensemble > 1 and cfg.ensemble_fusion == "labels"
 
   def final(state, seq):
-    terms = {}
+    terms, members = {}, None
     if cfg.ensemble > 1:
       params = jax.vmap(functools.partial(final_params, cfg))(state)
       knots = jax.vmap(lambda p: losses.velocity_knots(p, seq, cfg, apply_fn))(params)
       w = _kept_members(state.failed).astype(knots.dtype)
-      phi = losses.flow_of_knots(jnp.tensordot(w / jnp.sum(w), knots, axes=1), seq, cfg)
-      terms = losses.terms_from_phi(phi, seq, cfg)
+      w = w / jnp.sum(w)
+      mean = lambda x: jnp.tensordot(w, x, axes=1)
+      phi = losses.flow_of_knots(mean(knots), seq, cfg)
+      if fuse:
+        members = jax.vmap(lambda v: losses.flow_of_knots(v, seq, cfg))(knots)
+        soft = mean(jax.vmap(lambda p: frames(warp_data)(seq["m0"], p))(members))
+        fold = mean(jax.vmap(jax.vmap(folding_fraction))(members))
+        terms = jax.tree_util.tree_map(
+            mean, jax.vmap(lambda p: losses.terms_from_phi(p, seq, cfg))(members))
+      else:
+        terms = losses.terms_from_phi(phi, seq, cfg)
       terms["loss"] = losses.total_loss(terms, cfg)
     else:
       phi = losses.flow_batched(final_params(cfg, state), seq, cfg, apply_fn)
-    masks = hard_labels(jax.vmap(warp_data, (None, 0))(seq["m0"], phi)).astype(jnp.uint8)
-    return phi, masks, jax.vmap(folding_fraction)(phi), terms
+    if not fuse:
+      soft = frames(warp_data)(seq["m0"], phi)
+      fold = jax.vmap(folding_fraction)(phi)
+    return phi, hard_labels(soft).astype(jnp.uint8), fold, terms, members
 
   return jax.jit(jax.vmap(final) if batched else final,
                  compiler_options=kernels.compiler_options())
 
 
+def _members(phi) -> jnp.ndarray:
+  """Maps (T, h, w, 2), or an ensemble's (K, T, h, w, 2), as (K, T, h, w, 2) float32."""
+  phi = np.asarray(phi)
+  if phi.ndim not in (4, 5) or phi.shape[-1] != 2:
+    raise ValueError(f"phi: expected (T, h, w, 2) maps or (K, T, h, w, 2) members' maps, "
+                     f"got shape {phi.shape}")
+  return jnp.asarray(phi if phi.ndim == 5 else phi[None], jnp.float32)
+
+
 @jax.jit
-def _propagate(phi, m0, m_es):
-  big = flow.resample_map(phi, m0.shape)
-  fwd = jax.vmap(lambda c: kernels.warp_labels(m0, c, NUM_CLASSES))(big)
-  if m_es is None:
-    return hard_labels(fwd).astype(jnp.uint8)
-  inv_es = flow.invert_map(big[-1])
-  psi = jax.vmap(lambda c: kernels.warp(inv_es, c))(big)        # phi_ES^-1 o phi_t
-  bwd = jax.vmap(lambda c: kernels.warp_labels(m_es, c, NUM_CLASSES))(psi)
-  w = jnp.linspace(0.0, 1.0, phi.shape[0])[:, None, None, None]
-  return hard_labels((1 - w) * fwd + w * bwd).astype(jnp.uint8)
+def _propagate(phis, m0, m_es):
+  def soft(phi):
+    big = flow.resample_map(phi, m0.shape)
+    fwd = jax.vmap(lambda c: kernels.warp_labels(m0, c, NUM_CLASSES))(big)
+    if m_es is None:
+      return fwd
+    inv_es = flow.invert_map(big[-1])
+    psi = jax.vmap(lambda c: kernels.warp(inv_es, c))(big)        # phi_ES^-1 o phi_t
+    bwd = jax.vmap(lambda c: kernels.warp_labels(m_es, c, NUM_CLASSES))(psi)
+    w = jnp.linspace(0.0, 1.0, phi.shape[0])[:, None, None, None]
+    return (1 - w) * fwd + w * bwd
+  return hard_labels(jnp.mean(jax.vmap(soft)(phis), axis=0)).astype(jnp.uint8)
 
 
 def propagate_labels(phi: np.ndarray, m0: np.ndarray, m_es: np.ndarray | None = None
@@ -333,23 +368,29 @@ def propagate_labels(phi: np.ndarray, m0: np.ndarray, m_es: np.ndarray | None = 
   and the two soft maps are mixed with weights 1 - t_k and t_k (t_k = k / (T - 1))
   before the argmax, so frame 0 is m_0 and the ES frame is m_es (up to
   interpolation) and both keyframe masks inform the frames between.
+
+  phi may also be an ensemble's members' maps (K, T, h, w, 2)
+  (FitResult.member_phi): their soft labels are averaged before the argmax
+  (FitConfig.ensemble_fusion "labels").
   """
   m0 = np.asarray(m0)
   if m0.ndim != 2:
     raise ValueError(f"m0: expected (H, W) labels, got shape {m0.shape}")
   if m_es is not None and np.shape(m_es) != m0.shape:
     raise ValueError(f"m_es: shape {np.shape(m_es)} does not match m0 {m0.shape}")
-  return np.asarray(_propagate(jnp.asarray(phi, jnp.float32), jnp.asarray(m0, jnp.int32),
+  return np.asarray(_propagate(_members(phi), jnp.asarray(m0, jnp.int32),
                                None if m_es is None else jnp.asarray(m_es, jnp.int32)))
 
 
 @jax.jit
-def _consensus(phi, masks):
-  big = flow.resample_map(phi, masks.shape[1:])
-  inv = jax.vmap(flow.invert_map)(big)                        # phi_k^-1
-  at_ed = jax.vmap(lambda m, c: kernels.warp_labels(m, c, NUM_CLASSES))(masks, inv)
-  m0_soft = jnp.mean(at_ed, axis=0)                           # (H, W, C)
-  return hard_labels(jax.vmap(lambda c: kernels.warp(m0_soft, c))(big)).astype(jnp.uint8)
+def _consensus(phis, masks):
+  def soft(phi):
+    big = flow.resample_map(phi, masks.shape[1:])
+    inv = jax.vmap(flow.invert_map)(big)                        # phi_k^-1
+    at_ed = jax.vmap(lambda m, c: kernels.warp_labels(m, c, NUM_CLASSES))(masks, inv)
+    m0_soft = jnp.mean(at_ed, axis=0)                           # (H, W, C)
+    return jax.vmap(lambda c: kernels.warp(m0_soft, c))(big)
+  return hard_labels(jnp.mean(jax.vmap(soft)(phis), axis=0)).astype(jnp.uint8)
 
 
 def consensus_labels(phi: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -363,14 +404,15 @@ def consensus_labels(phi: np.ndarray, masks: np.ndarray) -> np.ndarray:
   through phi_t (FitConfig.propagation="consensus"). The result is one mask
   moved by the flow, as temporally consistent as forward propagation, and it
   uses every frame's segmentation (label fusion, as in multi-atlas
-  segmentation) instead of the ED frame's alone.
+  segmentation) instead of the ED frame's alone. An ensemble's members' maps
+  (K, T, h, w, 2) are fused as in :func:`propagate_labels`.
   """
   masks = np.asarray(masks)
-  phi = np.asarray(phi)
-  if masks.ndim != 3 or masks.shape[0] != phi.shape[0]:
-    raise ValueError(f"masks: expected ({phi.shape[0]}, H, W) labels for {phi.shape[0]} "
+  phis = _members(phi)
+  if masks.ndim != 3 or masks.shape[0] != phis.shape[1]:
+    raise ValueError(f"masks: expected ({phis.shape[1]}, H, W) labels for {phis.shape[1]} "
                      f"maps, got shape {masks.shape}")
-  return np.asarray(_consensus(jnp.asarray(phi, jnp.float32), jnp.asarray(masks, jnp.int32)))
+  return np.asarray(_consensus(phis, jnp.asarray(masks, jnp.int32)))
 
 
 def labels_from_maps(propagation: str, phi: np.ndarray, m0: np.ndarray,
@@ -378,7 +420,8 @@ def labels_from_maps(propagation: str, phi: np.ndarray, m0: np.ndarray,
                      ) -> np.ndarray:
   """The masks of FitConfig.propagation on m_0's grid: "forward" m_0 o phi_t and
   "bidirectional" with m_es (:func:`propagate_labels`), "consensus" from the
-  masks of every frame (:func:`consensus_labels`)."""
+  masks of every frame (:func:`consensus_labels`). phi: (T, h, w, 2), or an
+  ensemble's members' maps (K, T, h, w, 2), whose labels are fused."""
   if propagation == "consensus":
     return consensus_labels(phi, masks)
   if propagation == "bidirectional":
@@ -430,15 +473,17 @@ def _kept_members(failed):
 
 
 def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
-            keep_best=False, offset=0, terms=None) -> FitResult:
+            keep_best=False, offset=0, terms=None, members=None) -> FitResult:
   """One sequence's FitResult. failed / fail_step: scalars, or (K,) for an
-  ensemble's members (history's terms then (steps, K)), whose `terms` at the
-  returned phi are its final terms."""
+  ensemble's members (history's terms then (steps, K)), whose `terms` are its
+  final terms and `members` (K, T, H, W, 2) its members' maps (label fusion)."""
   t_valid = int(seq["es_index"]) + 1
   failed, fail_step = np.asarray(failed), np.asarray(fail_step)
   best = -1
   if failed.ndim:     # an ensemble: it fails only if every member failed
     kept = _kept_members(failed)
+    if members is not None:
+      members = np.asarray(members, np.float32)[kept, :t_valid]
     history = {k: np.mean(np.asarray(v)[..., kept], axis=-1) for k, v in history.items()}
     final = {k: float(v) for k, v in terms.items()}
     reason = ""
@@ -460,7 +505,7 @@ def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
     reason = f"non-finite loss or gradient at step {int(fail_step)}" if failed else ""
   return FitResult(np.asarray(masks[:t_valid]), np.asarray(phi[:t_valid], np.float32),
                    history, final, float(np.mean(fold[:t_valid])), seconds, bool(failed),
-                   reason, best)
+                   reason, best, members)
 
 
 def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
@@ -529,9 +574,10 @@ def fit_sequence(seq: dict[str, np.ndarray], cfg: FitConfig = FitConfig(), key=N
   key = jax.random.PRNGKey(cfg.seed) if key is None else key
   seq = jax.tree_util.tree_map(jnp.asarray, seq)
   (state,), (history,), offset = _fit_levels(cfg, [key], [seq], False, progress, "fit")
-  phi, masks, fold, terms = jax.device_get(_final_fn(cfg, False)(state, seq))
+  phi, masks, fold, terms, members = jax.device_get(_final_fn(cfg, False)(state, seq))
   return _result(phi, masks, fold, jax.device_get(seq), history, state.failed,
-                 state.fail_step, time.perf_counter() - t0, cfg.keep_best, offset, terms)
+                 state.fail_step, time.perf_counter() - t0, cfg.keep_best, offset, terms,
+                 members)
 
 
 def batch_mesh(devices=None) -> Mesh:
@@ -583,13 +629,14 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
   batch = jax.tree_util.tree_map(put, batch)
   (state,), (history,), offset = _fit_levels(cfg, [jnp.stack(keys)], [batch], True, progress,
                                              f"fit batch of {b}", [put])
-  phi, masks, fold, terms = jax.device_get(_final_fn(cfg, True)(state, batch))
+  phi, masks, fold, terms, members = jax.device_get(_final_fn(cfg, True)(state, batch))
   seconds = time.perf_counter() - t0
   failed, fail_step = np.asarray(state.failed), np.asarray(state.fail_step)
   es = np.asarray(jax.device_get(batch["es_index"]))
   return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
                   {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
-                  seconds / b, cfg.keep_best, offset, {k: v[i] for k, v in terms.items()})
+                  seconds / b, cfg.keep_best, offset, {k: v[i] for k, v in terms.items()},
+                  None if members is None else members[i])
           for i in range(b)]
 
 
@@ -612,5 +659,5 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   outs = jax.device_get([final(st, s) for st, s in zip(states, dev_seqs)])
   seconds = time.perf_counter() - t0
   return [_result(phi, masks, fold, {"es_index": s["es_index"]}, h, st.failed, st.fail_step,
-                  seconds / b, cfg.keep_best, offset, terms)
-          for (phi, masks, fold, terms), s, h, st in zip(outs, seqs, histories, states)]
+                  seconds / b, cfg.keep_best, offset, terms, members)
+          for (phi, masks, fold, terms, members), s, h, st in zip(outs, seqs, histories, states)]

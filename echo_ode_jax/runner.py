@@ -7,6 +7,9 @@ Results layout (same grid as DATA.h5's img)::
                            data has any, are not fitted; attr num_frames = T)
   /<patient>/<view>/flow   (T, H, W, 2) float32 phi_t, absolute (row, col) pixel
                            positions on the fitted grid (with save_flow)
+  /<patient>/<view>/member_flow  (K, T, H, W, 2) the maps of an ensemble's kept
+                           members, whose labels pred fuses (with save_flow and
+                           FitConfig.ensemble_fusion "labels")
   attrs: status ("ok" | "failed"), reason, config (JSON), init, guide, steps,
          seconds, folding_fraction, loss_<term> (final values), fit_size,
          process_index, plus the data view's attrs (voxelspacing, ...)
@@ -302,18 +305,21 @@ def _write_part(out: str, results: list[tuple[Inputs, fit_lib.FitResult]],
   with _atomic.atomic_h5(path, "w") as f:
     for inp, res in results:
       t = res.masks.shape[0]
+      maps = res.phi if res.member_phi is None else res.member_phi   # labels fused over members
       if cfg.propagation != "forward":
-        pred = fit_lib.labels_from_maps(cfg.propagation, res.phi, inp.m0_data,
+        pred = fit_lib.labels_from_maps(cfg.propagation, maps, inp.m0_data,
                                         inp.guide_es_data, inp.seg_data)
       elif cfg.data_grid_masks and inp.m0_data is not None and res.masks.shape[1:] != tuple(
           inp.data_shape):
-        pred = fit_lib.propagate_labels(res.phi, inp.m0_data)
+        pred = fit_lib.propagate_labels(maps, inp.m0_data)
       else:
         pred = resize(res.masks, inp.data_shape, 0)
       g = f.require_group(inp.key)
       g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
       if save_flow:
         g.create_dataset("flow", data=res.phi.astype(np.float32), compression="gzip")
+        if res.member_phi is not None:
+          g.create_dataset("member_flow", data=res.member_phi, compression="gzip")
       for k, v in inp.attrs.items():
         g.attrs[k] = v
       g.attrs.update({

@@ -39,7 +39,8 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
       "ed_index" / "es_index" (0-based frames of the stored sequence; default
       first and last frame).
     flow: optional (T, h, w, 2) absolute maps phi_t (row, col) in pixels, on
-      pred's grid or on the grid the fit ran at.
+      pred's grid or on the grid the fit ran at; or (K, T, h, w, 2), the maps
+      of an ensemble's members whose labels pred fuses (their statistics pooled).
 
   Returns:
     A flat dict: n_frames, n_annotated; dice_endo, dice_epi, dice_myo, mdice
@@ -131,9 +132,9 @@ def evaluate_sequence(pred: np.ndarray, gt: np.ndarray | None, attrs: dict[str, 
     flow = np.asarray(flow)
     # The fitted grid may differ from pred's (runner --size); det D phi is the
     # same on both, since the grids differ by an axis-aligned affine map.
-    if flow.ndim != 4 or flow.shape[0] != pred.shape[0] or flow.shape[-1] != 2:
+    if flow.ndim not in (4, 5) or flow.shape[-4] != pred.shape[0] or flow.shape[-1] != 2:
       raise ValueError(f"flow shape {flow.shape}: expected ({pred.shape[0]}, h, w, 2)")
-    row.update(deformation_quality(flow))
+    row.update(deformation_quality(flow.reshape(-1, *flow.shape[-3:])))
   else:
     row.update(_nan_fields("fold_frac", "jdet_min", "jdet_mean"))
   row["notes"] = notes
@@ -198,7 +199,8 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
       if gt is not None:
         hdf5.check_labels(gt, data_h5, key, "gt", unannotated=True, lv_cavity=True,
                           explain_255=True)
-      flow = np.asarray(pg["flow"][...], np.float32) if "flow" in pg else None
+      flow = next((np.asarray(pg[n][...], np.float32) for n in ("member_flow", "flow")
+                   if n in pg), None)    # the maps pred's labels come from
       img_shape = dg["img"].shape if "img" in dg else None
       n_data = img_shape[0] if img_shape else (gt.shape[0] if gt is not None else None)
       es = int(attrs.get("es_index", -1))
