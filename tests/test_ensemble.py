@@ -98,19 +98,27 @@ def test_phi_is_the_flow_of_the_mean_velocity(seq, failed, want):
     assert res.reason == ""
 
 
-def test_fit_batch_ensemble_agrees_across_modes_and_with_fit_sequence():
+@pytest.mark.parametrize("fusion,n", [("velocity", 2), ("labels", 3)])
+def test_fit_batch_ensemble_agrees_across_modes_and_with_fit_sequence(fusion, n):
+  """Loop and vmap modes and fit_sequence give the same ensemble; vmap mode is
+  sharded over 2 devices, with 3 sequences padded to 4."""
   seqs = [fit.prepare_sequence(s.img, s.gt[0], None, cfg=CFG)
-          for s in (synthetic.make_sequence(i, size=SIZE, num_frames=4)[0] for i in (0, 1))]
-  cfg = CFG.replace(ensemble=2)
-  keys = [jax.random.PRNGKey(9), jax.random.PRNGKey(10)]
+          for s in (synthetic.make_sequence(i, size=SIZE, num_frames=4)[0] for i in range(n))]
+  cfg = CFG.replace(ensemble=2, ensemble_fusion=fusion)
+  keys = [jax.random.PRNGKey(9 + i) for i in range(n)]
   loop = fit.fit_batch(seqs, cfg, keys=keys)
   vmap = fit.fit_batch(seqs, cfg, keys=keys, batch_mode="vmap",
                        mesh=fit.batch_mesh(jax.devices()[:2]))   # sharded members
-  for s, k, a, b in zip(seqs, keys, loop, vmap):
-    alone = fit.fit_sequence(s, cfg, key=k)
-    for r in (b, alone):
+  assert len(vmap) == n
+  for i, (s, k, a, b) in enumerate(zip(seqs, keys, loop, vmap)):
+    for r in (b, fit.fit_sequence(s, cfg, key=k)) if i == 0 else (b,):
       np.testing.assert_allclose(r.phi, a.phi, atol=1e-4)
       assert r.final["loss"] == pytest.approx(a.final["loss"], rel=1e-4)
+      if fusion == "labels":
+        np.testing.assert_allclose(r.member_phi, a.member_phi, atol=1e-4)
+        assert np.mean(r.masks == a.masks) > 0.99
+      else:
+        assert r.member_phi is None
     assert a.phi.shape == (4, SIZE, SIZE, 2) and a.masks.shape == (4, SIZE, SIZE)
     assert a.history["loss"].shape == (CFG.steps,) and not a.failed and a.best_step == -1
     assert set(a.final) == set(losses.TERMS) | {"loss"}
