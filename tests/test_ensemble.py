@@ -205,13 +205,10 @@ def test_propagate_labels_fuses_member_maps():
     fit.propagate_labels(phis[0, 0], m0)
 
 
-def test_label_fusion_fit_writes_member_maps(tmp_path):
-  """An end-to-end labels-fused ensemble through the runner: the kept
-  members' maps come back and are saved, the fit-grid masks are the vote of
-  m_0 warped bilinearly by each (scipy.ndimage.map_coordinates), and the
-  evaluation pools the members' folding."""
-  from echo_ode_jax import runner
-  from echo_ode_jax.data import hdf5
+def test_label_fusion_fit_masks_vote_the_member_maps():
+  """An end-to-end labels-fused ensemble fit: the kept members' maps come
+  back, and the fit-grid masks are the vote of m_0 warped bilinearly by each
+  (scipy.ndimage.map_coordinates)."""
   cfg = CFG.replace(ensemble=2, ensemble_fusion="labels")
   s = synthetic.make_sequence(3, size=SIZE, num_frames=4)[0]
   prepared = fit.prepare_sequence(s.img, s.gt[0], None, cfg=cfg)

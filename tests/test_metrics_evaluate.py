@@ -56,6 +56,22 @@ def test_evaluate_sequence_perfect_prediction():
   assert row["gt_temporal_error"] is None  # gt frame 2 is not annotated
 
 
+def test_evaluate_sequence_pools_ensemble_members_maps():
+  """(K, T, h, w, 2) members' maps (a labels-fused ensemble): the Jacobian
+  statistics pool every member's pixels. The identity (det 1) and a
+  reflection of the rows (det -1 everywhere, all folded) give half the
+  pixels folded, min -1, mean 0."""
+  pred = _sequence()
+  ident = _identity_flow(*pred.shape)
+  mirror = ident.copy()
+  mirror[..., 0] = pred.shape[1] - 1 - mirror[..., 0]
+  row = metrics.evaluate_sequence(pred, pred, _attrs(len(pred)), flow=np.stack([ident, mirror]))
+  assert row["fold_frac"] == pytest.approx(0.5)
+  assert row["jdet_min"] == pytest.approx(-1.0) and row["jdet_mean"] == pytest.approx(0.0)
+  with pytest.raises(ValueError, match="flow shape"):
+    metrics.evaluate_sequence(pred, pred, _attrs(len(pred)), flow=np.stack([ident[:-1]] * 2))
+
+
 def test_evaluate_sequence_shifted_prediction_hd_and_dice():
   gt = _sequence()
   pred = gt.copy()

@@ -146,6 +146,25 @@ def test_fit_at_another_size_writes_pred_on_the_data_grid(seg_files, tmp_path,
   assert row["dice_endo"] == pytest.approx(np.mean(dice), rel=1e-6)
 
 
+def test_labels_fused_ensemble_writes_its_members_maps(seg_files, tmp_path):
+  """ensemble_fusion "labels" at --size=16 on 32^2 data: member_flow holds both
+  members' maps on the fitted grid, each the identity at ED, and pred (on the
+  data grid, fused through them) starts from the data's own ED mask."""
+  data, _, s, _ = seg_files
+  out = str(tmp_path / "res.h5")
+  cfg = TINY_CFG.replace(ensemble=2, ensemble_fusion="labels")
+  assert runner.fit_file(data, out, cfg, guide="gt", size=16, save_flow=True)["fitted"]
+  with h5py.File(out) as f:
+    g = f["p/4CH"]
+    assert g["member_flow"].shape == (2, 5, 16, 16, 2) and g["flow"].shape == (5, 16, 16, 2)
+    grid = np.stack(np.meshgrid(np.arange(16.0), np.arange(16.0), indexing="ij"), -1)
+    np.testing.assert_allclose(g["member_flow"][:, 0], np.stack([grid] * 2), atol=1e-5)
+    assert not np.allclose(g["member_flow"][0, -1], g["member_flow"][1, -1])
+    np.testing.assert_array_equal(g["pred"][0], s.gt[0])
+  row = metrics.evaluate_files(data, out)[0]
+  assert row["status"] == "ok" and 0.0 <= row["fold_frac"] < 0.5
+
+
 def test_rerun_with_other_settings_is_refused_not_mixed(data_file, tmp_path):
   """A finished result is reused only by a rerun with the same settings; a rerun
   that differs in a setting that changes the fit is a one-line error naming it."""
