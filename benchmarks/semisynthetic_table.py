@@ -132,8 +132,8 @@ def relabel_file(fit_h5: str, labels_h5: str, path: str, propagation: str) -> st
         raise ValueError(f"{fit_h5}: {k} has no saved flow (fit with save_flow=True)")
       flow = src["flow"][()]
       labels = lab_f[k]["pred"][:flow.shape[0]]
-      maps = src["member_flow"][()] if "member_flow" in src else flow   # labels-fused ensemble
-      pred = fit_lib.labels_from_maps(propagation, maps, labels[0], labels[-1], labels)
+      pred = fit_lib.labels_from_maps(propagation, hdf5.label_maps(src), labels[0],
+                                      labels[-1], labels)
       g = f.require_group(k)
       g.create_dataset("pred", data=pred.astype(np.uint8), compression="gzip")
       g.create_dataset("flow", data=flow, compression="gzip")   # scored for folding

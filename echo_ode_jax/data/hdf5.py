@@ -207,6 +207,13 @@ def read_labels(path: str | os.PathLike, key: str, dataset: str = "pred") -> np.
                        f"{e})") from None
 
 
+def label_maps(g: h5py.Group) -> np.ndarray | None:
+  """The maps a results group's pred labels come from, float32: member_flow
+  (K, T, h, w, 2) of a labels-fused ensemble, else flow (T, h, w, 2), else None."""
+  name = next((n for n in ("member_flow", "flow") if n in g), None)
+  return None if name is None else np.asarray(g[name][...], np.float32)
+
+
 def write_sequence(f: h5py.File, seq: Sequence, compression: str | None = "gzip") -> None:
   """Writes one sequence into an open file (replacing an existing group)."""
   if seq.key in f:

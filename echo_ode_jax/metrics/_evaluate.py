@@ -199,8 +199,7 @@ def evaluate_files(data_h5: str | os.PathLike, pred_h5: str | os.PathLike,
       if gt is not None:
         hdf5.check_labels(gt, data_h5, key, "gt", unannotated=True, lv_cavity=True,
                           explain_255=True)
-      flow = next((np.asarray(pg[n][...], np.float32) for n in ("member_flow", "flow")
-                   if n in pg), None)    # the maps pred's labels come from
+      flow = hdf5.label_maps(pg)
       img_shape = dg["img"].shape if "img" in dg else None
       n_data = img_shape[0] if img_shape else (gt.shape[0] if gt is not None else None)
       es = int(attrs.get("es_index", -1))
