@@ -9,9 +9,12 @@ FitConfig.pyramid_levels > 1 the fit runs coarse to fine (:func:`pyramid`).
 `fit_batch` fits B independent sequences. batch_mode "loop" (the default)
 dispatches the same compiled single-sequence program, its state donated, for
 each sequence at every chunk of steps (asynchronously; sequence i runs on
-device i mod n of the mesh). batch_mode "vmap" runs jit(vmap(step)) over
-stacked parameters and optimizer states, the batch axis sharded over a device
-mesh (`jax.sharding.NamedSharding`); vmap over B networks lowers every
+device i mod n of the mesh). batch_mode "vmap" splits the batch into one
+share per device of the mesh and runs jit(vmap(step)) over each share's
+stacked parameters and optimizer states on its device, the shares dispatched
+asynchronously (no program communicates across devices: the fits are
+independent, and a program sharded by XLA's partitioner instead all-gathers
+the batch around every convolution and kernel); vmap over B networks lowers every
 convolution to a grouped one, which is slower per sequence on CPU and GPU
 (BENCHMARKS.md, "Batch modes"). Both give the same results up to float
 rounding. Sequences of different lengths are padded to a common T bucket and
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from echo_ode_jax import affine, cpu_malloc, dense, flow, kernels, losses
 from echo_ode_jax.config import PROPAGATIONS, REMOVED_FIELDS, FitConfig  # noqa: F401 (re-exported)
@@ -509,10 +512,11 @@ def _result(phi, masks, fold, seq, history, failed, fail_step, seconds,
 
 
 def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
-  """Runs every level of cfg's pyramid on (key, seq) pairs (one stacked pair
-  when batched); puts: per pair, places a new state's arrays (default
-  jnp.asarray). Returns (states, histories over all levels, offset of the last
-  level's first step)."""
+  """Runs every level of cfg's pyramid on (key, seq) pairs (batched: each pair
+  a stacked batch of keys and sequences); puts: per pair, places a new state's
+  arrays and each level's sequence, so sequences may be passed on the host
+  (default jnp.asarray). Returns (states, histories over all levels, offset of
+  the last level's first step)."""
   puts = puts or [jnp.asarray] * len(seqs)
   if cfg.ensemble > 1:
     return _fit_members(cfg, keys, seqs, batched, progress, what, puts)
@@ -527,7 +531,8 @@ def _fit_levels(cfg, keys, seqs, batched, progress, what, puts=None):
   offset = 0
   levels = pyramid(cfg)
   for level, (f, level_cfg) in enumerate(levels):
-    level_seqs = [downsample(s, f, level_cfg.sigma) for s in seqs]
+    level_seqs = [jax.tree_util.tree_map(put, downsample(s, f, level_cfg.sigma))
+                  for s, put in zip(seqs, puts)]
     hw = level_seqs[0]["images"].shape[-2:]
     states = [jax.tree_util.tree_map(put, start(level, k, hw, st))
               for k, st, put in zip(keys, states, puts)]
@@ -548,16 +553,16 @@ def _fit_members(cfg, keys, seqs, batched, progress, what, puts):
   states stacked along a leading member axis and its history terms (steps, K)
   ((steps, B, K) when batched)."""
   k, single = cfg.ensemble, cfg.replace(ensemble=1)
-  if batched:
-    (key,), (seq,), (put,) = keys, seqs, puts
-    b = key.shape[0]
-    mkeys = jax.vmap(functools.partial(member_keys, cfg))(key).reshape(b * k, *key.shape[1:])
-    mseq = jax.tree_util.tree_map(lambda x: put(jnp.repeat(x, k, axis=0)), seq)
-    (state,), (hist,), offset = _fit_levels(single, [put(mkeys)], [mseq], True, progress, what,
-                                            [put])
-    state = jax.tree_util.tree_map(lambda x: x.reshape(b, k, *x.shape[1:]), state)
-    hist = {n: v.reshape(v.shape[0], b, k) for n, v in hist.items()}
-    return [state], [hist], offset
+  if batched:   # member m of sequence i is sequence i * K + m of its pair's batch
+    mkeys = [put(jax.vmap(functools.partial(member_keys, cfg))(key).reshape(-1, *key.shape[1:]))
+             for key, put in zip(keys, puts)]
+    mseqs = [jax.tree_util.tree_map(lambda x: np.repeat(np.asarray(x), k, axis=0), s)
+             for s in seqs]
+    states, hists, offset = _fit_levels(single, mkeys, mseqs, True, progress, what, puts)
+    states = [jax.tree_util.tree_map(lambda x: x.reshape(-1, k, *x.shape[1:]), st)
+              for st in states]
+    hists = [{n: v.reshape(v.shape[0], -1, k) for n, v in h.items()} for h in hists]
+    return states, hists, offset
   mkeys = [m for key in keys for m in member_keys(cfg, key)]
   states, hists, offset = _fit_levels(single, mkeys, [s for s in seqs for _ in range(k)],
                                       False, progress, what, [p for p in puts for _ in range(k)])
@@ -589,19 +594,20 @@ def batch_mesh(devices=None) -> Mesh:
 def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), keys=None,
               mesh: Mesh | None = None, progress: bool = False,
               batch_mode: str | None = None) -> list[FitResult]:
-  """Fits B independent sequences in one compiled program.
+  """Fits B independent sequences with one compiled program per chunk of steps.
 
-  Sequences are padded to a common T (the longest, rounded to cfg.t_bucket);
-  the batch is padded to a multiple of the mesh size with copies of the last
-  sequence (their results are dropped). With a mesh, every stacked array is
-  sharded along its batch axis, so each device fits its share.
+  Sequences are padded to a common T (the longest, rounded to cfg.t_bucket).
+  In "vmap" mode each device of the mesh fits a share of ceil(B / n)
+  sequences stacked along a batch axis, the last share padded with copies of
+  the last sequence (their results are dropped); every share runs the same
+  program.
 
   Args:
     seqs: prepared sequences (:func:`prepare_sequence`), same H, W.
     keys: B PRNG keys (default: fold_in(PRNGKey(cfg.seed), i)). A sequence fitted
       alone with the same key gives the same result.
-    batch_mode: "vmap" (one program over the stacked batch, sharded over the
-      mesh) or "loop" (the single-sequence program per sequence, placed round
+    batch_mode: "vmap" (one program over each device's stacked share of the
+      batch) or "loop" (the single-sequence program per sequence, placed round
       robin on the mesh's devices); default "loop" (see the module docstring).
   """
   t0 = time.perf_counter()
@@ -617,27 +623,34 @@ def fit_batch(seqs: Seq[dict[str, np.ndarray]], cfg: FitConfig = FitConfig(), ke
     keys = [jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i) for i in range(b)]
   if batch_mode == "loop":
     return _fit_loop(seqs, cfg, list(keys), mesh, progress, t0)
-  ndev = 1 if mesh is None else mesh.devices.size
-  bp = -(-b // ndev) * ndev
-  seqs = list(seqs) + [seqs[-1]] * (bp - b)
-  keys = list(keys) + [keys[-1]] * (bp - b)
-  batch = stack(seqs)
-  put = jnp.asarray
-  if mesh is not None:
-    shard = NamedSharding(mesh, P("batch"))
-    put = lambda x: jax.device_put(x, shard)
-  batch = jax.tree_util.tree_map(put, batch)
-  (state,), (history,), offset = _fit_levels(cfg, [jnp.stack(keys)], [batch], True, progress,
-                                             f"fit batch of {b}", [put])
-  phi, masks, fold, terms, members = jax.device_get(_final_fn(cfg, True)(state, batch))
+  devices = list(mesh.devices.flat) if mesh is not None else [None]
+  per = -(-b // len(devices))   # sequences per device; the last share is padded
+  seqs = list(seqs) + [seqs[-1]] * (per * len(devices) - b)
+  keys = list(keys) + [keys[-1]] * (per * len(devices) - b)
+  shares = [slice(g * per, (g + 1) * per) for g in range(len(devices)) if g * per < b]
+  puts = [_placer(d) for d in devices[:len(shares)]]
+  batches = [stack(seqs[g]) for g in shares]   # on the host; _fit_levels places them
+  states, histories, offset = _fit_levels(
+      cfg, [put(jnp.stack(keys[g])) for g, put in zip(shares, puts)], batches, True, progress,
+      f"fit batch of {b}", puts)
+  final = _final_fn(cfg, True)
+  outs = jax.device_get([final(st, jax.tree_util.tree_map(put, bt))
+                         for st, bt, put in zip(states, batches, puts)])
   seconds = time.perf_counter() - t0
-  failed, fail_step = np.asarray(state.failed), np.asarray(state.fail_step)
-  es = np.asarray(jax.device_get(batch["es_index"]))
-  return [_result(phi[i], masks[i], fold[i], {"es_index": es[i]},
-                  {k: v[:, i] for k, v in history.items()}, failed[i], fail_step[i],
-                  seconds / b, cfg.keep_best, offset, {k: v[i] for k, v in terms.items()},
-                  None if members is None else members[i])
-          for i in range(b)]
+  results = []
+  for (phi, masks, fold, terms, members), st, hist, bt in zip(outs, states, histories, batches):
+    failed, fail_step = np.asarray(st.failed), np.asarray(st.fail_step)
+    results += [_result(phi[i], masks[i], fold[i], {"es_index": bt["es_index"][i]},
+                        {k: v[:, i] for k, v in hist.items()}, failed[i], fail_step[i],
+                        seconds / b, cfg.keep_best, offset, {k: v[i] for k, v in terms.items()},
+                        None if members is None else members[i])
+                for i in range(per)]
+  return results[:b]
+
+
+def _placer(device):
+  """x -> x on `device` (None: jnp.asarray, the default device)."""
+  return jnp.asarray if device is None else functools.partial(jax.device_put, device=device)
 
 
 def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
@@ -649,8 +662,7 @@ def _fit_loop(seqs, cfg, keys, mesh, progress, t0) -> list[FitResult]:
   devices = list(mesh.devices.flat) if mesh is not None else [None]
   puts, dev_seqs = [], []
   for i, s in enumerate(seqs):
-    dev = devices[i % len(devices)]
-    put = (lambda x, dev=dev: jax.device_put(x, dev)) if dev is not None else jnp.asarray
+    put = _placer(devices[i % len(devices)])
     puts.append(put)
     dev_seqs.append(jax.tree_util.tree_map(put, s))
   states, histories, offset = _fit_levels(cfg, keys, dev_seqs, False, progress,

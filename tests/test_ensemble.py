@@ -100,18 +100,16 @@ def test_phi_is_the_flow_of_the_mean_velocity(seq, failed, want):
 
 @pytest.mark.parametrize("fusion,n", [("velocity", 2), ("labels", 3)])
 def test_fit_batch_ensemble_agrees_across_modes_and_with_fit_sequence(fusion, n):
-  """Loop and vmap modes and fit_sequence give the same ensemble; vmap mode is
-  sharded over 2 devices for the mean velocity. (The labels case runs vmap
-  mode on one device: sharded, with 3 sequences padded to 4, one of five
-  clean-clone runs under pytest-xdist aborted inside XLA while fetching the
-  final maps; not yet understood, so not run in CI.)"""
+  """Loop and vmap modes and fit_sequence give the same ensemble; vmap mode
+  splits the batch over 2 devices (3 sequences: shares of 2, the second
+  padded)."""
   seqs = [fit.prepare_sequence(s.img, s.gt[0], None, cfg=CFG)
           for s in (synthetic.make_sequence(i, size=SIZE, num_frames=4)[0] for i in range(n))]
   cfg = CFG.replace(ensemble=2, ensemble_fusion=fusion)
   keys = [jax.random.PRNGKey(9 + i) for i in range(n)]
   loop = fit.fit_batch(seqs, cfg, keys=keys)
-  mesh = fit.batch_mesh(jax.devices()[:2] if fusion == "velocity" else jax.devices()[:1])
-  vmap = fit.fit_batch(seqs, cfg, keys=keys, batch_mode="vmap", mesh=mesh)   # sharded members
+  vmap = fit.fit_batch(seqs, cfg, keys=keys, batch_mode="vmap",
+                       mesh=fit.batch_mesh(jax.devices()[:2]))
   assert len(vmap) == n
   for i, (s, k, a, b) in enumerate(zip(seqs, keys, loop, vmap)):
     for r in (b, fit.fit_sequence(s, cfg, key=k)) if i == 0 else (b,):
