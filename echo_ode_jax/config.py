@@ -13,6 +13,7 @@ from echo_ode_jax.model import ModelConfig
 REMOVED_FIELDS = frozenset({"scan_steps", "xla_cpu_ynn"})
 PROPAGATIONS = ("forward", "bidirectional", "consensus")
 ENSEMBLE_FUSIONS = ("velocity", "labels")
+SIMILARITIES = ("forward", "symmetric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,9 @@ class FitConfig:
   ncc_window: int = 9           # its window side, pixels (at the fitted size)
   ncc_sigma: float = 0.0        # L_ncc compares both images smoothed by a Gaussian of this
                                 # many pixels (0: the raw images; losses.terms_from_phi)
+  similarity: str = "forward"   # L_sim and L_ncc compare: "forward", I_0 o phi_t with I_t on
+                                # frame t's grid (the paper's); "symmetric", the mean of that
+                                # and I_t o phi_t^-1 with I_0 on I_0's grid (losses.terms_from_phi)
   velocity_sigma: float = 0.0   # Gaussian smoothing of V, pixels (0: none; losses.velocity)
   velocity_stride: int = 1      # the network runs at 1/stride of the grid (losses.velocity)
   pyramid_levels: int = 1       # coarse-to-fine: fit at 1/2^(L-1), ..., 1/2, then the full grid,
@@ -120,6 +124,8 @@ class FitConfig:
       bad("smt_order", "1 or 2")
     if self.propagation not in PROPAGATIONS:
       bad("propagation", f"one of {', '.join(PROPAGATIONS)}")
+    if self.similarity not in SIMILARITIES:
+      bad("similarity", f"one of {', '.join(SIMILARITIES)}")
     if self.ensemble_fusion not in ENSEMBLE_FUSIONS:
       bad("ensemble_fusion", f"one of {', '.join(ENSEMBLE_FUSIONS)}")
     if self.lr_decay not in ("constant", "cosine"):

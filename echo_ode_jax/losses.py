@@ -7,6 +7,8 @@ Terms (each has a weight in FitConfig):
   L_ncc   mean over frames of 1 - local NCC^2(I_0 o phi_t, I_t) in w x w windows
           (VoxelMorph's windowed cross-correlation; not in the paper), both images
           first smoothed by a Gaussian of ncc_sigma pixels when ncc_sigma > 0
+          (cfg.similarity "symmetric": L_sim and L_ncc are the means of the above
+          and of the same comparison of I_t o phi_t^{-1} with I_0 on I_0's grid)
   L_seg   soft Dice loss between m_0 o phi_ES and m_1 (classes 1..C-1)
   L_EF    |EF(propagated) - EF(guide)|, LV area as the volume proxy
   R_Jdet  mean over t of mean(ReLU(jdet_margin - det D phi_t)^2) (margin 0: the paper's)
@@ -191,17 +193,14 @@ def terms_from_phi(phi, seq, cfg):
   nvalid = jnp.maximum(jnp.sum(valid), 1.0)
   i0 = seq["images"][0][..., None]
   raw = jax.vmap(warp_data, (None, 0))(i0, phi)[..., 0]              # (T, H, W)
-  warped = gaussian_blur(raw, cfg.sigma) if cfg.sigma > 0 else raw
-  sim_t = jnp.mean((warped - seq["images_smooth"]) ** 2, axis=(1, 2))
+  sim_t, ncc_t = _similarity(raw, seq["images"], seq["images_smooth"], cfg)
+  if cfg.similarity == "symmetric":
+    psi = jax.vmap(flow.invert_map)(phi)                                # phi_t^-1
+    back = jax.vmap(warp_data)(seq["images"][..., None], psi)[..., 0]   # I_t o phi_t^-1
+    sim_b, ncc_b = _similarity(back, seq["images"][:1], seq["images_smooth"][:1], cfg)
+    sim_t, ncc_t = (sim_t + sim_b) / 2, (ncc_t + ncc_b) / 2
   sim = jnp.sum(sim_t * valid) / nvalid
-  if cfg.lambda_ncc > 0:
-    a, b = raw, seq["images"]
-    if cfg.ncc_sigma > 0:
-      a, b = gaussian_blur(a, cfg.ncc_sigma), gaussian_blur(b, cfg.ncc_sigma)
-    ncc_t = 1.0 - local_ncc(a, b, cfg.ncc_window)
-    ncc = jnp.sum(ncc_t * valid) / nvalid
-  else:
-    ncc = jnp.zeros((), sim.dtype)
+  ncc = jnp.sum(ncc_t * valid) / nvalid
 
   phi_es = jax.lax.dynamic_index_in_dim(phi, seq["es_index"], 0, keepdims=False)
   m_es = warp_data(seq["m0"], phi_es)                                  # (H, W, C)
@@ -212,6 +211,19 @@ def terms_from_phi(phi, seq, cfg):
   jdet = jnp.sum(jax.vmap(jdet_penalty, (0, None))(phi, cfg.jdet_margin) * valid) / nvalid
   smt = jnp.sum(jax.vmap(lambda p: smoothness(p, cfg.smt_order))(phi) * valid) / nvalid
   return {"sim": sim, "ncc": ncc, "seg": seg, "ef": ef, "jdet": jdet, "smt": smt}
+
+
+def _similarity(moved, target, target_smooth, cfg):
+  """Per-frame (L_sim, L_ncc) of moved images (T, H, W) against targets (T or
+  1, H, W) and those smoothed by cfg.sigma; L_ncc is 0 when lambda_ncc = 0."""
+  smooth = gaussian_blur(moved, cfg.sigma) if cfg.sigma > 0 else moved
+  sim_t = jnp.mean((smooth - target_smooth) ** 2, axis=(1, 2))
+  if cfg.lambda_ncc <= 0:
+    return sim_t, jnp.zeros_like(sim_t)
+  a, b = moved, jnp.broadcast_to(target, moved.shape)
+  if cfg.ncc_sigma > 0:
+    a, b = gaussian_blur(a, cfg.ncc_sigma), gaussian_blur(b, cfg.ncc_sigma)
+  return sim_t, 1.0 - local_ncc(a, b, cfg.ncc_window)
 
 
 def total_loss(terms, cfg):

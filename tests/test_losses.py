@@ -1,4 +1,5 @@
 """Echo-ODE loss terms away from the identity, against scipy and analytic affine maps."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -218,3 +219,71 @@ def test_bending_energy_is_zero_for_affine_maps_and_hand_computed_for_quadratics
                              4 * a * a + 4 * b * b + 2 * c * c, rtol=2e-3)
   with pytest.raises(ValueError, match="smt_order"):
     fit.FitConfig(smt_order=3)
+
+
+# Expansions about the centre (scale >= 1.04, small rotations and shifts): phi
+# covers the grid, so every pixel's preimage phi_t^-1(p) lies inside it.
+_EXPANSIONS = [(np.eye(2), (0.0, 0.0)), (_rot_scale(0.0, 1.04), (0.3, -0.2)),
+               (_rot_scale(0.03, 1.1), (-0.3, 0.1)), (_rot_scale(-0.02, 1.07), (0.2, 0.3)),
+               (_rot_scale(0.0, 1.12), (0.0, -0.3))]
+
+
+@pytest.mark.parametrize("lambda_ncc", [0.0, 1.0])
+def test_symmetric_similarity_adds_the_inverse_comparison_on_frame_0s_grid(case, lambda_ncc):
+  """similarity="symmetric": L_sim and L_ncc are the means of the forward
+  comparison (I_0 o phi_t against I_t) and of I_t o phi_t^-1 against I_0, with
+  phi_t^-1(x) = c + A^-1 (x - c - b) for the affine phi_t, scipy-warped;
+  padded frames (reflections, where no inverse converges) still count in nothing."""
+  s, _ = case
+  phi = np.stack([_affine_phi(a, b) for a, b in _EXPANSIONS + _PADDING])
+  cfg = fit.FitConfig(lambda_ncc=lambda_ncc, ncc_window=5, similarity="symmetric")
+  seq = fit.prepare_sequence(s.img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
+  got = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg)
+  fwd = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq,
+                              cfg.replace(similarity="forward"))
+  img = s.img.astype(np.float64)
+  sm0 = ndimage.gaussian_filter(img[0], cfg.sigma, mode="reflect")
+  c = (SIZE - 1) / 2
+  x = np.stack(np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij"), -1) - c
+  sim, ncc = [], []
+  for t, (a, b) in enumerate(_EXPANSIONS):
+    psi = c + (x - np.asarray(b)) @ np.linalg.inv(a).T
+    assert psi.min() >= 0 and psi.max() <= SIZE - 1
+    back = ndimage.map_coordinates(img[t], np.moveaxis(psi, -1, 0), order=1, mode="nearest")
+    sim.append(np.mean((ndimage.gaussian_filter(back, cfg.sigma, mode="reflect") - sm0) ** 2))
+    ncc.append(1 - _np_ncc(back, img[0], cfg.ncc_window))
+  assert np.mean(sim) > 1e-3
+  np.testing.assert_allclose(float(got["sim"]), (float(fwd["sim"]) + np.mean(sim)) / 2,
+                             rtol=2e-4)
+  want_ncc = (float(fwd["ncc"]) + np.mean(ncc)) / 2 if lambda_ncc > 0 else 0.0
+  np.testing.assert_allclose(float(got["ncc"]), want_ncc, rtol=2e-3, atol=1e-7)
+  for k in ("seg", "ef", "jdet", "smt"):
+    assert float(got[k]) == float(fwd[k])
+  with pytest.raises(ValueError, match="similarity"):
+    fit.FitConfig(similarity="inverse")
+
+
+def test_symmetric_similarity_gradient_matches_finite_differences(case):
+  """d/d beta of the symmetric L_sim + L_ncc at phi_t = an expansion shifted by
+  t beta along the rows (gradients through phi_t^-1's fixed-point iterations).
+  The frames are smoothed first: bilinear sampling puts kinks in the loss at
+  pixel crossings, which sharp edges make larger than the tolerance."""
+  s, _ = case
+  cfg = fit.FitConfig(ncc_window=5, similarity="symmetric")
+  img = ndimage.gaussian_filter(s.img.astype(np.float64), (0, 2, 2))
+  seq = fit.prepare_sequence(img, s.gt[0], s.gt[-1], cfg=cfg, t_pad=T_PAD)
+  t = np.minimum(np.arange(T_PAD), T_VALID - 1) / (T_VALID - 1)
+  base = np.stack([_affine_phi(_rot_scale(0.0, 1 + 0.08 * tk), (0.0, 0.0))
+                   for tk in t]).astype(np.float32)
+  ramp = np.zeros_like(base)
+  ramp[..., 0] = t[:, None, None]
+
+  def f(beta):
+    terms = losses.terms_from_phi(jnp.asarray(base) + beta * jnp.asarray(ramp), seq, cfg)
+    return terms["sim"] + terms["ncc"]
+
+  g = float(jax.grad(f)(jnp.float32(0.4)))
+  h = 3e-2
+  fd = (float(f(jnp.float32(0.4 + h))) - float(f(jnp.float32(0.4 - h)))) / (2 * h)
+  assert abs(g) > 1e-3
+  np.testing.assert_allclose(g, fd, rtol=1e-2)
