@@ -316,10 +316,12 @@ def _final_fn(cfg: FitConfig, batched: bool):
         members = jax.vmap(lambda v: losses.flow_of_knots(v, seq, cfg))(knots)
         soft = mean(jax.vmap(lambda p: frames(warp_data)(seq["m0"], p))(members))
         fold = mean(jax.vmap(jax.vmap(folding_fraction))(members))
-        terms = jax.tree_util.tree_map(
-            mean, jax.vmap(lambda p: losses.terms_from_phi(p, seq, cfg))(members))
+        terms = jax.tree_util.tree_map(mean, jax.vmap(
+            lambda p, v: losses.terms_from_phi(p, seq, cfg, losses.inverse_maps(v, seq, cfg))
+        )(members, knots))
       else:
-        terms = losses.terms_from_phi(phi, seq, cfg)
+        terms = losses.terms_from_phi(phi, seq, cfg,
+                                      losses.inverse_maps(mean(knots), seq, cfg))
       terms["loss"] = losses.total_loss(terms, cfg)
     else:
       phi = losses.flow_batched(final_params(cfg, state), seq, cfg, apply_fn)

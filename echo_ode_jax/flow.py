@@ -212,20 +212,28 @@ def integrate_flow_inloop(velocity_fn, shape_hw, save_times, solver: str = "eule
                 jnp.asarray(save_times, jnp.float32), solver, dt, max_steps, rtol, atol)
 
 
-def inverse_flow(knots: Float[Array, "K H W 2"], knot_times, t: float,
-                 solver: str = "euler", dt: float = 0.1, **kw) -> Float[Array, "H W 2"]:
+def inverse_flow(knots: Float[Array, "K H W 2"], knot_times, t, solver: str = "euler",
+                 dt: float = 0.1, **kw) -> Float[Array, "... H W 2"]:
   """phi_t^{-1}: integrates -V backwards in time from t to 0, from the identity.
 
-  phi_t(inverse_flow(...)(p)) ~= p up to the discretisation error.
+  t: one time, or (S,) times (either may be traced); returns (H, W, 2) or
+  (S, H, W, 2) absolute (row, col) positions. Each inverse is integrated in
+  the rescaled time s = tau / t, from s = 1 to 0 (dX/ds = t V(X, t s)), in
+  steps of dt in s: 1/dt steps for every t. phi_t(inverse_flow(...)(p)) ~= p
+  up to the discretisation error.
   """
   knots = jnp.asarray(knots)
-  h, w = knots.shape[1:3]
-  y0 = identity_grid(h, w, knots.dtype)
-  ys = _solve(velocity_field, (knots, jnp.asarray(knot_times, knots.dtype)), y0,
-              float(t), 0.0,
-              jnp.asarray([0.0], knots.dtype), solver, dt, kw.get("max_steps"),
-              kw.get("rtol", 1e-4), kw.get("atol", 1e-3))
-  return ys[0]
+  times = jnp.asarray(knot_times, knots.dtype)
+  t = jnp.asarray(t, knots.dtype)
+  y0 = identity_grid(*knots.shape[1:3], knots.dtype)
+  field = lambda s, phi, args: args[2] * velocity_field(args[2] * s, phi, args[:2])
+
+  def one(tk):
+    return _solve(field, (knots, times, tk), y0, 1.0, 0.0, jnp.zeros((1,), knots.dtype),
+                  solver, dt, kw.get("max_steps"), kw.get("rtol", 1e-4),
+                  kw.get("atol", 1e-3))[0]
+
+  return one(t) if t.ndim == 0 else jax.vmap(one)(t)
 
 
 def invert_map(phi: Float[Array, "H W 2"], iters: int = 50) -> Float[Array, "H W 2"]:

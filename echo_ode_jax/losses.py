@@ -163,6 +163,13 @@ def flow_of_knots(knots, seq, cfg):
   return flow.integrate_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt, t1=1.0)
 
 
+def inverse_of_knots(knots, seq, cfg):
+  """phi_t^{-1} at the frame times (T, H, W, 2) of a velocity given at the knot
+  times (K, H, W, 2): -V integrated from each t back to 0 (flow.inverse_flow)."""
+  kt = flow.knot_times(cfg.solver, cfg.dt)
+  return flow.inverse_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt)
+
+
 def flow_inloop(params, seq, cfg, apply_fn):
   """Reference: the network is called inside the ODE vector field (slow)."""
   i0 = seq["images"][0][..., None]
@@ -177,14 +184,30 @@ def flow_inloop(params, seq, cfg, apply_fn):
 
 
 def loss_terms(params, seq, cfg, apply_fn, formulation: str = "batched"):
-  """All loss terms (unweighted) and phi. Returns (terms dict, phi (T, H, W, 2))."""
-  phi = (flow_batched if formulation == "batched" else flow_inloop)(params, seq, cfg,
-                                                                    apply_fn)
-  return terms_from_phi(phi, seq, cfg), phi
+  """All loss terms (unweighted) and phi. Returns (terms dict, phi (T, H, W, 2)).
+
+  The symmetric similarity's phi_t^{-1} is the backward flow of the knots
+  (batched), or flow.invert_map of phi_t (inloop, the reference)."""
+  if formulation != "batched":
+    phi = flow_inloop(params, seq, cfg, apply_fn)
+    return terms_from_phi(phi, seq, cfg), phi
+  knots = velocity_knots(params, seq, cfg, apply_fn)
+  phi = flow_of_knots(knots, seq, cfg)
+  return terms_from_phi(phi, seq, cfg, inverse_maps(knots, seq, cfg)), phi
 
 
-def terms_from_phi(phi, seq, cfg):
+def inverse_maps(knots, seq, cfg):
+  """What the symmetric similarity compares through (inverse_of_knots), or
+  None when cfg.similarity is "forward"."""
+  return inverse_of_knots(knots, seq, cfg) if cfg.similarity == "symmetric" else None
+
+
+def terms_from_phi(phi, seq, cfg, psi=None):
   """The unweighted terms for given maps phi (T, H, W, 2) (pixels) of a prepared sequence.
+
+  psi: phi_t^{-1} (T, H, W, 2) for cfg.similarity "symmetric" (default
+  flow.invert_map of each phi_t, exact for the discrete map where it does not
+  fold; a fit passes the backward flow of its velocity, inverse_of_knots).
 
   Frames with frame_valid = 0 (T-bucket padding) count in no term; L_seg and
   L_EF are zero when has_guide = 0.
@@ -195,7 +218,7 @@ def terms_from_phi(phi, seq, cfg):
   raw = jax.vmap(warp_data, (None, 0))(i0, phi)[..., 0]              # (T, H, W)
   sim_t, ncc_t = _similarity(raw, seq["images"], seq["images_smooth"], cfg)
   if cfg.similarity == "symmetric":
-    psi = jax.vmap(flow.invert_map)(phi)                                # phi_t^-1
+    psi = jax.vmap(flow.invert_map)(phi) if psi is None else psi        # phi_t^-1
     back = jax.vmap(warp_data)(seq["images"][..., None], psi)[..., 0]   # I_t o phi_t^-1
     sim_b, ncc_b = _similarity(back, seq["images"][:1], seq["images_smooth"][:1], cfg)
     sim_t, ncc_t = (sim_t + sim_b) / 2, (ncc_t + ncc_b) / 2

@@ -221,3 +221,23 @@ def test_resample_map_keeps_an_affine_map_of_the_plane():
   # The identity stays the identity, up to the border.
   ident = np.asarray(flow.resample_map(jnp.asarray(grid(h, w), jnp.float32), (big_h, big_w)))
   np.testing.assert_allclose(ident, grid(big_h, big_w), atol=1e-4)
+
+
+def test_inverse_flow_at_traced_times(rng):
+  """(S,) times, traced under jit: a constant velocity c gives x - t c exactly
+  (t = 0: the identity); a smooth one, maps that invert phi_t at every t."""
+  h, w = 24, 24
+  ts = flow.knot_times("euler", 0.1)
+  times = jnp.asarray([0.0, 0.35, 1.0])
+  c = np.asarray([1.5, -2.0], np.float32)
+  inv = jax.jit(lambda k, t: eo.inverse_flow(k, ts, t))
+  const = np.asarray(inv(jnp.broadcast_to(jnp.asarray(c), (len(ts), h, w, 2)), times))
+  want = _grid(h, w)[None] - np.asarray(times)[:, None, None, None] * c
+  inside = (want[..., 0] >= 0) & (want[..., 0] <= h - 1) & (want[..., 1] >= 0) & (want[..., 1] <= w - 1)
+  np.testing.assert_allclose(const[inside], want[inside], atol=1e-4)
+  knots = _smooth_random_velocity(rng, len(ts), h, w, amp=2.0)
+  phi = eo.integrate_flow(knots, ts, times, dt=0.1)
+  psi = inv(knots, times)
+  for s in range(len(times)):
+    err = np.linalg.norm(np.asarray(eo.compose_maps(phi[s], psi[s])) - _grid(h, w), axis=-1)
+    assert err[4:-4, 4:-4].max() < 0.1 * (s > 0) + 1e-5, (s, err.max())

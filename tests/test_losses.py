@@ -259,6 +259,12 @@ def test_symmetric_similarity_adds_the_inverse_comparison_on_frame_0s_grid(case,
   np.testing.assert_allclose(float(got["ncc"]), want_ncc, rtol=2e-3, atol=1e-7)
   for k in ("seg", "ef", "jdet", "smt"):
     assert float(got[k]) == float(fwd[k])
+  psis = np.stack([c + (x - np.asarray(b)) @ np.linalg.inv(a).T for a, b in _EXPANSIONS]
+                  + [np.zeros_like(x)] * (T_PAD - T_VALID))
+  given = losses.terms_from_phi(jnp.asarray(phi, jnp.float32), seq, cfg,
+                                jnp.asarray(psis, jnp.float32))   # the inverses passed in
+  for k in losses.TERMS:
+    np.testing.assert_allclose(float(given[k]), float(got[k]), rtol=1e-4, atol=1e-7, err_msg=k)
   with pytest.raises(ValueError, match="similarity"):
     fit.FitConfig(similarity="inverse")
 
