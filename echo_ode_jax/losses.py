@@ -163,13 +163,6 @@ def flow_of_knots(knots, seq, cfg):
   return flow.integrate_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt, t1=1.0)
 
 
-def inverse_of_knots(knots, seq, cfg):
-  """phi_t^{-1} at the frame times (T, H, W, 2) of a velocity given at the knot
-  times (K, H, W, 2): -V integrated from each t back to 0 (flow.inverse_flow)."""
-  kt = flow.knot_times(cfg.solver, cfg.dt)
-  return flow.inverse_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt)
-
-
 def flow_inloop(params, seq, cfg, apply_fn):
   """Reference: the network is called inside the ODE vector field (slow)."""
   i0 = seq["images"][0][..., None]
@@ -197,9 +190,13 @@ def loss_terms(params, seq, cfg, apply_fn, formulation: str = "batched"):
 
 
 def inverse_maps(knots, seq, cfg):
-  """What the symmetric similarity compares through (inverse_of_knots), or
-  None when cfg.similarity is "forward"."""
-  return inverse_of_knots(knots, seq, cfg) if cfg.similarity == "symmetric" else None
+  """phi_t^{-1} at the frame times (T, H, W, 2) of a velocity given at the knot
+  times (K, H, W, 2), for cfg.similarity "symmetric": -V integrated from each t
+  back to 0 (flow.inverse_flow); None when cfg.similarity is "forward"."""
+  if cfg.similarity != "symmetric":
+    return None
+  kt = flow.knot_times(cfg.solver, cfg.dt)
+  return flow.inverse_flow(knots, kt, seq["frame_times"], cfg.solver, cfg.dt)
 
 
 def terms_from_phi(phi, seq, cfg, psi=None):
@@ -207,7 +204,7 @@ def terms_from_phi(phi, seq, cfg, psi=None):
 
   psi: phi_t^{-1} (T, H, W, 2) for cfg.similarity "symmetric" (default
   flow.invert_map of each phi_t, exact for the discrete map where it does not
-  fold; a fit passes the backward flow of its velocity, inverse_of_knots).
+  fold; a fit passes the backward flow of its velocity, inverse_maps).
 
   Frames with frame_valid = 0 (T-bucket padding) count in no term; L_seg and
   L_EF are zero when has_guide = 0.
