@@ -311,7 +311,8 @@ def _final_fn(cfg: FitConfig, batched: bool):
       w = _kept_members(state.failed).astype(knots.dtype)
       w = w / jnp.sum(w)
       mean = lambda x: jnp.tensordot(w, x, axes=1)
-      phi = losses.flow_of_knots(mean(knots), seq, cfg)
+      mean_knots = mean(knots)
+      phi = losses.flow_of_knots(mean_knots, seq, cfg)
       if fuse:
         members = jax.vmap(lambda v: losses.flow_of_knots(v, seq, cfg))(knots)
         soft = mean(jax.vmap(lambda p: frames(warp_data)(seq["m0"], p))(members))
@@ -320,8 +321,7 @@ def _final_fn(cfg: FitConfig, batched: bool):
             lambda p, v: losses.terms_from_phi(p, seq, cfg, losses.inverse_maps(v, seq, cfg))
         )(members, knots))
       else:
-        terms = losses.terms_from_phi(phi, seq, cfg,
-                                      losses.inverse_maps(mean(knots), seq, cfg))
+        terms = losses.terms_from_phi(phi, seq, cfg, losses.inverse_maps(mean_knots, seq, cfg))
       terms["loss"] = losses.total_loss(terms, cfg)
     else:
       phi = losses.flow_batched(final_params(cfg, state), seq, cfg, apply_fn)
